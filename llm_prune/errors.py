@@ -1,0 +1,17 @@
+"""Errors a user can cause. The CLI prints the message on one line and exits non-zero;
+the API maps it to a 4xx error object. Anything else is a bug and keeps its traceback."""
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; the message says what to do."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class NotFoundError(UserError):
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message, param=param, code="not_found")

