@@ -1,0 +1,128 @@
+"""FastAPI application factory. Every error a client can cause comes back as
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status; only bugs give a 500."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llm_prune.errors import NotFoundError, UserError
+from service.auth import AuthError
+from service.errors import ConflictError
+from service.settings import Settings
+from service.store import LimitExceeded, Store
+
+log = logging.getLogger("llm_prune.service")
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               409: "conflict_error", 413: "invalid_request_error", 416: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    # Drop pydantic's union/model tags (e.g. "function-after[...]") from the parameter path.
+    loc = [p for p in loc if "[" not in p]
+    param = ".".join(loc) or None
+    if err.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {err.get('ctx', {}).get('error', 'parse error')}", None, "json_invalid"
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    elif err.get("type") == "missing":
+        msg = "required"
+    return (f"{param}: {msg}" if param else msg), param, err.get("type", "invalid")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(UserError)
+    async def _user_error(_request: Request, exc: UserError):
+        status = 404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ConflictError) else 400
+        return error_response(status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(AuthError)
+    async def _auth_error(_request: Request, exc: AuthError):
+        return error_response(401, exc.message, None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(LimitExceeded)
+    async def _limit(_request: Request, exc: LimitExceeded):
+        return error_response(429, str(exc), None, "too_many_active_jobs")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError):
+        message, param, code = _validation_message(exc)
+        return error_response(400, message, param, code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return error_response(exc.status_code, detail, None, None, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(_request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "internal server error", None, "internal_error")
+
+
+def create_app(settings: Settings | None = None, *, embedded_worker: bool | None = None) -> FastAPI:
+    """The API; with `embedded_worker` (default: settings.worker_slots > 0) a worker runs jobs in
+    child processes for the lifetime of the app."""
+    from service.routes import files, health, jobs
+
+    settings = settings or Settings()
+    settings.prepare()
+    store = Store(settings.db_url)
+    run_worker = settings.worker_slots > 0 if embedded_worker is None else embedded_worker
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker, thread = None, None
+        if run_worker:
+            from service.worker import Worker
+
+            worker = Worker(settings, store)
+            thread = threading.Thread(target=worker.run_forever, name="llm-prune-worker", daemon=True)
+            thread.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.stop()
+                thread.join(timeout=settings.cancel_grace_seconds + 10)
+            store.close()
+
+    app = FastAPI(title="llm-prune", version="0.1.0", lifespan=lifespan,
+                  description="Structured pruning, recovery-data selection and retraining of LLMs as jobs.",
+                  responses={400: {"model": dict}, 401: {"model": dict}, 404: {"model": dict}})
+    app.state.settings = settings
+    app.state.store = store
+    _install_error_handlers(app)
+
+    @app.middleware("http")
+    async def _upload_limit(request: Request, call_next):
+        # Refuse an oversized upload before its body is read.
+        if request.method == "POST" and request.url.path == "/v1/files":
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
+                return error_response(413, f"upload is {int(length)} bytes; the limit is "
+                                           f"{settings.max_upload_bytes} bytes", "file", "file_too_large")
+        return await call_next(request)
+
+    app.include_router(health.router)
+    app.include_router(files.router)
+    app.include_router(jobs.router)
+    return app

@@ -1,0 +1,113 @@
+"""Published checkpoints of a job: file manifests with sha256, and the whole directory as a
+streamed, byte-reproducible `.tar` (fixed order, mtime and owner), so its sha256 is known before
+the download starts and a client can check what it got."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+CHECKPOINTS = ("pruned", "final")
+CHUNK = 1024 * 1024
+
+
+def run_dir(job_dir: Path) -> Path:
+    """Where the pipeline writes its stage outputs (and resumes from)."""
+    return job_dir / "run"
+
+
+def checkpoint_dir(job_dir: Path, name: str) -> Path:
+    return run_dir(job_dir) / name
+
+
+def checkpoint_files(root: Path) -> list[str]:
+    """Relative paths of the files a checkpoint publishes; stage markers (dotfiles) are internal."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if not f.startswith("."):
+                out.append(str((Path(dirpath) / f).relative_to(root)))
+    return sorted(out)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(format=tarfile.PAX_FORMAT)
+
+
+def stream_tar(root: Path, prefix: str, files: list[str]) -> Iterator[bytes]:
+    """Yield a POSIX tar of `files` (relative to root) under `prefix/`, one chunk at a time."""
+    written = 0
+    for rel in files:
+        path = root / rel
+        size = path.stat().st_size
+        header = _tar_header(f"{prefix}/{rel}", size)
+        written += len(header)
+        yield header
+        with open(path, "rb") as fh:
+            remaining = size
+            while remaining > 0:
+                block = fh.read(min(CHUNK, remaining))
+                if not block:
+                    raise OSError(f"{path} shrank while being archived")
+                remaining -= len(block)
+                yield block
+        pad = (-size) % tarfile.BLOCKSIZE
+        written += size + pad
+        if pad:
+            yield b"\0" * pad
+    end = 2 * tarfile.BLOCKSIZE
+    end += (-(written + end)) % tarfile.RECORDSIZE
+    yield b"\0" * end
+
+
+def build_manifest(job_dir: Path, name: str) -> dict | None:
+    """Manifest of one checkpoint, cached in job_dir/manifests/; None if it was not published."""
+    root = checkpoint_dir(job_dir, name)
+    if not (root / "config.json").exists():
+        return None
+    cache = job_dir / "manifests" / f"{name}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    files = checkpoint_files(root)
+    entries = [{"name": f, "bytes": (root / f).stat().st_size, "sha256": _sha256_file(root / f)} for f in files]
+    h, archive_bytes = hashlib.sha256(), 0
+    for chunk in stream_tar(root, name, files):
+        h.update(chunk)
+        archive_bytes += len(chunk)
+    metrics = {}
+    if (root / "eval_results.json").exists():
+        try:
+            metrics = json.loads((root / "eval_results.json").read_text())
+        except ValueError:
+            metrics = {}
+    manifest = {"name": name, "files": entries, "bytes": sum(e["bytes"] for e in entries),
+                "metrics": metrics if isinstance(metrics, dict) else {"results": metrics},
+                "archive_bytes": archive_bytes, "archive_sha256": h.hexdigest()}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest))
+    tmp.replace(cache)
+    return manifest
+
+
+def manifests(job_dir: Path) -> list[dict]:
+    return [m for m in (build_manifest(job_dir, n) for n in CHECKPOINTS) if m is not None]

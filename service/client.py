@@ -1,0 +1,135 @@
+"""HTTP client for the job service (used by `llm-prune jobs ...` and the demo).
+
+`Client(base_url, api_key)`; the defaults come from LLM_PRUNE_SERVER and LLM_PRUNE_API_KEY. API
+error objects become `UserError` with the server's message, so the CLI prints one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+
+from llm_prune.errors import UserError
+
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+
+class Client:
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
+        self.base_url = (base_url or os.environ.get("LLM_PRUNE_SERVER") or DEFAULT_SERVER).rstrip("/")
+        key = api_key if api_key is not None else os.environ.get("LLM_PRUNE_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kw) -> Any:
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.TransportError as exc:
+            raise UserError(f"cannot reach the server at {self.base_url}: {exc}") from None
+        _raise_for_error(r)
+        return r.json()
+
+    # --- files and jobs -------------------------------------------------------------------
+    def upload(self, path: str | Path, purpose: str = "recovery") -> dict:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"file not found: {path}", param="file")
+        with open(p, "rb") as fh:
+            return self._call("POST", "/v1/files", files={"file": (p.name, fh)}, data={"purpose": purpose})
+
+    def submit(self, body: dict) -> dict:
+        return self._call("POST", "/v1/jobs", json=body)
+
+    def list_jobs(self, after: str | None = None, limit: int = 20) -> dict:
+        params = {"limit": limit, **({"after": after} if after else {})}
+        return self._call("GET", "/v1/jobs", params=params)
+
+    def job(self, job_id: str) -> dict:
+        return self._call("GET", f"/v1/jobs/{job_id}")
+
+    def cancel(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def delete(self, job_id: str) -> dict:
+        return self._call("DELETE", f"/v1/jobs/{job_id}")
+
+    def events(self, job_id: str, after: int | None = None, limit: int = 100) -> dict:
+        params = {"limit": limit, **({"after": after} if after is not None else {})}
+        return self._call("GET", f"/v1/jobs/{job_id}/events", params=params)
+
+    def stream_events(self, job_id: str, after: int | None = None) -> Iterator[dict]:
+        """Server-Sent Events until the job ends; yields event objects, then {'end': status}."""
+        params = {"stream": "true", **({"after": after} if after is not None else {})}
+        try:
+            with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params=params, timeout=None) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for_error(r)
+                name = None
+                for line in r.iter_lines():
+                    if line.startswith("event:"):
+                        name = line.split(":", 1)[1].strip()
+                    elif line.startswith("data:"):
+                        data = json.loads(line.split(":", 1)[1])
+                        if name == "end":
+                            yield {"end": data.get("status")}
+                            return
+                        yield data
+        except httpx.TransportError as exc:
+            raise UserError(f"lost the event stream from {self.base_url}: {exc}") from None
+
+    def checkpoints(self, job_id: str) -> list[dict]:
+        return self._call("GET", f"/v1/jobs/{job_id}/checkpoints")["data"]
+
+    def download(self, job_id: str, out_dir: str | Path, name: str = "final", progress=None) -> Path:
+        """Stream the checkpoint's .tar, check its sha256, unpack it; returns the model directory."""
+        found = {c["name"]: c for c in self.checkpoints(job_id)}
+        if name not in found:
+            have = ", ".join(found) or "none yet"
+            raise UserError(f"job {job_id} has no checkpoint '{name}' (available: {have})", param="checkpoint")
+        ckpt = found[name]
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tar_path = out / f"{job_id}-{name}.tar"
+        h = hashlib.sha256()
+        with self.http.stream("GET", ckpt["archive_url"], timeout=None) as r:
+            if r.status_code >= 400:
+                r.read()
+                _raise_for_error(r)
+            with open(tar_path, "wb") as fh:
+                for chunk in r.iter_bytes(1024 * 1024):
+                    h.update(chunk)
+                    fh.write(chunk)
+                    if progress is not None:
+                        progress(len(chunk), ckpt["archive_bytes"])
+        if h.hexdigest() != ckpt["archive_sha256"]:
+            raise UserError(f"download of {name} is corrupt (sha256 mismatch); try again")
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(out, filter="data")
+        tar_path.unlink()
+        return out / name
+
+
+def _raise_for_error(r: httpx.Response) -> None:
+    if r.status_code < 400:
+        return
+    try:
+        err = r.json()["error"]
+        message, param, code = err["message"], err.get("param"), err.get("code") or "api_error"
+    except (ValueError, KeyError, TypeError):
+        message, param, code = f"server answered {r.status_code}: {r.text[:200]}", None, "api_error"
+    raise UserError(message, param=param, code=code)

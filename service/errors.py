@@ -1,0 +1,7 @@
+"""Service-side user errors beyond `llm_prune.errors`."""
+
+from llm_prune.errors import UserError
+
+
+class ConflictError(UserError):
+    """The request is valid but the resource's state forbids it (HTTP 409)."""

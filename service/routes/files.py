@@ -1,0 +1,85 @@
+"""`/v1/files`: upload a recovery pool or an evaluation text; jobs refer to it by id."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+
+from llm_prune.errors import NotFoundError, UserError
+from service.auth import current_owner
+from service.schemas import Deleted, FileList, FileObject
+from service.store import FileRow, new_id
+from service.uploads import validate_upload
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+
+def file_object(row: FileRow) -> FileObject:
+    return FileObject(id=row.id, filename=row.filename, purpose=row.purpose, bytes=row.bytes, sha256=row.sha256,
+                      records=row.records, created_at=int(row.created_at))
+
+
+def _save(upload: UploadFile, target: Path, limit: int) -> tuple[int, str]:
+    h, size = hashlib.sha256(), 0
+    with open(target, "wb") as out:
+        while block := upload.file.read(1024 * 1024):
+            size += len(block)
+            if size > limit:
+                raise UserError(f"upload exceeds the limit of {limit} bytes", param="file", code="file_too_large")
+            h.update(block)
+            out.write(block)
+    return size, h.hexdigest()
+
+
+@router.post("", response_model=FileObject)
+async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form("recovery"),
+                      owner: str = Depends(current_owner)) -> FileObject:
+    settings, store = request.app.state.settings, request.app.state.store
+    filename = Path(file.filename or "upload").name
+    file_id = new_id("file")
+    folder = settings.uploads_dir / file_id
+    folder.mkdir(parents=True)
+    target = folder / filename
+    try:
+        size, digest = await run_in_threadpool(_save, file, target, settings.max_upload_bytes)
+        if size == 0:
+            raise UserError(f"{filename}: the file is empty", param="file")
+        records = await run_in_threadpool(validate_upload, target, filename, purpose)
+    except UserError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        if exc.code == "file_too_large":
+            from service.app import error_response
+
+            return error_response(413, exc.message, exc.param, exc.code)
+        raise
+    row = store.add_file(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size, sha256=digest,
+                         records=records, path=str(target))
+    return file_object(row)
+
+
+@router.get("", response_model=FileList)
+def list_files(request: Request, owner: str = Depends(current_owner)) -> FileList:
+    return FileList(data=[file_object(r) for r in request.app.state.store.list_files(owner)])
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def get_file(file_id: str, request: Request, owner: str = Depends(current_owner)) -> FileObject:
+    row = request.app.state.store.get_file(owner, file_id)
+    if row is None:
+        raise NotFoundError(f"no file with id '{file_id}'", param="file_id")
+    return file_object(row)
+
+
+@router.delete("/{file_id}", response_model=Deleted)
+def delete_file(file_id: str, request: Request, owner: str = Depends(current_owner)) -> Deleted:
+    store = request.app.state.store
+    row = store.get_file(owner, file_id)
+    if row is None or not store.delete_file(owner, file_id):
+        raise NotFoundError(f"no file with id '{file_id}'", param="file_id")
+    # Jobs already submitted hold the resolved path; deleting the upload removes it for good.
+    shutil.rmtree(Path(row.path).parent, ignore_errors=True)
+    return Deleted(id=file_id, object="file")

@@ -1,0 +1,185 @@
+"""`/v1/jobs`: submit, list, inspect, cancel and delete jobs; their events (paginated or as
+Server-Sent Events) and their checkpoints (per-file with Range, or one streamed .tar)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import time
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, StreamingResponse
+
+from llm_prune.errors import NotFoundError
+from service import artifacts
+from service.auth import current_owner
+from service.errors import ConflictError
+from service.schemas import (Checkpoint, CheckpointFile, CheckpointList, Deleted, EventList, EventObject,
+                             JobCreate, JobList, JobObject)
+from service.store import TERMINAL, EventRow, JobRow
+from service.submission import build_recipe
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def job_object(row: JobRow) -> JobObject:
+    eta = None
+    if row.status == "running" and row.started_at and 0.01 < row.progress < 1:
+        elapsed = time.time() - row.started_at
+        eta = round(elapsed * (1 - row.progress) / row.progress, 1)
+    return JobObject(id=row.id, model=row.model, status=row.status, stage=row.stage, progress=round(row.progress, 4),
+                     eta_seconds=eta, metrics=row.metrics or {}, result=row.result, error=row.error,
+                     created_at=int(row.created_at), started_at=int(row.started_at) if row.started_at else None,
+                     finished_at=int(row.finished_at) if row.finished_at else None, attempts=row.attempts,
+                     device=row.device, cancel_requested=row.cancel_requested, recipe=row.recipe,
+                     metadata=(row.recipe or {}).get("metadata", {}))
+
+
+def event_object(row: EventRow) -> EventObject:
+    return EventObject(id=row.id, created_at=row.created_at, kind=row.kind, stage=row.stage, step=row.step,
+                       total=row.total, message=row.message, metrics=row.metrics or {})
+
+
+def _job(request: Request, job_id: str, owner: str) -> JobRow:
+    row = request.app.state.store.get_job(job_id, owner)
+    if row is None:
+        raise NotFoundError(f"no job with id '{job_id}'", param="job_id")
+    return row
+
+
+@router.post("", response_model=JobObject)
+def create_job(body: JobCreate, request: Request, owner: str = Depends(current_owner)) -> JobObject:
+    settings, store = request.app.state.settings, request.app.state.store
+    recipe = build_recipe(body, owner, store, settings)
+    row = store.create_job(owner, recipe.model, body.model_dump(mode="json", exclude_none=True),
+                           recipe.model_dump(mode="json"), max_attempts=settings.max_attempts,
+                           max_active=settings.max_active_jobs_per_key)
+    return job_object(row)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
+              owner: str = Depends(current_owner)) -> JobList:
+    rows, has_more = request.app.state.store.list_jobs(owner, after, limit)
+    return JobList(data=[job_object(r) for r in rows], has_more=has_more,
+                   first_id=rows[0].id if rows else None, last_id=rows[-1].id if rows else None)
+
+
+@router.get("/{job_id}", response_model=JobObject)
+def get_job(job_id: str, request: Request, owner: str = Depends(current_owner)) -> JobObject:
+    return job_object(_job(request, job_id, owner))
+
+
+@router.post("/{job_id}/cancel", response_model=JobObject)
+def cancel_job(job_id: str, request: Request, owner: str = Depends(current_owner)) -> JobObject:
+    row = _job(request, job_id, owner)
+    if row.status in ("succeeded", "failed"):
+        raise ConflictError(f"job {job_id} already {row.status}; nothing to cancel", param="job_id",
+                        code="job_not_cancellable")
+    return job_object(request.app.state.store.request_cancel(owner, job_id))
+
+
+@router.delete("/{job_id}", response_model=Deleted)
+def delete_job(job_id: str, request: Request, owner: str = Depends(current_owner)) -> Deleted:
+    settings, store = request.app.state.settings, request.app.state.store
+    row = _job(request, job_id, owner)
+    if row.status == "running" or not store.delete_job(owner, job_id):
+        raise ConflictError(f"job {job_id} is running; cancel it first", param="job_id", code="job_running")
+    shutil.rmtree(settings.job_dir(job_id), ignore_errors=True)
+    return Deleted(id=job_id, object="job")
+
+
+@router.get("/{job_id}/events", response_model=EventList,
+            responses={200: {"content": {"text/event-stream": {}}}})
+async def job_events(job_id: str, request: Request, after: int | None = None,
+                     limit: int = Query(100, ge=1, le=1000), stream: bool = False,
+                     owner: str = Depends(current_owner)):
+    store = request.app.state.store
+    await run_in_threadpool(_job, request, job_id, owner)
+    if not stream:
+        rows, has_more = await run_in_threadpool(store.list_events, job_id, after, limit)
+        return EventList(data=[event_object(r) for r in rows], has_more=has_more,
+                         last_id=rows[-1].id if rows else None)
+    last = request.headers.get("last-event-id")
+    cursor = int(last) if last and last.isdigit() else after
+    return StreamingResponse(_sse(request, job_id, cursor), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse(request: Request, job_id: str, cursor: int | None):
+    """Events as they are recorded; ends with an `end` event once the job is finished."""
+    store = request.app.state.store
+    idle = 0.0
+    while not await request.is_disconnected():
+        rows, _ = await run_in_threadpool(store.list_events, job_id, cursor, 500)
+        for row in rows:
+            cursor = row.id
+            yield f"id: {row.id}\nevent: {row.kind}\ndata: {event_object(row).model_dump_json()}\n\n"
+        if rows:
+            idle = 0.0
+            continue
+        job = await run_in_threadpool(store.get_job, job_id)
+        if job is None or job.status in TERMINAL:
+            status = job.status if job else "deleted"
+            yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+            return
+        if idle >= 15:
+            yield ": keep-alive\n\n"
+            idle = 0.0
+        await asyncio.sleep(0.5)
+        idle += 0.5
+
+
+def _checkpoint(request: Request, job_id: str, owner: str, name: str) -> tuple[JobRow, dict]:
+    row = _job(request, job_id, owner)
+    if row.status != "succeeded":
+        raise NotFoundError(f"job {job_id} is {row.status}; checkpoints are published when it succeeds",
+                            param="checkpoint")
+    manifest = artifacts.build_manifest(request.app.state.settings.job_dir(job_id), name) \
+        if name in artifacts.CHECKPOINTS else None
+    if manifest is None:
+        raise NotFoundError(f"job {job_id} has no checkpoint '{name}'", param="checkpoint")
+    return row, manifest
+
+
+def checkpoint_object(job_id: str, m: dict) -> Checkpoint:
+    base = f"/v1/jobs/{job_id}/checkpoints/{m['name']}"
+    return Checkpoint(name=m["name"], bytes=m["bytes"], metrics=m["metrics"], archive_url=f"{base}/archive",
+                      archive_bytes=m["archive_bytes"], archive_sha256=m["archive_sha256"],
+                      files=[CheckpointFile(url=f"{base}/files/{f['name']}", **f) for f in m["files"]])
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(job_id: str, request: Request, owner: str = Depends(current_owner)) -> CheckpointList:
+    row = _job(request, job_id, owner)
+    if row.status != "succeeded":
+        return CheckpointList(data=[])
+    found = artifacts.manifests(request.app.state.settings.job_dir(job_id))
+    return CheckpointList(data=[checkpoint_object(job_id, m) for m in found])
+
+
+@router.get("/{job_id}/checkpoints/{name}/files/{path:path}", response_class=FileResponse)
+def download_file(job_id: str, name: str, path: str, request: Request, owner: str = Depends(current_owner)):
+    """One checkpoint file; honours `Range: bytes=a-b` (206 Partial Content)."""
+    _, manifest = _checkpoint(request, job_id, owner, name)
+    entry = next((f for f in manifest["files"] if f["name"] == path), None)
+    if entry is None:  # only names from the manifest: no path escapes
+        raise NotFoundError(f"checkpoint '{name}' has no file '{path}'", param="path")
+    root = artifacts.checkpoint_dir(request.app.state.settings.job_dir(job_id), name)
+    return FileResponse(root / path, filename=Path(path).name, headers={"X-Content-SHA256": entry["sha256"]},
+                        content_disposition_type="attachment")
+
+
+@router.get("/{job_id}/checkpoints/{name}/archive", response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-tar": {}}}})
+def download_archive(job_id: str, name: str, request: Request, owner: str = Depends(current_owner)):
+    """The whole checkpoint as one uncompressed tar, streamed; sha256 in `X-Content-SHA256`."""
+    _, manifest = _checkpoint(request, job_id, owner, name)
+    root = artifacts.checkpoint_dir(request.app.state.settings.job_dir(job_id), name)
+    files = [f["name"] for f in manifest["files"]]
+    return StreamingResponse(artifacts.stream_tar(root, name, files), media_type="application/x-tar", headers={
+        "Content-Length": str(manifest["archive_bytes"]), "X-Content-SHA256": manifest["archive_sha256"],
+        "Content-Disposition": f'attachment; filename="{job_id}-{name}.tar"'})

@@ -1,0 +1,83 @@
+"""The child process that runs one job: `python -m service.runner JOB_DIR --parent-pid PID`.
+
+Reads JOB_DIR/recipe.json, runs the pipeline into JOB_DIR/run (resuming after its last finished
+stage), and reports to the worker as JSON lines on its stdout: `event`, then `result` or `error`.
+Anything else the libraries print goes to stderr (the job log). It dies with its worker, so a
+`kill -9` of the worker never leaves a job running twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:  # PR_SET_PDEATHSIG: the kernel sends SIGKILL when the parent goes away.
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(137)
+            time.sleep(0.5)
+
+    if os.getppid() != parent_pid:
+        os._exit(137)
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.runner")
+    parser.add_argument("job_dir")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+
+    # Our stdout is the report channel; whatever else writes to fd 1 goes to the log instead.
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    lock = threading.Lock()
+
+    def send(kind: str, **payload) -> None:
+        line = json.dumps({"type": kind, **payload}, default=str)
+        with lock:
+            channel.write(line + "\n")
+
+    from llm_prune.errors import UserError
+
+    job_dir = Path(args.job_dir)
+    try:
+        from llm_prune.pipeline import run_recipe
+        from llm_prune.recipe import parse_recipe
+
+        recipe = parse_recipe(json.loads((job_dir / "recipe.json").read_text()))
+        summary = run_recipe(recipe, job_dir / "run", on_event=lambda e: send("event", **e.to_dict()))
+        send("result", summary=summary)
+        return 0
+    except UserError as exc:
+        send("error", message=exc.message, param=exc.param, code=exc.code, user=True)
+        return 2
+    except Exception as exc:  # noqa: BLE001 - reported to the job, traceback kept in the log
+        traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        send("error", message=f"{type(exc).__name__}: {first}", param=None, code="pipeline_error", user=False)
+        return 1
+    finally:
+        channel.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

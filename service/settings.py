@@ -1,0 +1,60 @@
+"""Service configuration: every field is a `serve`/`worker` flag and an `LLM_PRUNE_*` variable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME", os.path.expanduser("~/.local/share"))
+    return Path(base) / "llm-prune"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLM_PRUNE_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir, description="store, uploads and artifacts")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in data_dir")
+    allowed_model_roots: str = Field("", description="colon-separated directories local models may come from")
+    allow_remote_code: bool = Field(False, description="let jobs set trust_remote_code")
+    no_auth: bool = Field(False, description="accept requests without a key (loopback binding only)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0)
+    max_active_jobs_per_key: int = Field(4, ge=1)
+    max_attempts: int = Field(3, ge=1, description="runs of a job before a lost worker fails it")
+    lease_seconds: float = Field(30.0, gt=0)
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    poll_seconds: float = Field(1.0, gt=0, description="how often an idle worker looks for jobs")
+    cancel_grace_seconds: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL delay on cancel")
+    device: str = Field("cpu", description="device the worker pins its jobs to: cpu, cuda:N or auto")
+    worker_slots: int = Field(1, ge=0, description="jobs the embedded worker runs at once (0: none)")
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'jobs.db'}"
+
+    @property
+    def model_roots(self) -> list[Path]:
+        return [Path(p).expanduser().resolve() for p in self.allowed_model_roots.split(":") if p.strip()]
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def prepare(self) -> None:
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)

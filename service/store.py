@@ -1,0 +1,317 @@
+"""The job store: API keys, uploaded files, jobs and their events, through SQLAlchemy.
+
+SQLite file by default (zero set-up), PostgreSQL by URL. Every state change is one short
+transaction; a job is claimed with a conditional UPDATE (status still `queued`), so several
+workers can share one database without row locks that SQLite lacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from typing import Any, Iterable
+
+from sqlalchemy import (JSON, BigInteger, Boolean, Float, Integer, String, Text, create_engine, delete, event,
+                        func, select, update)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+ACTIVE = ("queued", "running")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class FileRow(Base):
+    __tablename__ = "files"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True, index=True)
+    owner: Mapped[str] = mapped_column(String(40), index=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(20))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    records: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True, index=True)
+    owner: Mapped[str] = mapped_column(String(40), index=True)
+    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    model: Mapped[str] = mapped_column(Text)
+    request: Mapped[dict] = mapped_column(JSON)
+    recipe: Mapped[dict] = mapped_column(JSON)
+    stage: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    stages_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    lease_owner: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    lease_expires: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    device: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+class EventRow(Base):
+    __tablename__ = "job_events"
+    # One writer per job (the worker that holds the lease), so ids grow in order within a job.
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(20))
+    stage: Mapped[str] = mapped_column(String(64))
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    message: Mapped[str] = mapped_column(Text, default="")
+    metrics: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+class LimitExceeded(Exception):
+    pass
+
+
+class Store:
+    """All queries the service needs. `schema` puts the tables in a PostgreSQL schema."""
+
+    def __init__(self, url: str, schema: str | None = None):
+        self.url = url
+        kwargs: dict[str, Any] = {"future": True}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(engine, "connect", _sqlite_pragmas)
+        if schema:
+            engine = engine.execution_options(schema_translate_map={None: schema})
+        self.engine = engine
+        self.session = sessionmaker(engine, expire_on_commit=False)
+        Base.metadata.create_all(engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- API keys -------------------------------------------------------------------------
+    def create_key(self, name: str = "") -> tuple[str, str]:
+        """Returns (key id, secret); only the hash of the secret is kept."""
+        secret = "lp-" + secrets.token_urlsafe(32)
+        key_id = new_id("key")
+        with self.session.begin() as s:
+            s.add(ApiKey(id=key_id, name=name, key_hash=hash_key(secret), created_at=time.time()))
+        return key_id, secret
+
+    def key_owner(self, secret: str) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(secret)))
+
+    # --- files ----------------------------------------------------------------------------
+    def add_file(self, **fields: Any) -> FileRow:
+        row = FileRow(created_at=time.time(), **fields)
+        with self.session.begin() as s:
+            s.add(row)
+        return row
+
+    def get_file(self, owner: str, file_id: str) -> FileRow | None:
+        with self.session() as s:
+            return s.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.owner == owner))
+
+    def list_files(self, owner: str) -> list[FileRow]:
+        with self.session() as s:
+            return list(s.scalars(select(FileRow).where(FileRow.owner == owner).order_by(FileRow.seq.desc())))
+
+    def delete_file(self, owner: str, file_id: str) -> bool:
+        with self.session.begin() as s:
+            return s.execute(delete(FileRow).where(FileRow.id == file_id, FileRow.owner == owner)).rowcount > 0
+
+    # --- jobs -----------------------------------------------------------------------------
+    def create_job(self, owner: str, model: str, request: dict, recipe: dict, *, max_attempts: int,
+                   max_active: int | None = None, job_id: str | None = None) -> JobRow:
+        now = time.time()
+        row = JobRow(id=job_id or new_id("job"), owner=owner, status="queued", model=model, request=request,
+                     recipe=recipe, metrics={}, created_at=now, updated_at=now, max_attempts=max_attempts,
+                     attempts=0, progress=0.0, stages_done=0, cancel_requested=False)
+        with self.session.begin() as s:
+            if max_active is not None:
+                active = s.scalar(select(func.count()).select_from(JobRow)
+                                  .where(JobRow.owner == owner, JobRow.status.in_(ACTIVE)))
+                if active >= max_active:
+                    raise LimitExceeded(f"{active} jobs are already queued or running for this key "
+                                        f"(limit {max_active}); wait for one to finish or cancel one")
+            s.add(row)
+        return row
+
+    def get_job(self, job_id: str, owner: str | None = None) -> JobRow | None:
+        q = select(JobRow).where(JobRow.id == job_id)
+        if owner is not None:
+            q = q.where(JobRow.owner == owner)
+        with self.session() as s:
+            return s.scalar(q)
+
+    def list_jobs(self, owner: str, after: str | None = None, limit: int = 20) -> tuple[list[JobRow], bool]:
+        """Newest first; `after` is the id of the last job of the previous page."""
+        with self.session() as s:
+            q = select(JobRow).where(JobRow.owner == owner)
+            if after:
+                cursor = s.scalar(select(JobRow.seq).where(JobRow.id == after, JobRow.owner == owner))
+                if cursor is None:
+                    return [], False
+                q = q.where(JobRow.seq < cursor)
+            rows = list(s.scalars(q.order_by(JobRow.seq.desc()).limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+    def request_cancel(self, owner: str, job_id: str) -> JobRow | None:
+        """A queued job is cancelled at once; a running one is flagged for its worker to stop."""
+        now = time.time()
+        with self.session.begin() as s:
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.owner == owner, JobRow.status == "queued")
+                      .values(status="cancelled", finished_at=now, updated_at=now))
+            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.owner == owner, JobRow.status == "running")
+                      .values(cancel_requested=True, updated_at=now))
+        return self.get_job(job_id, owner)
+
+    def delete_job(self, owner: str, job_id: str) -> bool:
+        with self.session.begin() as s:
+            gone = s.execute(delete(JobRow).where(JobRow.id == job_id, JobRow.owner == owner,
+                                                  JobRow.status.not_in(("running",)))).rowcount > 0
+            if gone:
+                s.execute(delete(EventRow).where(EventRow.job_id == job_id))
+        return gone
+
+    # --- worker side ----------------------------------------------------------------------
+    def claim(self, worker_id: str, device: str, lease_s: float) -> JobRow | None:
+        """Take the oldest queued job; the conditional UPDATE makes racing workers safe."""
+        for _ in range(5):
+            with self.session() as s:
+                job_id = s.scalar(select(JobRow.id).where(JobRow.status == "queued")
+                                  .order_by(JobRow.seq).limit(1))
+            if job_id is None:
+                return None
+            now = time.time()
+            with self.session.begin() as s:
+                won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
+                                .values(status="running", lease_owner=worker_id, lease_expires=now + lease_s,
+                                        attempts=JobRow.attempts + 1, device=device, updated_at=now,
+                                        started_at=func.coalesce(JobRow.started_at, now))).rowcount
+            if won:
+                return self.get_job(job_id)
+        return None
+
+    def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> tuple[bool, bool]:
+        """Extends the lease; returns (still ours, cancel requested)."""
+        now = time.time()
+        with self.session.begin() as s:
+            owned = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker_id,
+                                                   JobRow.status == "running")
+                              .values(lease_expires=now + lease_s)).rowcount > 0
+            cancel = bool(s.scalar(select(JobRow.cancel_requested).where(JobRow.id == job_id)))
+        return owned, cancel
+
+    def record(self, job_id: str, worker_id: str, events: Iterable[dict], **job_fields: Any) -> bool:
+        """Append events and update the job's progress fields, if the lease is still ours."""
+        now = time.time()
+        with self.session.begin() as s:
+            owned = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker_id,
+                                                   JobRow.status == "running")
+                              .values(updated_at=now, **job_fields)).rowcount > 0
+            if owned:
+                for e in events:
+                    s.add(EventRow(job_id=job_id, created_at=e.get("time", now), kind=e.get("kind", "progress"),
+                                   stage=e.get("stage", ""), step=int(e.get("step") or 0), total=e.get("total"),
+                                   message=e.get("message", ""), metrics=e.get("metrics") or {}))
+        return owned
+
+    def finish(self, job_id: str, worker_id: str, status: str, *, result: dict | None = None,
+               error: dict | None = None, events: Iterable[dict] = ()) -> bool:
+        assert status in TERMINAL
+        fields: dict[str, Any] = {"status": status, "finished_at": time.time(), "lease_owner": None,
+                                  "lease_expires": None, "result": result, "error": error}
+        if status == "succeeded":
+            fields["progress"] = 1.0
+        return self.record(job_id, worker_id, events, **fields)
+
+    def release(self, job_id: str, worker_id: str) -> bool:
+        """A worker shutting down hands its job back; the attempt does not count."""
+        now = time.time()
+        with self.session.begin() as s:
+            return s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker_id,
+                                                  JobRow.status == "running")
+                             .values(status="queued", lease_owner=None, lease_expires=None, updated_at=now,
+                                     attempts=JobRow.attempts - 1)).rowcount > 0
+
+    def requeue_expired(self, now: float | None = None) -> list[tuple[str, str]]:
+        """Jobs whose worker stopped heartbeating: requeue (they resume from their last finished
+        stage), or fail once the retry limit is used up. Returns [(job id, new status)]."""
+        now = now or time.time()
+        changed: list[tuple[str, str]] = []
+        with self.session() as s:
+            stale = list(s.scalars(select(JobRow).where(JobRow.status == "running", JobRow.lease_expires < now)))
+        for job in stale:
+            if job.cancel_requested:
+                status, fields = "cancelled", {"finished_at": now}
+                message = "worker lost while cancelling; job cancelled"
+            elif job.attempts >= job.max_attempts:
+                status = "failed"
+                message = f"worker stopped responding; gave up after {job.attempts} attempts"
+                fields = {"finished_at": now, "error": {"message": message, "type": "server_error",
+                                                        "param": None, "code": "worker_lost"}}
+            else:
+                status, fields = "queued", {}
+                message = f"worker stopped responding; requeued (attempt {job.attempts} of {job.max_attempts})"
+            with self.session.begin() as s:
+                won = s.execute(update(JobRow).where(JobRow.id == job.id, JobRow.status == "running",
+                                                     JobRow.lease_expires < now)
+                                .values(status=status, lease_owner=None, lease_expires=None, updated_at=now,
+                                        **fields)).rowcount > 0
+                if won:
+                    s.add(EventRow(job_id=job.id, created_at=now, kind="warning", stage=job.stage or "",
+                                   message=message, metrics={}))
+            if won:
+                changed.append((job.id, status))
+        return changed
+
+    def list_events(self, job_id: str, after: int | None = None, limit: int = 100) -> tuple[list[EventRow], bool]:
+        q = select(EventRow).where(EventRow.job_id == job_id)
+        if after is not None:
+            q = q.where(EventRow.id > after)
+        with self.session() as s:
+            rows = list(s.scalars(q.order_by(EventRow.id).limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    # WAL lets the API read while a worker writes; busy_timeout waits out short write locks.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()

@@ -1,0 +1,237 @@
+"""Workers: claim a queued job with a lease, run it in its own child process (`service.runner`),
+write its events and progress to the store, heartbeat the lease, and stop it by signal when the
+job is cancelled. A worker that dies stops heartbeating; any worker then requeues the job once
+the lease expires, and the pipeline resumes after its last finished stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from service import artifacts
+from service.settings import Settings
+from service.store import JobRow, Store
+
+log = logging.getLogger("llm_prune.worker")
+
+# load, baseline eval, prune, select, recover, final eval, export
+PIPELINE_STAGES = 7
+PROGRESS_EVERY_S = 0.5
+
+
+class JobProgress:
+    """Folds pipeline events into the job's stage, progress 0-1 and metrics, and thins out
+    step events so a long training run does not write a row per step."""
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.done: list[str] = []
+        self.fraction = 0.0
+        self.metrics: dict[str, dict] = {}
+        self._last_kept: dict[str, float] = {}
+
+    def fold(self, event: dict) -> bool:
+        """Update state; returns whether the event is worth storing."""
+        stage, kind = event.get("stage", ""), event.get("kind", "progress")
+        if kind == "stage_start":
+            self.stage, self.fraction = stage, 0.0
+        elif kind == "stage_end":
+            if stage not in self.done:
+                self.done.append(stage)
+            self.fraction = 0.0
+        elif kind == "progress" and event.get("total"):
+            self.stage = stage or self.stage
+            self.fraction = min(1.0, (event.get("step") or 0) / event["total"])
+        if event.get("metrics"):
+            self.metrics.setdefault(stage or "job", {}).update(event["metrics"])
+        if kind != "progress":
+            return True
+        now = time.monotonic()
+        final = event.get("total") is not None and event.get("step") == event.get("total")
+        if final or now - self._last_kept.get(stage, 0.0) >= PROGRESS_EVERY_S:
+            self._last_kept[stage] = now
+            return True
+        return False
+
+    @property
+    def progress(self) -> float:
+        total = max(PIPELINE_STAGES, len(self.done) + 1)
+        return min(0.99, (len(self.done) + self.fraction) / total)
+
+    def fields(self) -> dict:
+        return {"stage": self.stage, "stages_done": len(self.done), "progress": self.progress,
+                "metrics": self.metrics}
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: Store | None = None, worker_id: str | None = None):
+        self.settings = settings
+        self.store = store or Store(settings.db_url)
+        self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
+        self._stop = threading.Event()
+        self._children: dict[str, subprocess.Popen] = {}
+
+    # --- loop -----------------------------------------------------------------------------
+    def run_forever(self) -> None:
+        slots = max(1, self.settings.worker_slots)
+        threads = [threading.Thread(target=self._slot, name=f"slot-{i}", daemon=True) for i in range(slots)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def _slot(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.store.requeue_expired()
+                job = self.store.claim(self.id, self.settings.device, self.settings.lease_seconds)
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the worker
+                log.exception("worker %s: store unavailable", self.id)
+                job = None
+            if job is None:
+                self._stop.wait(self.settings.poll_seconds)
+                continue
+            try:
+                self.run_job(job)
+            except Exception:  # noqa: BLE001
+                log.exception("worker %s: job %s", self.id, job.id)
+
+    def stop(self) -> None:
+        """Graceful shutdown: stop children and hand their jobs back to the queue."""
+        self._stop.set()
+        for job_id, proc in list(self._children.items()):
+            self._terminate(proc)
+            self.store.release(job_id, self.id)
+
+    # --- one job --------------------------------------------------------------------------
+    def run_job(self, job: JobRow) -> str | None:
+        job_dir = self.settings.job_dir(job.id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        recipe = dict(job.recipe, device=self.settings.device)
+        (job_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
+        tracker = JobProgress()
+        start = {"kind": "stage_start", "stage": "job", "time": time.time(),
+                 "message": f"attempt {job.attempts} on {self.id} ({self.settings.device})"}
+        self.store.record(job.id, self.id, [start])
+
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        with open(job_dir / "job.log", "ab") as logfile:
+            proc = subprocess.Popen([sys.executable, "-m", "service.runner", str(job_dir),
+                                     "--parent-pid", str(os.getpid())],
+                                    stdout=subprocess.PIPE, stderr=logfile, start_new_session=True, env=env)
+        self._children[job.id] = proc
+        lines: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
+        reader.start()
+        outcome: dict = {}
+        try:
+            lost = self._supervise(job.id, proc, lines, tracker, outcome)
+        finally:
+            self._children.pop(job.id, None)
+        reader.join(timeout=5)
+        self._drain(job.id, lines, tracker, outcome)
+        if lost or self._stop.is_set():
+            return None
+        return self._finish(job, job_dir, proc.returncode, outcome)
+
+    def _supervise(self, job_id: str, proc: subprocess.Popen, lines: queue.Queue, tracker: JobProgress,
+                   outcome: dict) -> bool:
+        """Until the child exits: store its events, heartbeat, obey cancel. True if the lease was lost."""
+        next_beat = 0.0
+        while proc.poll() is None:
+            if self._stop.is_set():
+                return True
+            self._drain(job_id, lines, tracker, outcome)
+            if time.monotonic() >= next_beat:
+                owned, cancel = self.store.heartbeat(job_id, self.id, self.settings.lease_seconds)
+                next_beat = time.monotonic() + self.settings.heartbeat_seconds
+                if not owned:  # requeued elsewhere or deleted: this run must not continue
+                    self._terminate(proc)
+                    return True
+                if cancel:
+                    outcome["cancelled"] = True
+                    self._terminate(proc)
+            time.sleep(0.2)
+        return False
+
+    def _drain(self, job_id: str, lines: queue.Queue, tracker: JobProgress, outcome: dict) -> None:
+        keep = []
+        while True:
+            try:
+                msg = lines.get_nowait()
+            except queue.Empty:
+                break
+            kind = msg.pop("type", None)
+            if kind == "event":
+                if tracker.fold(msg):
+                    keep.append(msg)
+            elif kind in ("result", "error"):
+                outcome[kind] = msg
+        if keep:
+            self.store.record(job_id, self.id, keep, **tracker.fields())
+
+    def _finish(self, job: JobRow, job_dir: Path, code: int, outcome: dict) -> str:
+        fields = {"events": [{"kind": "stage_end", "stage": "job", "time": time.time()}]}
+        if outcome.get("cancelled"):
+            status = "cancelled"
+        elif code == 0 and "result" in outcome:
+            status = "succeeded"
+            artifacts.manifests(job_dir)  # hash once now, so listing and downloads start at once
+            fields["result"] = outcome["result"].get("summary")
+        else:
+            status = "failed"
+            err = outcome.get("error")
+            if err:
+                fields["error"] = {"message": err["message"], "param": err.get("param"),
+                                   "type": "invalid_request_error" if err.get("user") else "server_error",
+                                   "code": err.get("code")}
+            else:
+                fields["error"] = {"message": _exit_reason(code), "param": None, "type": "server_error",
+                                   "code": "job_process_died"}
+            fields["events"][0]["message"] = fields["error"]["message"]
+        fields["events"][0]["metrics"] = {"status": status}
+        self.store.finish(job.id, self.id, status, **fields)
+        return status
+
+    def _terminate(self, proc: subprocess.Popen) -> None:
+        """SIGTERM the job's process group, SIGKILL after the grace period."""
+        for sig, wait in ((signal.SIGTERM, self.settings.cancel_grace_seconds), (signal.SIGKILL, 10.0)):
+            if proc.poll() is not None:
+                return
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _read_lines(stream, out: queue.Queue) -> None:
+    for raw in stream:
+        try:
+            msg = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(msg, dict):
+            out.put(msg)
+    stream.close()
+
+
+def _exit_reason(code: int) -> str:
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"job process was killed by {name}{hint}"
+    return f"job process exited with status {code} without a result"
