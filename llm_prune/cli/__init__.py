@@ -14,6 +14,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Structured pruning, recovery-data selection and retraining of LLMs.")
 
 
+@app.callback()
+def _root() -> None:
+    """Structured pruning, recovery-data selection and retraining of LLMs."""
+
+
 def _register() -> None:
     from llm_prune.cli import evaluate, prune, run, select
     from service import cli as service_cli

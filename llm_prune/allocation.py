@@ -1,0 +1,144 @@
+"""Budget allocation: turn importance scores and a parameter budget into a PrunePlan.
+
+`uniform` (LLM-Pruner) prunes every prunable layer at the same ratio; `adaptive` (Adapt-Pruner)
+sets s_l = s_base - A * I_l, where I_l is the layer's importance (mean of -cos(x_in, x_out) over
+calibration tokens) normalised to [-1, 1]. Either way the base ratio is solved by bisection so the
+plan lands on the parameter target, then MLP widths (the fine-grained knob) absorb the rounding
+residual. Heads are whole; MLP widths are multiples of `round_to`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llm_prune.errors import UserError
+from llm_prune.importance import Scores
+from llm_prune.plan import LayerPlan, PrunePlan, UnitCosts
+
+
+@dataclass
+class AllocationConfig:
+    allocation: str = "uniform"
+    round_to: int = 8
+    skip_first: int = 1
+    skip_last: int = 1
+    adaptive_strength: float = 0.02
+    prune_attention: bool = True
+    prune_mlp: bool = True
+    prune_layers: int = 0
+    max_layer_sparsity: float = 0.95
+
+
+def _round_width(width: int, keep_frac: float, multiple: int) -> int:
+    keep = round(width * keep_frac / multiple) * multiple
+    return int(min(width, max(multiple if width >= multiple else width, keep)))
+
+
+def layer_sparsities(scores: Scores, layers: list[int], cfg: AllocationConfig, base: float) -> dict[int, float]:
+    if cfg.allocation == "uniform":
+        return {i: base for i in layers}
+    # Adapt-Pruner: importance = -cos(x_in, x_out), normalised to [-1, 1] over the prunable layers.
+    imp = -scores.layer_cos[layers].double()
+    span = (imp.max() - imp.min()).item()
+    norm = torch.zeros_like(imp) if span < 1e-12 else 2 * (imp - imp.min()) / span - 1
+    return {i: float(min(cfg.max_layer_sparsity, max(0.0, base - cfg.adaptive_strength * n)))
+            for i, n in zip(layers, norm.tolist())}
+
+
+def _widths_for(costs: UnitCosts, sparsity: dict[int, float], cfg: AllocationConfig):
+    kv = {}
+    ch = {}
+    for i, s in sparsity.items():
+        kv[i] = max(1, round(costs.num_kv[i] * (1 - s))) if cfg.prune_attention else costs.num_kv[i]
+        ch[i] = _round_width(costs.width[i], 1 - s, cfg.round_to) if cfg.prune_mlp else costs.width[i]
+    return kv, ch
+
+
+def _removed(costs: UnitCosts, kv: dict[int, int], ch: dict[int, int]) -> int:
+    return sum((costs.num_kv[i] - kv[i]) * costs.kv_group + (costs.width[i] - ch[i]) * costs.mlp_channel
+               for i in kv)
+
+
+def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: AllocationConfig,
+             meta: dict | None = None) -> PrunePlan:
+    n_layers = len(costs.layer)
+    to_remove = costs.total - target_params
+    if to_remove < 0:
+        raise UserError(f"target of {target_params:,} parameters is above the model's {costs.total:,}",
+                        param="budget")
+
+    # Depth first: the layers that change the hidden state least go whole.
+    dropped: set[int] = set()
+    if cfg.prune_layers:
+        if cfg.prune_layers >= n_layers:
+            raise UserError(f"cannot drop {cfg.prune_layers} of {n_layers} layers", param="pruning.prune_layers")
+        order = torch.argsort(scores.block_influence).tolist()
+        dropped = set(order[:cfg.prune_layers])
+        to_remove -= sum(costs.layer[i] for i in dropped)
+
+    if cfg.allocation == "uniform":
+        last = n_layers - cfg.skip_last
+        prunable = [i for i in range(cfg.skip_first, last) if i not in dropped]
+    else:
+        prunable = [i for i in range(n_layers) if i not in dropped]
+    if (cfg.prune_attention or cfg.prune_mlp) and not prunable and to_remove > 0:
+        raise UserError("no prunable layers left: lower skip_first/skip_last", param="pruning")
+
+    # Bisection on the base ratio: removed(s) is monotone in s.
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        kv, ch = _widths_for(costs, layer_sparsities(scores, prunable, cfg, mid), cfg)
+        if _removed(costs, kv, ch) <= to_remove:
+            lo = mid
+        else:
+            hi = mid
+    base = lo
+    sparsity = layer_sparsities(scores, prunable, cfg, base)
+    kv, ch = _widths_for(costs, sparsity, cfg)
+
+    # Rounding residual: move MLP widths by `round_to` steps, most-pruned-allowed layers first.
+    residual = to_remove - _removed(costs, kv, ch)
+    step = cfg.round_to * costs.mlp_channel
+    if cfg.prune_mlp and prunable:
+        order = sorted(prunable, key=lambda i: -sparsity[i])
+        guard = 0
+        while abs(residual) > step / 2 and guard < 100 * len(order):
+            moved = False
+            for i in order:
+                if abs(residual) <= step / 2:
+                    break
+                if residual > 0 and ch[i] - cfg.round_to >= cfg.round_to:
+                    ch[i] -= cfg.round_to
+                    residual -= step
+                    moved = True
+                elif residual < 0 and ch[i] + cfg.round_to <= costs.width[i]:
+                    ch[i] += cfg.round_to
+                    residual += step
+                    moved = True
+            guard += 1
+            if not moved:
+                break
+
+    layers = []
+    for i in range(n_layers):
+        if i in dropped:
+            layers.append(LayerPlan(i, [], [], drop=True))
+            continue
+        n_kv = kv.get(i, costs.num_kv[i])
+        n_ch = ch.get(i, costs.width[i])
+        keep_kv = torch.topk(scores.kv[i], n_kv).indices.sort().values.tolist()
+        keep_ch = torch.topk(scores.mlp[i], n_ch).indices.sort().values.tolist()
+        layers.append(LayerPlan(i, keep_kv, keep_ch))
+
+    after = costs.total - sum(costs.layer[i] for i in dropped) - _removed(costs, kv, ch)
+    if target_params and abs(after - target_params) > 0.005 * target_params:
+        hint = " or lower skip_first/skip_last" if cfg.allocation == "uniform" else ""
+        raise UserError(f"cannot reach {target_params:,} parameters within 0.5% (best: {after:,}); the "
+                        f"prunable layers hold too little: prune less{hint}", param="budget")
+    info = {"allocation": cfg.allocation, "base_sparsity": base, "round_to": cfg.round_to,
+            "layer_sparsity": {str(i): round(s, 4) for i, s in sparsity.items()}, **(meta or {})}
+    return PrunePlan(layers=layers, params_before=costs.total, params_target=target_params,
+                     params_after=after, meta=info)

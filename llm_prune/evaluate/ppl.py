@@ -1,0 +1,99 @@
+"""Perplexity over non-overlapping windows, the convention of LLM-Pruner's tables.
+
+The whole text is tokenized once (with the tokenizer's usual special tokens), cut into
+consecutive windows of `seq_len` tokens (a trailing partial window is dropped), and each window
+is scored independently: perplexity = exp(mean next-token loss over every scored token of every
+window). Each window predicts seq_len - 1 tokens, so short windows (128) give higher
+perplexity than long ones (2048) on the same text.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from llm_prune.errors import UserError
+from llm_prune.evaluate.scoring import model_device
+from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
+
+CONVENTION = "non-overlapping windows, exp(mean token loss) (LLM-Pruner)"
+
+
+def read_text_file(path: str | Path) -> str:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"perplexity text file not found: {path}", param="ppl")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"perplexity text file is not UTF-8 text: {path}", param="ppl") from None
+    if not text.strip():
+        raise UserError(f"perplexity text file is empty: {path}", param="ppl")
+    return text
+
+
+def read_text_dataset(name_or_dir: str, split: str = "test", column: str = "text") -> str:
+    """Rows of a `datasets` dataset (saved folder or hub name) joined by blank lines, as LLM-Pruner
+    joins WikiText-2."""
+    import datasets
+
+    local = Path(name_or_dir).expanduser()
+    try:
+        if local.is_dir():
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UserError(f"split '{split}' not in {name_or_dir}; it has: {', '.join(ds)}", param="split")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name_or_dir, split=split)
+    except UserError:
+        raise
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        raise UserError(f"could not load dataset '{name_or_dir}' (split {split}): "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", param="ppl_dataset") from None
+    if column not in ds.column_names:
+        raise UserError(f"column '{column}' not in dataset; it has: {', '.join(ds.column_names)}", param="column")
+    return "\n\n".join(str(t) for t in ds[column])
+
+
+def perplexity(model, tokenizer, text: str, seq_len: int = 128, max_windows: int | None = None,
+               batch_size: int = 8, max_batch_tokens: int = 4096,
+               on_event: ProgressCallback = null_callback) -> dict:
+    """Perplexity of `model` on `text`; returns {"ppl", "nll", "seq_len", "windows", "tokens", ...}."""
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be at least 2, got {seq_len}", param="seq_len")
+    if max_windows is not None and max_windows < 1:
+        raise UserError(f"--max-windows must be at least 1, got {max_windows}", param="max_windows")
+    ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
+    n_windows = ids.numel() // seq_len
+    if n_windows == 0:
+        raise UserError(f"the text has {ids.numel()} tokens, fewer than one window of {seq_len}", param="ppl")
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
+    # Bound the [batch, seq, vocab] logits: at 2048 tokens one window at a time.
+    batch = max(1, min(batch_size, max_batch_tokens // seq_len))
+    device = model_device(model)
+    stage = f"ppl@{seq_len}"
+    total_nll = 0.0
+    model.eval()
+    on_event(ProgressEvent(stage=stage, step=0, total=n_windows, kind="stage_start"))
+    with torch.inference_mode():
+        for start in range(0, n_windows, batch):
+            chunk = windows[start:start + batch].to(device)
+            logits = model(input_ids=chunk, use_cache=False).logits
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)).float(), chunk[:, 1:].reshape(-1), reduction="sum")
+            total_nll += float(nll)
+            done = min(start + batch, n_windows)
+            scored = done * (seq_len - 1)
+            on_event(ProgressEvent(stage=stage, step=done, total=n_windows,
+                                   metrics={"ppl": math.exp(total_nll / scored)}))
+    on_event(ProgressEvent(stage=stage, step=n_windows, total=n_windows, kind="stage_end"))
+    scored = n_windows * (seq_len - 1)
+    mean_nll = total_nll / scored
+    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "seq_len": seq_len, "windows": n_windows,
+            "tokens": scored, "text_tokens": int(ids.numel()), "convention": CONVENTION}

@@ -1,0 +1,141 @@
+"""Batched log-likelihood scoring of multiple-choice items, as lm-evaluation-harness does it.
+
+Each (context, continuation) pair is encoded like lm-eval's `_encode_pair` (no special tokens,
+trailing context spaces moved into the continuation, continuation tokens = tokens of
+context+continuation after those of the context), truncated from the left to the model's
+length, and scored as the sum of the continuation's token log-probabilities. `acc` takes the
+argmax of that sum; `acc_norm` divides it by the choice's length in characters first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from llm_prune.evaluate.tasks import Item
+from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
+
+
+def model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def model_max_length(model, default: int = 2048) -> int:
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None) if config is not None else None
+    return int(value) if value else default
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = _encode(tokenizer, context + continuation)
+    context_ids = _encode(tokenizer, context)
+    if not context_ids:
+        # Nothing to condition on: start from the end-of-text token like lm-eval.
+        start = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+        return [start], whole
+    return context_ids, whole[len(context_ids):]
+
+
+def _forward_logits(model, input_ids, attention_mask, keep: torch.Tensor):
+    """Logits at positions `keep` only: the vocabulary projection dominates memory on long batches."""
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False)
+        return out.logits, keep
+    except TypeError:  # a model without `logits_to_keep`
+        out = model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.logits, None
+
+
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int = 16,
+                   max_length: int | None = None, max_batch_tokens: int = 8192,
+                   on_event: ProgressCallback = null_callback, stage: str = "eval") -> list[float]:
+    """Sum of log P(continuation tokens | context) for each (context, continuation)."""
+    max_length = max_length or model_max_length(model)
+    device = model_device(model)
+    unique: dict[tuple[str, str], int] = {}
+    for req in requests:
+        unique.setdefault(tuple(req), len(unique))
+    encoded = []
+    for context, continuation in unique:
+        ctx, cont = encode_pair(tokenizer, context, continuation)
+        whole = (ctx + cont)[-(max_length + 1):]
+        n_cont = min(len(cont), len(whole) - 1)
+        encoded.append((whole[:-1], whole[-n_cont:] if n_cont else []))
+    # Longest first, so the first batch shows an out-of-memory problem at once and padding is small.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    scores = [0.0] * len(encoded)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    done = 0
+    on_event(ProgressEvent(stage=stage, step=0, total=len(encoded), kind="stage_start"))
+    while done < len(order):
+        width = len(encoded[order[done]][0])
+        n = max(1, min(batch_size, max_batch_tokens // max(width, 1)))
+        batch = order[done:done + n]
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        spans = []
+        for row, idx in enumerate(batch):
+            inp, cont = encoded[idx]
+            input_ids[row, :len(inp)] = torch.tensor(inp)
+            attention_mask[row, :len(inp)] = 1
+            # Right padding: the logits predicting the continuation sit at the row's last len(cont) inputs.
+            spans.append((len(inp) - len(cont), len(inp), cont))
+        start = min(s for s, _, _ in spans)
+        stop = max(e for _, e, _ in spans)
+        keep = torch.arange(start, stop, device=device)
+        with torch.inference_mode():
+            logits, kept = _forward_logits(model, input_ids.to(device), attention_mask.to(device), keep)
+            offset = start if kept is not None else 0
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            for row, (s, e, cont) in enumerate(spans):
+                if not cont:
+                    continue
+                target = torch.tensor(cont, device=logprobs.device)
+                scores[batch[row]] = float(logprobs[row, s - offset:e - offset].gather(-1, target[:, None]).sum())
+        done += len(batch)
+        on_event(ProgressEvent(stage=stage, step=done, total=len(encoded)))
+    on_event(ProgressEvent(stage=stage, step=done, total=len(encoded), kind="stage_end"))
+    return [scores[unique[tuple(req)]] for req in requests]
+
+
+def accuracy(items: Sequence[Item], scores: Sequence[Sequence[float]]) -> dict:
+    """acc and acc_norm (log-likelihood per character of the choice), as lm-eval computes them."""
+    hits = hits_norm = 0
+    for item, ll in zip(items, scores):
+        best = max(range(len(ll)), key=lambda i: ll[i])
+        norm = [v / max(len(c), 1) for v, c in zip(ll, item.choices)]
+        best_norm = max(range(len(norm)), key=lambda i: norm[i])
+        hits += int(best == item.gold)
+        hits_norm += int(best_norm == item.gold)
+    n = len(items)
+    acc, acc_norm = hits / n, hits_norm / n
+    return {"acc": acc, "acc_norm": acc_norm, "n": n,
+            "acc_stderr": math.sqrt(acc * (1 - acc) / max(n - 1, 1)),
+            "acc_norm_stderr": math.sqrt(acc_norm * (1 - acc_norm) / max(n - 1, 1))}
+
+
+def score_items(model, tokenizer, items: Sequence[Item], *, batch_size: int = 16,
+                on_event: ProgressCallback = null_callback, stage: str = "eval") -> dict:
+    """Score every choice of every item; returns {"acc", "acc_norm", "n", stderrs}."""
+    if not items:
+        raise ValueError("no items to score")
+    requests = [(ctx, cont) for item in items for ctx, cont in zip(item.contexts, item.continuations)]
+    flat = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, on_event=on_event, stage=stage)
+    scores, pos = [], 0
+    for item in items:
+        scores.append(flat[pos:pos + len(item.continuations)])
+        pos += len(item.continuations)
+    return accuracy(items, scores)

@@ -1,0 +1,130 @@
+"""Export a (pruned) model as a Hugging Face directory: safetensors, config, tokenizer, generation
+config and a model card.
+
+Equal widths in every layer: a stock config, loads with plain `from_pretrained`. Widths that differ
+per layer: config.json carries `per_layer_config` plus an `auto_map` to a small modeling file
+shipped next to the weights, so it loads with `trust_remote_code=True`. Our own loader renders the
+same code from this package instead of executing the file in the folder, so llm-prune never needs
+remote code to read its own output.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llm_prune.families import head_dim, layer_shapes
+
+TEMPLATE = Path(__file__).parent / "export_templates" / "modeling_pruned.py"
+MODELING_FILE = "modeling_pruned.py"
+
+# model_type -> (module under transformers.models, config class, CausalLM class, decoder layer class)
+_CLASSES = {
+    "llama": ("llama", "LlamaConfig", "LlamaForCausalLM", "LlamaDecoderLayer"),
+    "mistral": ("mistral", "MistralConfig", "MistralForCausalLM", "MistralDecoderLayer"),
+    "qwen2": ("qwen2", "Qwen2Config", "Qwen2ForCausalLM", "Qwen2DecoderLayer"),
+    "qwen3": ("qwen3", "Qwen3Config", "Qwen3ForCausalLM", "Qwen3DecoderLayer"),
+}
+
+
+def render_modeling(base_type: str) -> str:
+    module, cfg, causal, layer = _CLASSES[base_type]
+    src = TEMPLATE.read_text()
+    for key, val in (("__BASE_CONFIG__", cfg), ("__BASE_MODEL__", causal), ("__DECODER_LAYER__", layer),
+                     ("__MODULE__", module), ("__MODEL_TYPE__", f"{base_type}_pruned"), ("__BASE__", causal)):
+        src = src.replace(key, val)
+    return src
+
+
+@lru_cache(maxsize=None)
+def pruned_classes(base_type: str):
+    """(config class, model class) for heterogeneous checkpoints, built from our own template."""
+    name = f"llm_prune._pruned_{base_type}"
+    mod = types.ModuleType(name)
+    exec(compile(render_modeling(base_type), f"<{MODELING_FILE}:{base_type}>", "exec"), mod.__dict__)
+    sys.modules[name] = mod
+    _, cfg, causal, _ = _CLASSES[base_type]
+    return getattr(mod, f"Pruned{cfg}"), getattr(mod, f"Pruned{causal}")
+
+
+def base_model_type(config) -> str:
+    return getattr(config, "base_model_type", None) or config.model_type.removesuffix("_pruned")
+
+
+def checkpoint_config(model: nn.Module) -> tuple[dict, bool]:
+    """The config.json content for the model's current shapes, and whether remote code is needed."""
+    config = model.config
+    shapes = layer_shapes(model)
+    hd = head_dim(config)
+    data = config.to_dict()
+    data.pop("per_layer_config", None)
+    data.pop("quantization_config", None)
+    base = base_model_type(config)
+    data["num_hidden_layers"] = len(shapes)
+    data["head_dim"] = hd
+    uniform = len({(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size) for s in shapes}) == 1
+    if uniform:
+        s = shapes[0]
+        data.update(num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
+                    intermediate_size=s.intermediate_size, model_type=base)
+        data.pop("auto_map", None)
+        data.pop("base_model_type", None)
+        data["architectures"] = [_CLASSES[base][2]]
+        return data, False
+    _, cfg_cls, causal, _ = _CLASSES[base]
+    width = max(len(str(len(shapes) - 1)), 1)
+    data["per_layer_config"] = {str(i).zfill(width): s.as_dict() for i, s in enumerate(shapes)}
+    data.update(model_type=f"{base}_pruned", base_model_type=base, architectures=[f"Pruned{causal}"],
+                auto_map={"AutoConfig": f"modeling_pruned.Pruned{cfg_cls}",
+                          "AutoModelForCausalLM": f"modeling_pruned.Pruned{causal}"})
+    return data, True
+
+
+def export_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, card: str | None = None,
+                      extra_meta: dict | None = None) -> dict:
+    """Write the HF directory; returns {"path", "needs_remote_code", "bytes"}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data, remote = checkpoint_config(model)
+    if extra_meta:
+        data["llm_prune"] = {**(data.get("llm_prune") or {}), **extra_meta}
+    model.save_pretrained(out, safe_serialization=True)
+    (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    if remote:
+        (out / MODELING_FILE).write_text(render_modeling(data["base_model_type"]))
+    elif (out / MODELING_FILE).exists():
+        (out / MODELING_FILE).unlink()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if card is not None:
+        (out / "README.md").write_text(card)
+    return {"path": str(out), "needs_remote_code": remote, "bytes": dir_bytes(out)}
+
+
+def dir_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def weights_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Load a heterogeneous llm-prune checkpoint with our own classes (no remote code executed)."""
+    data = json.loads((Path(path) / "config.json").read_text())
+    cfg_cls, model_cls = pruned_classes(data["base_model_type"])
+    config = cfg_cls.from_pretrained(path)
+    kwargs = {"dtype": dtype}
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    elif device != "cpu":
+        kwargs["device_map"] = {"": device}
+    return model_cls.from_pretrained(path, config=config, **kwargs)
