@@ -1,0 +1,256 @@
+"""Every endpoint and error case of the REST API, in-process (httpx through FastAPI's TestClient).
+The worker is off here; jobs are moved through their states with the store, as a worker would."""
+
+import hashlib
+import io
+import json
+import tarfile
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+
+MIN = {"model": "smollm2-135m", "budget": {"ratio": 0.2}}
+
+
+@pytest.fixture
+def env(tmp_path, tiny_llama):
+    settings = Settings(data_dir=tmp_path / "data", worker_slots=0, allowed_model_roots=str(tiny_llama.parent),
+                        max_upload_bytes=4096, max_active_jobs_per_key=3)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        store = app.state.store
+        keys = [store.create_key(n)[1] for n in ("alice", "bob")]
+        yield client, store, settings, [{"Authorization": f"Bearer {k}"} for k in keys]
+
+
+def _err(r, status, param=None, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def _upload(client, headers, name, content, purpose="recovery"):
+    return client.post("/v1/files", headers=headers, files={"file": (name, content)}, data={"purpose": purpose})
+
+
+def test_health_and_docs(env):
+    client, *_ = env
+    assert client.get("/healthz").json()["status"] == "ok"
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/v1/jobs/{job_id}/checkpoints/{name}/archive" in paths and "/v1/files" in paths
+
+
+def test_authentication(env, tmp_path):
+    client, _, _, (alice, _) = env
+    assert _err(client.get("/v1/jobs"), 401, code="invalid_api_key")["type"] == "authentication_error"
+    _err(client.get("/v1/jobs", headers={"Authorization": "Bearer lp-nope"}), 401)
+    assert client.get("/v1/jobs", headers=alice).status_code == 200
+    open_app = create_app(Settings(data_dir=tmp_path / "open", worker_slots=0, no_auth=True))
+    with TestClient(open_app) as open_client:
+        assert open_client.post("/v1/jobs", json=MIN).json()["status"] == "queued"
+
+
+def test_files_upload_list_get_delete(env):
+    client, _, _, (alice, bob) = env
+    pool = b'{"instruction": "Say hi", "output": "hi"}\n\n{"text": "plain"}\n'
+    f = _upload(client, alice, "pool.jsonl", pool).json()
+    assert f["records"] == 2 and f["bytes"] == len(pool) and f["sha256"] == hashlib.sha256(pool).hexdigest()
+    text = _upload(client, alice, "eval.txt", b"Some held-out text.\n", "eval").json()
+    assert text["purpose"] == "eval" and text["records"] is None
+    assert [x["id"] for x in client.get("/v1/files", headers=alice).json()["data"]] == [text["id"], f["id"]]
+    assert client.get(f"/v1/files/{f['id']}", headers=alice).json()["filename"] == "pool.jsonl"
+    _err(client.get(f"/v1/files/{f['id']}", headers=bob), 404)
+    _err(client.delete(f"/v1/files/{f['id']}", headers=bob), 404)
+    assert client.get("/v1/files", headers=bob).json()["data"] == []
+    assert client.delete(f"/v1/files/{f['id']}", headers=alice).json()["deleted"] is True
+    _err(client.get(f"/v1/files/{f['id']}", headers=alice), 404)
+
+
+@pytest.mark.parametrize("name,content,purpose,fragment", [
+    ("pool.jsonl", b'{"text": "ok"}\n{"text": oops}\n', "recovery", "line 2 is not valid JSON"),
+    ("pool.jsonl", b'{"text": "ok"}\n[1, 2]\n', "recovery", "line 2: a record must be a JSON object"),
+    ("pool.jsonl", b'{"title": "no text"}\n', "recovery", "line 1: record has none of the fields"),
+    ("pool.json", b'{"text": "not a list"}', "recovery", "expected a JSON array"),
+    ("pool.csv", b"a,b\n", "recovery", "must be .jsonl"),
+    ("pool.jsonl", b"", "recovery", "empty"),
+    ("eval.txt", b"\xff\xfe\x00bad", "eval", "UTF-8"),
+    ("eval.txt", b"hello", "training", "purpose must be one of"),
+])
+def test_upload_format_errors(env, name, content, purpose, fragment):
+    client, _, settings, (alice, _) = env
+    err = _err(_upload(client, alice, name, content, purpose), 400)
+    assert fragment in err["message"], err
+    assert not any(settings.uploads_dir.iterdir())  # nothing kept of a rejected upload
+
+
+def test_upload_size_limit(env):
+    client, _, _, (alice, _) = env
+    _err(_upload(client, alice, "big.txt", b"x" * 5000, "eval"), 413, code="file_too_large")
+
+
+def test_submit_minimal_and_full(env, tiny_llama):
+    client, _, _, (alice, _) = env
+    job = client.post("/v1/jobs", headers=alice, json=MIN).json()
+    assert job["status"] == "queued" and job["progress"] == 0 and job["id"].startswith("job-")
+    assert job["recipe"]["pruning"]["importance"] == "taylor"  # defaults fill the rest
+    pool = _upload(client, alice, "pool.jsonl", b'{"text": "a"}\n').json()
+    text = _upload(client, alice, "eval.txt", b"held out\n", "eval").json()
+    body = {"model": str(tiny_llama), "budget": {"target_params": 50000},
+            "data": {"file_id": pool["id"], "selection": "random", "budget": 0.5},
+            "recovery": {"method": "lora", "max_steps": 3}, "evaluation": {"ppl": text["id"]},
+            "metadata": {"team": "nlp"}}
+    job = client.post("/v1/jobs", headers=alice, json=body).json()
+    assert job["recipe"]["data"]["pool"].endswith("pool.jsonl")
+    assert job["recipe"]["evaluation"]["ppl"].endswith("eval.txt")
+    assert job["metadata"] == {"team": "nlp"}
+
+
+@pytest.mark.parametrize("body,param,code", [
+    ({"budget": {"ratio": 0.2}}, "model", "missing"),
+    ({"model": "smollm2-135m"}, "budget", "missing"),
+    ({**MIN, "budget": {"ratio": 0}}, "budget.ratio", None),
+    ({**MIN, "budget": {"ratio": 0.95}}, "budget.ratio", None),
+    ({**MIN, "budget": {"ratio": 0.2, "target_params": 10}}, "budget", None),
+    ({**MIN, "pruning": {"importance": "magic"}}, "pruning.importance", None),
+    ({**MIN, "recovery": {"method": "dora"}}, "recovery.method", None),
+    ({**MIN, "data": {"file_id": "file-missing"}}, "data.file_id", "file_not_found"),
+    ({**MIN, "evaluation": {"ppl": "/etc/passwd"}}, "evaluation.ppl", "file_not_found"),
+    ({**MIN, "colour": "red"}, "colour", "extra_forbidden"),
+    ({**MIN, "model": "/etc"}, "model", "model_not_allowed"),
+    ({**MIN, "model": "relative/dir/model"}, "model", "model_not_allowed"),
+    ({**MIN, "model": "nonsense"}, "model", None),
+    ({**MIN, "trust_remote_code": True}, "trust_remote_code", "remote_code_not_allowed"),
+    ({**MIN, "recovery": {"method": "lora", "max_steps": 0}}, "recovery.max_steps", None),
+])
+def test_submit_validation_errors(env, body, param, code):
+    client, _, _, (alice, _) = env
+    _err(client.post("/v1/jobs", headers=alice, json=body), 400, param=param, code=code)
+
+
+def test_model_path_escape_and_wrong_purpose(env, tiny_llama):
+    client, _, _, (alice, bob) = env
+    escape = f"{tiny_llama}/../../../../etc"
+    _err(client.post("/v1/jobs", headers=alice, json={**MIN, "model": escape}), 400, "model", "model_not_allowed")
+    text = _upload(client, alice, "eval.txt", b"text\n", "eval").json()
+    err = _err(client.post("/v1/jobs", headers=alice, json={**MIN, "data": {"file_id": text["id"]}}), 400)
+    assert "purpose" in err["message"]
+    pool = _upload(client, alice, "pool.jsonl", b'{"text": "a"}\n').json()
+    _err(client.post("/v1/jobs", headers=bob, json={**MIN, "data": {"file_id": pool["id"]}}), 400,
+         code="file_not_found")  # another key's file is invisible
+    bad = client.post("/v1/jobs", headers={**alice, "content-type": "application/json"}, content=b"{nope")
+    _err(bad, 400, code="json_invalid")
+
+
+def test_active_limit_list_get_and_isolation(env):
+    client, _, _, (alice, bob) = env
+    ids = [client.post("/v1/jobs", headers=alice, json=MIN).json()["id"] for _ in range(3)]
+    _err(client.post("/v1/jobs", headers=alice, json=MIN), 429, code="too_many_active_jobs")
+    page = client.get("/v1/jobs?limit=2", headers=alice).json()
+    assert [j["id"] for j in page["data"]] == ids[::-1][:2] and page["has_more"]
+    rest = client.get(f"/v1/jobs?limit=2&after={page['last_id']}", headers=alice).json()
+    assert [j["id"] for j in rest["data"]] == [ids[0]] and not rest["has_more"]
+    _err(client.get("/v1/jobs?limit=0", headers=alice), 400, param="limit")
+    assert client.get(f"/v1/jobs/{ids[0]}", headers=alice).json()["status"] == "queued"
+    assert client.get("/v1/jobs", headers=bob).json()["data"] == []
+    for path in ("", "/events", "/checkpoints"):
+        _err(client.get(f"/v1/jobs/{ids[0]}{path}", headers=bob), 404)
+    _err(client.post(f"/v1/jobs/{ids[0]}/cancel", headers=bob), 404)
+    _err(client.delete(f"/v1/jobs/{ids[0]}", headers=bob), 404)
+    _err(client.get("/v1/jobs/job-doesnotexist", headers=alice), 404, param="job_id")
+
+
+def test_cancel_and_delete(env):
+    client, store, settings, (alice, _) = env
+    queued = client.post("/v1/jobs", headers=alice, json=MIN).json()
+    assert client.post(f"/v1/jobs/{queued['id']}/cancel", headers=alice).json()["status"] == "cancelled"
+    running = client.post("/v1/jobs", headers=alice, json=MIN).json()
+    store.claim("w", "cpu", 60)
+    job = client.post(f"/v1/jobs/{running['id']}/cancel", headers=alice).json()
+    assert job["status"] == "running" and job["cancel_requested"]
+    _err(client.delete(f"/v1/jobs/{running['id']}", headers=alice), 409, code="job_running")
+    store.finish(running["id"], "w", "succeeded")
+    _err(client.post(f"/v1/jobs/{running['id']}/cancel", headers=alice), 409, code="job_not_cancellable")
+    settings.job_dir(running["id"]).mkdir(parents=True)
+    assert client.delete(f"/v1/jobs/{running['id']}", headers=alice).json()["deleted"]
+    assert not settings.job_dir(running["id"]).exists()
+    _err(client.get(f"/v1/jobs/{running['id']}", headers=alice), 404)
+
+
+def test_events_pages_and_stream(env):
+    client, store, _, (alice, _) = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    store.claim("w", "cpu", 60)
+    events = [{"kind": "stage_start", "stage": "train"}] + \
+        [{"kind": "progress", "stage": "train", "step": i, "total": 4, "metrics": {"loss": 3.0 - i}} for i in range(4)]
+    store.record(job_id, "w", events, stage="train", progress=0.5)
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["eta_seconds"] is not None
+    first = client.get(f"/v1/jobs/{job_id}/events?limit=2", headers=alice).json()
+    assert first["has_more"] and [e["kind"] for e in first["data"]] == ["stage_start", "progress"]
+    rest = client.get(f"/v1/jobs/{job_id}/events?after={first['last_id']}", headers=alice).json()
+    assert [e["metrics"]["loss"] for e in rest["data"]] == [2.0, 1.0, 0.0] and not rest["has_more"]
+    store.finish(job_id, "w", "failed", error={"message": "boom", "type": "server_error", "param": None,
+                                               "code": "x"}, events=[{"kind": "warning", "stage": "train"}])
+    with client.stream("GET", f"/v1/jobs/{job_id}/events?stream=true&after={first['last_id']}",
+                       headers=alice) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = "".join(r.iter_text())
+    names = [line.split(": ", 1)[1] for line in body.splitlines() if line.startswith("event: ")]
+    assert names == ["progress", "progress", "progress", "warning", "end"]
+    assert '"status": "failed"' in body
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["error"]["message"] == "boom"
+
+
+def _publish(store, settings, job_id, files):
+    """A finished job with a `final` checkpoint on disk, as the pipeline leaves it."""
+    root = settings.job_dir(job_id) / "run" / "final"
+    root.mkdir(parents=True)
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (root / ".done").write_text("")
+    store.claim("w", "cpu", 60)
+    store.finish(job_id, "w", "succeeded", result={"final": str(root)})
+
+
+def test_checkpoints_range_and_archive(env):
+    client, store, settings, (alice, bob) = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    assert client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice).json()["data"] == []
+    _err(client.get(f"/v1/jobs/{job_id}/checkpoints/final/archive", headers=alice), 404)
+    weights = bytes(range(256)) * 40
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": weights,
+             "eval_results.json": json.dumps({"ppl": 12.5}).encode()}
+    _publish(store, settings, job_id, files)
+    (ckpt,) = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice).json()["data"]
+    assert ckpt["name"] == "final" and ckpt["metrics"] == {"ppl": 12.5}
+    assert ckpt["bytes"] == sum(map(len, files.values())) and ".done" not in [f["name"] for f in ckpt["files"]]
+    entry = next(f for f in ckpt["files"] if f["name"] == "model.safetensors")
+    assert entry["sha256"] == hashlib.sha256(weights).hexdigest()
+
+    r = client.get(entry["url"], headers={**alice, "Range": "bytes=1000-4999"})
+    assert r.status_code == 206 and r.content == weights[1000:5000]
+    assert r.headers["content-range"] == f"bytes 1000-4999/{len(weights)}"
+    tail = client.get(entry["url"], headers={**alice, "Range": "bytes=-100"})
+    assert tail.status_code == 206 and tail.content == weights[-100:]
+    whole = client.get(entry["url"], headers=alice)
+    assert whole.status_code == 200 and hashlib.sha256(whole.content).hexdigest() == entry["sha256"]
+    assert client.get(entry["url"], headers={**alice, "Range": f"bytes={len(weights) + 10}-"}).status_code == 416
+    _err(client.get(f"/v1/jobs/{job_id}/checkpoints/final/files/../../recipe.json", headers=alice), 404)
+    _err(client.get(f"/v1/jobs/{job_id}/checkpoints/final/files/.done", headers=alice), 404)
+    _err(client.get(f"/v1/jobs/{job_id}/checkpoints/pruned/archive", headers=alice), 404)
+    _err(client.get(entry["url"], headers=bob), 404)
+
+    tar_bytes = client.get(ckpt["archive_url"], headers=alice).content
+    assert len(tar_bytes) == ckpt["archive_bytes"]
+    assert hashlib.sha256(tar_bytes).hexdigest() == ckpt["archive_sha256"]
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        assert {m.name: tar.extractfile(m).read() for m in tar.getmembers()} == \
+            {f"final/{k}": v for k, v in files.items()}

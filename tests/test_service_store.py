@@ -1,0 +1,142 @@
+"""Job store queries, on SQLite and (when LLM_PRUNE_TEST_POSTGRES_URL is set) PostgreSQL."""
+
+import os
+import threading
+import time
+import uuid
+
+import pytest
+
+from service.store import LimitExceeded, Store
+
+PG_URL = os.environ.get("LLM_PRUNE_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+        yield s
+        s.close()
+        return
+    if not PG_URL:
+        pytest.skip("LLM_PRUNE_TEST_POSTGRES_URL not set")
+    from sqlalchemy import create_engine, text
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"  # a schema per test: repeated or parallel runs never collide
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    s = Store(PG_URL, schema=schema)
+    try:
+        yield s
+    finally:
+        s.close()
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _job(store, owner="k1", **kw):
+    return store.create_job(owner, "m", {"model": "m"}, {"model": "m"}, max_attempts=kw.pop("max_attempts", 2), **kw)
+
+
+def test_keys_are_stored_hashed(store):
+    key_id, secret = store.create_key("ci")
+    assert store.key_owner(secret) == key_id
+    assert store.key_owner(secret + "x") is None
+    from service.store import ApiKey
+
+    with store.session() as s:
+        row = s.get(ApiKey, key_id)
+    assert secret not in row.key_hash and len(row.key_hash) == 64
+
+
+def test_list_pagination_and_owner_isolation(store):
+    ids = [_job(store).id for _ in range(5)]
+    _job(store, owner="k2")
+    page, more = store.list_jobs("k1", limit=2)
+    assert [j.id for j in page] == ids[::-1][:2] and more
+    page2, more2 = store.list_jobs("k1", after=page[-1].id, limit=10)
+    assert [j.id for j in page2] == ids[::-1][2:] and not more2
+    assert store.get_job(ids[0], "k2") is None
+    assert store.list_jobs("k2", after=ids[0]) == ([], False)  # another key's cursor reveals nothing
+
+
+def test_active_job_limit(store):
+    _job(store, max_active=2)
+    _job(store, max_active=2)
+    with pytest.raises(LimitExceeded):
+        _job(store, max_active=2)
+    _job(store, owner="k2", max_active=2)
+
+
+def test_racing_workers_claim_each_job_once(store):
+    ids = {_job(store).id for _ in range(6)}
+    claimed, lock = [], threading.Lock()
+
+    def work(n):
+        while (job := store.claim(f"w{n}", "cpu", 30)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(claimed) == sorted(ids)
+
+
+def test_events_and_progress_only_from_lease_holder(store):
+    job = _job(store)
+    assert store.claim("w1", "cpu", 30).id == job.id
+    assert store.record(job.id, "w1", [{"kind": "stage_start", "stage": "prune"}], stage="prune", progress=0.3)
+    assert not store.record(job.id, "w2", [{"kind": "progress", "stage": "prune"}], progress=0.9)
+    for i in range(5):
+        store.record(job.id, "w1", [{"kind": "progress", "stage": "prune", "step": i, "total": 5}])
+    row = store.get_job(job.id)
+    assert row.stage == "prune" and row.progress == pytest.approx(0.3)
+    first, more = store.list_events(job.id, limit=3)
+    rest, more2 = store.list_events(job.id, after=first[-1].id)
+    assert more and not more2 and len(first) + len(rest) == 6
+    assert [e.step for e in rest] == [2, 3, 4]
+    assert store.finish(job.id, "w1", "succeeded", result={"ok": 1})
+    row = store.get_job(job.id)
+    assert row.status == "succeeded" and row.progress == 1.0 and row.lease_owner is None
+
+
+def test_cancel_queued_and_running(store):
+    queued = _job(store)
+    assert store.request_cancel("k1", queued.id).status == "cancelled"
+    running = _job(store)
+    store.claim("w1", "cpu", 30)
+    row = store.request_cancel("k1", running.id)
+    assert row.status == "running" and row.cancel_requested
+    assert store.heartbeat(running.id, "w1", 30) == (True, True)
+    assert store.request_cancel("k2", running.id) is None
+
+
+def test_expired_lease_requeues_then_fails_at_retry_limit(store):
+    job = _job(store, max_attempts=2)
+    store.claim("w1", "cpu", 0.01)
+    time.sleep(0.05)
+    assert store.requeue_expired() == [(job.id, "queued")]
+    assert store.heartbeat(job.id, "w1", 30) == (False, False)  # the old worker lost it
+    assert store.claim("w2", "cpu", 0.01).attempts == 2
+    time.sleep(0.05)
+    assert store.requeue_expired() == [(job.id, "failed")]
+    row = store.get_job(job.id)
+    assert row.error["code"] == "worker_lost"
+    kinds = [e.kind for e in store.list_events(job.id)[0]]
+    assert kinds == ["warning", "warning"]
+
+
+def test_release_and_delete(store):
+    job = _job(store)
+    store.claim("w1", "cpu", 30)
+    assert not store.delete_job("k1", job.id)  # running jobs are not deleted
+    assert store.release(job.id, "w1")
+    row = store.get_job(job.id)
+    assert row.status == "queued" and row.attempts == 0
+    assert store.delete_job("k1", job.id) and store.get_job(job.id) is None
