@@ -1,0 +1,256 @@
+"""Recovery pool loading: JSON / JSONL / CSV / Parquet files or a `datasets` directory, in Alpaca,
+ShareGPT or chat form, normalised to one `Record`. A bad record is reported with where it is and
+why, never dropped silently and never fatal."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from llm_prune.errors import UserError
+
+FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
+USER_ROLES = {"human", "user", "prompter"}
+ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model", "bot"}
+SYSTEM_ROLES = {"system"}
+
+ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately "
+                   "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n")
+
+
+@dataclass
+class Record:
+    """One instruction/response pair. `prompt` already holds the Alpaca `input`, if any."""
+
+    prompt: str
+    response: str
+    source_id: str
+    system: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if not data["system"]:
+            del data["system"]
+        return data
+
+
+@dataclass
+class PoolLoad:
+    records: list[Record] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (location, reason)
+
+    def summary(self, limit: int = 20) -> dict[str, Any]:
+        return {"records": len(self.records), "malformed": len(self.errors),
+                "malformed_examples": [{"location": loc, "reason": why} for loc, why in self.errors[:limit]]}
+
+
+class MalformedRecord(ValueError):
+    pass
+
+
+def _text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise MalformedRecord(f"'{what}' is {type(value).__name__}, expected text")
+    return value.strip()
+
+
+def _from_turns(turns: Any, role_key: str, text_key: str, what: str) -> tuple[str, str, str]:
+    """First user turn and the assistant reply to it (later turns lean on context we would drop)."""
+    if not isinstance(turns, list) or not turns:
+        raise MalformedRecord(f"'{what}' must be a non-empty list of turns")
+    system, prompt = "", None
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise MalformedRecord(f"{what}[{i}] needs '{role_key}' and '{text_key}'")
+        role = str(turn[role_key]).lower()
+        text = _text(turn[text_key], f"{what}[{i}].{text_key}")
+        if role in SYSTEM_ROLES and prompt is None:
+            system = text
+        elif role in USER_ROLES and prompt is None:
+            prompt = text
+        elif role in ASSISTANT_ROLES and prompt is not None:
+            if not text:
+                raise MalformedRecord(f"{what}[{i}] assistant reply is empty")
+            return system, prompt, text
+        elif role not in USER_ROLES | ASSISTANT_ROLES | SYSTEM_ROLES:
+            raise MalformedRecord(f"{what}[{i}] has unknown role '{turn[role_key]}'")
+    raise MalformedRecord(f"'{what}' has no user turn followed by an assistant reply")
+
+
+def normalise(row: Any, source_id: str) -> Record:
+    """Turn one raw row (Alpaca, ShareGPT or chat form) into a Record, or raise MalformedRecord."""
+    if not isinstance(row, dict):
+        raise MalformedRecord(f"expected an object, got {type(row).__name__}")
+    system = ""
+    if "conversations" in row:
+        system, prompt, response = _from_turns(row["conversations"], "from", "value", "conversations")
+    elif "messages" in row:
+        system, prompt, response = _from_turns(row["messages"], "role", "content", "messages")
+    elif "instruction" in row or "prompt" in row:
+        key = "instruction" if "instruction" in row else "prompt"
+        prompt = _text(row[key], key)
+        extra = _text(row.get("input"), "input")
+        if extra:
+            prompt = f"{prompt}\n\n{extra}"
+        out_key = next((k for k in ("output", "response", "completion") if k in row), None)
+        if out_key is None:
+            raise MalformedRecord(f"has '{key}' but no 'output'")
+        response = _text(row[out_key], out_key)
+        system = _text(row.get("system"), "system")
+    else:
+        keys = ", ".join(sorted(map(str, row))[:6]) or "none"
+        raise MalformedRecord(f"unknown form (keys: {keys}); expected instruction/output, conversations or messages")
+    if not prompt:
+        raise MalformedRecord("empty instruction")
+    if not response:
+        raise MalformedRecord("empty response")
+    rid = row.get("id")
+    if isinstance(rid, (str, int)) and str(rid):
+        source_id = f"{source_id}#{rid}"
+    return Record(prompt=prompt, response=response, source_id=source_id, system=system)
+
+
+def _iter_json_array(text: str, name: str) -> Iterator[tuple[str, Any]]:
+    """Decode a JSON array element by element, so a truncated file still yields its good records."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    n = 0
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield f"{name}:{text.count(chr(10), 0, pos) + 1}", MalformedRecord(
+                f"element {n}: invalid JSON ({exc.msg}){' - file truncated?' if exc.pos >= len(text) - 1 else ''}")
+            return
+        yield f"{name}[{n}]", obj
+        pos, n = end, n + 1
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
+    name = path.name
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        yield from _iter_json_lines(path)
+    elif suffix == ".json":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        head = text.lstrip()[:1]
+        if head == "[":
+            yield from _iter_json_array(text, name)
+        elif head == "{":
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                # Some ".json" files are really JSON lines.
+                yield from _iter_json_lines(path)
+                return
+            rows = obj.get("data") if isinstance(obj.get("data"), list) else [obj]
+            for i, row in enumerate(rows):
+                yield f"{name}[{i}]", row
+        else:
+            raise UserError(f"{path} is not JSON (expected '[' or '{{' at the start)", param="pool")
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+            for i, row in enumerate(csv.DictReader(fh), 2):  # line 1 is the header
+                yield f"{name}:{i}", dict(row)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001 - a broken file is the user's input
+            raise UserError(f"cannot read Parquet file {path}: {str(exc).splitlines()[0]}", param="pool") from None
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{name}[{i}]", row
+
+
+def _iter_json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8", errors="replace") as fh:
+        for i, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield f"{path.name}:{i}", json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield f"{path.name}:{i}", MalformedRecord(f"invalid JSON ({exc.msg})")
+
+
+def _iter_datasets_dir(path: Path) -> Iterator[tuple[str, Any]]:
+    from datasets import Dataset, load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(f"cannot load datasets folder {path}: {str(exc).splitlines()[0]}", param="pool") from None
+    splits = {"": data} if isinstance(data, Dataset) else {k: data[k] for k in data}
+    for split, ds in splits.items():
+        for i, row in enumerate(ds):
+            yield f"{path.name}{'/' + split if split else ''}[{i}]", row
+
+
+def _is_datasets_dir(path: Path) -> bool:
+    return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def load_pool(path: str | Path, limit: int | None = None) -> PoolLoad:
+    """Load and normalise a recovery pool. `limit` stops after that many good records."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"pool not found: {path}", param="pool")
+    if path.is_dir():
+        if _is_datasets_dir(path):
+            sources = [_iter_datasets_dir(path)]
+        else:
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and p.is_file())
+            if not files:
+                raise UserError(f"pool folder {path} holds no datasets folder and no "
+                                f"{'/'.join(FILE_SUFFIXES)} files", param="pool")
+            sources = [_iter_file(p) for p in files]
+    else:
+        if path.suffix.lower() not in FILE_SUFFIXES:
+            raise UserError(f"pool file {path} has an unsupported type; use {', '.join(FILE_SUFFIXES)} "
+                            f"or a datasets folder", param="pool")
+        sources = [_iter_file(path)]
+    load = PoolLoad()
+    for source in sources:
+        for location, row in source:
+            if isinstance(row, MalformedRecord):
+                load.errors.append((location, str(row)))
+                continue
+            try:
+                load.records.append(normalise(row, location))
+            except MalformedRecord as exc:
+                load.errors.append((location, str(exc)))
+            if limit is not None and len(load.records) >= limit:
+                return load
+    if not load.records:
+        first = f"; first problem: {load.errors[0][0]}: {load.errors[0][1]}" if load.errors else ""
+        raise UserError(f"pool {path} holds no usable records ({len(load.errors)} malformed){first}", param="pool")
+    return load
+
+
+def format_example(tokenizer, record: Record) -> tuple[str, str]:
+    """(prompt_text, response_text) as the model sees them: the chat template when the tokenizer has
+    one, otherwise the Alpaca template. Training masks the prompt part, so this is the one place that
+    decides where the prompt ends."""
+    eos = tokenizer.eos_token or ""
+    if getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": record.system}] if record.system else [])
+        messages.append({"role": "user", "content": record.prompt})
+        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": record.response}],
+                                             tokenize=False)
+        if full.startswith(prompt_text) and len(full) > len(prompt_text):
+            return prompt_text, full[len(prompt_text):]
+        return prompt_text, record.response + eos
+    prompt = f"{record.system}\n\n{record.prompt}" if record.system else record.prompt
+    return ALPACA_TEMPLATE.format(prompt=prompt), record.response + eos
