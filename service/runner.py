@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = sys.stderr
     lock = threading.Lock()
 
-    def send(kind: str, **payload) -> None:
-        line = json.dumps({"type": kind, **payload}, default=str)
+    def send(message_type: str, **payload) -> None:
+        line = json.dumps({"type": message_type, **payload}, default=str)
         with lock:
             channel.write(line + "\n")
 

@@ -119,16 +119,15 @@ class Worker:
         recipe = dict(job.recipe, device=self.settings.device)
         (job_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
         tracker = JobProgress()
-        start = {"kind": "stage_start", "stage": "job", "time": time.time(),
-                 "message": f"attempt {job.attempts} on {self.id} ({self.settings.device})"}
-        self.store.record(job.id, self.id, [start])
-
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         with open(job_dir / "job.log", "ab") as logfile:
             proc = subprocess.Popen([sys.executable, "-m", "service.runner", str(job_dir),
                                      "--parent-pid", str(os.getpid())],
                                     stdout=subprocess.PIPE, stderr=logfile, start_new_session=True, env=env)
         self._children[job.id] = proc
+        start = {"kind": "stage_start", "stage": "job", "time": time.time(), "metrics": {"pid": proc.pid},
+                 "message": f"attempt {job.attempts} on {self.id} ({self.settings.device})"}
+        self.store.record(job.id, self.id, [start])
         lines: queue.Queue = queue.Queue()
         reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
         reader.start()
