@@ -57,7 +57,8 @@ class FileObject(BaseModel):
     purpose: str
     bytes: int
     sha256: str
-    records: int | None = None
+    records: int | None = Field(None, description="usable records of a recovery pool")
+    malformed: int = Field(0, description="records a job will skip (reported, not fatal)")
     created_at: int
 
 

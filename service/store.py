@@ -42,6 +42,7 @@ class FileRow(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     records: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    malformed: Mapped[int] = mapped_column(Integer, default=0)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
 

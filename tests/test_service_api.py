@@ -61,9 +61,10 @@ def test_authentication(env, tmp_path):
 
 def test_files_upload_list_get_delete(env):
     client, _, _, (alice, bob) = env
-    pool = b'{"instruction": "Say hi", "output": "hi"}\n\n{"text": "plain"}\n'
+    pool = (b'{"instruction": "Say hi", "output": "hi"}\n\n{"text": "unknown form"}\n'
+            b'{"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}\n')
     f = _upload(client, alice, "pool.jsonl", pool).json()
-    assert f["records"] == 2 and f["bytes"] == len(pool) and f["sha256"] == hashlib.sha256(pool).hexdigest()
+    assert f["records"] == 2 and f["malformed"] == 1 and f["bytes"] == len(pool) and f["sha256"] == hashlib.sha256(pool).hexdigest()
     text = _upload(client, alice, "eval.txt", b"Some held-out text.\n", "eval").json()
     assert text["purpose"] == "eval" and text["records"] is None
     assert [x["id"] for x in client.get("/v1/files", headers=alice).json()["data"]] == [text["id"], f["id"]]
@@ -76,11 +77,11 @@ def test_files_upload_list_get_delete(env):
 
 
 @pytest.mark.parametrize("name,content,purpose,fragment", [
-    ("pool.jsonl", b'{"text": "ok"}\n{"text": oops}\n', "recovery", "line 2 is not valid JSON"),
-    ("pool.jsonl", b'{"text": "ok"}\n[1, 2]\n', "recovery", "line 2: a record must be a JSON object"),
-    ("pool.jsonl", b'{"title": "no text"}\n', "recovery", "line 1: record has none of the fields"),
-    ("pool.json", b'{"text": "not a list"}', "recovery", "expected a JSON array"),
-    ("pool.csv", b"a,b\n", "recovery", "must be .jsonl"),
+    ("pool.jsonl", b'{"text": oops}\n', "recovery", "pool.jsonl:1: invalid JSON"),
+    ("pool.jsonl", b'[1, 2]\n', "recovery", "pool.jsonl:1: expected an object"),
+    ("pool.jsonl", b'{"title": "no text"}\n', "recovery", "unknown form"),
+    ("pool.json", b'[{"instruction": "hi"}]', "recovery", "has 'instruction' but no 'output'"),
+    ("pool.txt", b"a,b\n", "recovery", "must be one of"),
     ("pool.jsonl", b"", "recovery", "empty"),
     ("eval.txt", b"\xff\xfe\x00bad", "eval", "UTF-8"),
     ("eval.txt", b"hello", "training", "purpose must be one of"),
@@ -102,7 +103,7 @@ def test_submit_minimal_and_full(env, tiny_llama):
     job = client.post("/v1/jobs", headers=alice, json=MIN).json()
     assert job["status"] == "queued" and job["progress"] == 0 and job["id"].startswith("job-")
     assert job["recipe"]["pruning"]["importance"] == "taylor"  # defaults fill the rest
-    pool = _upload(client, alice, "pool.jsonl", b'{"text": "a"}\n').json()
+    pool = _upload(client, alice, "pool.jsonl", b'{"instruction": "a", "output": "b"}\n').json()
     text = _upload(client, alice, "eval.txt", b"held out\n", "eval").json()
     body = {"model": str(tiny_llama), "budget": {"target_params": 50000},
             "data": {"file_id": pool["id"], "selection": "random", "budget": 0.5},
@@ -143,7 +144,7 @@ def test_model_path_escape_and_wrong_purpose(env, tiny_llama):
     text = _upload(client, alice, "eval.txt", b"text\n", "eval").json()
     err = _err(client.post("/v1/jobs", headers=alice, json={**MIN, "data": {"file_id": text["id"]}}), 400)
     assert "purpose" in err["message"]
-    pool = _upload(client, alice, "pool.jsonl", b'{"text": "a"}\n').json()
+    pool = _upload(client, alice, "pool.jsonl", b'{"instruction": "a", "output": "b"}\n').json()
     _err(client.post("/v1/jobs", headers=bob, json={**MIN, "data": {"file_id": pool["id"]}}), 400,
          code="file_not_found")  # another key's file is invisible
     bad = client.post("/v1/jobs", headers={**alice, "content-type": "application/json"}, content=b"{nope")

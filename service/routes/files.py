@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 def file_object(row: FileRow) -> FileObject:
     return FileObject(id=row.id, filename=row.filename, purpose=row.purpose, bytes=row.bytes, sha256=row.sha256,
-                      records=row.records, created_at=int(row.created_at))
+                      records=row.records, malformed=row.malformed or 0, created_at=int(row.created_at))
 
 
 def _save(upload: UploadFile, target: Path, limit: int) -> tuple[int, str]:
@@ -48,7 +48,7 @@ async def upload_file(request: Request, file: UploadFile = File(...), purpose: s
         size, digest = await run_in_threadpool(_save, file, target, settings.max_upload_bytes)
         if size == 0:
             raise UserError(f"{filename}: the file is empty", param="file")
-        records = await run_in_threadpool(validate_upload, target, filename, purpose)
+        records, malformed = await run_in_threadpool(validate_upload, target, filename, purpose)
     except UserError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         if exc.code == "file_too_large":
@@ -57,7 +57,7 @@ async def upload_file(request: Request, file: UploadFile = File(...), purpose: s
             return error_response(413, exc.message, exc.param, exc.code)
         raise
     row = store.add_file(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size, sha256=digest,
-                         records=records, path=str(target))
+                         records=records, malformed=malformed, path=str(target))
     return file_object(row)
 
 
