@@ -255,3 +255,17 @@ def test_checkpoints_range_and_archive(env):
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
         assert {m.name: tar.extractfile(m).read() for m in tar.getmembers()} == \
             {f"final/{k}": v for k, v in files.items()}
+
+
+def test_cli_keys_create(tmp_path):
+    from typer.testing import CliRunner
+
+    from service.store import Store
+    from tests.test_service_e2e import cli_app
+
+    result = CliRunner().invoke(cli_app(), ["keys", "create", "--name", "ci", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    secret = result.stdout.strip().splitlines()[0]
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    assert secret.startswith("lp-") and store.key_owner(secret) is not None
+    store.close()

@@ -17,6 +17,15 @@ from service.launch import Managed, Server
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
+def cli_app():
+    """The `llm-prune` typer app with every command registered, for in-process CLI runs."""
+    from llm_prune.cli import _register, app
+
+    if not any(c.name == "serve" for c in app.registered_commands):
+        _register()
+    return app
+
+
 def _wait(predicate, timeout, what, interval=0.25):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -116,6 +125,7 @@ def test_submit_poll_download_load_isolation_restart(env, tmp_path):
         dense = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(env["model"]).parameters())
         assert sum(p.numel() for p in model.parameters()) < dense
 
+        _cli_client_commands(server.url, alice_key, job["id"], tmp_path)
         for call in (lambda: bob.job(job["id"]), lambda: bob.checkpoints(job["id"]), lambda: bob.cancel(job["id"])):
             with pytest.raises(Exception, match="no job"):
                 call()
@@ -125,6 +135,25 @@ def test_submit_poll_download_load_isolation_restart(env, tmp_path):
         again = Client(server.url, alice_key).list_jobs()["data"]
         assert [(j["id"], j["status"]) for j in again] == [(cancelled, "cancelled"), (job["id"], "succeeded")]
         assert len(Client(server.url, alice_key).checkpoints(job["id"])) == len(ckpts)
+
+
+def _cli_client_commands(url, key, job_id, tmp_path):
+    from typer.testing import CliRunner
+
+    def run(*args):
+        result = CliRunner().invoke(cli_app(), ["jobs", "--server", url, "--api-key", key, *args])
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    assert job_id in run("list")
+    assert "succeeded" in run("status", job_id)
+    assert json.loads(run("status", job_id, "--json"))["id"] == job_id
+    assert "stage_end" in run("events", job_id)
+    assert run("events", job_id, "--follow").strip().endswith(f"job {job_id} succeeded")
+    out = run("download", job_id, "--out", str(tmp_path / "cli"), "--checkpoint", "pruned")
+    assert (tmp_path / "cli" / "pruned" / "config.json").exists(), out
+    bad = CliRunner().invoke(cli_app(), ["jobs", "--server", url, "--api-key", "lp-wrong", "list"])
+    assert bad.exit_code != 0 and "invalid API key" in str(bad.exception)
 
 
 def _cancel_mid_run(client, model):
