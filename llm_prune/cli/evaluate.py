@@ -1,5 +1,111 @@
-"""Placeholder: this command is registered by its owning module."""
+"""`llm-prune eval MODEL`: perplexity, zero-shot tasks and speed, optionally against a second model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from llm_prune.errors import UserError
+
+
+def _seq_lens(values: list[str]) -> list[int]:
+    lens: list[int] = []
+    for value in values:
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if not part.isdigit() or int(part) < 2:
+                raise UserError(f"--seq-len takes integers of at least 2, got '{part}'", param="seq_len")
+            lens.append(int(part))
+    return lens or [128]
+
+
+def _evaluate_one(spec: str, *, device: str, text: str | None, lens: list[int], max_windows, tasks, limit,
+                  batch_size: int, speed: bool, renderer) -> dict:
+    from llm_prune.evaluate import evaluate_model
+    from llm_prune.models import load_model, resolve_source
+
+    source = resolve_source(spec)
+    model, tokenizer = load_model(spec, device=device)
+    checkpoint = source.path if source.is_local and Path(source.path).is_dir() and not source.gguf_file else None
+    results = evaluate_model(model, tokenizer, ppl_text=text, seq_len=lens, max_windows=max_windows, tasks=tasks,
+                             limit=limit, speed=speed, checkpoint_dir=checkpoint, batch_size=batch_size,
+                             on_event=renderer)
+    results["model"] = spec
+    return results
+
+
+def eval_command(
+    model: str = typer.Argument(..., help="Hub id, local model directory, .gguf file or alias (smollm2-135m)."),
+    ppl: Optional[Path] = typer.Option(None, "--ppl", help="Text file for perplexity."),
+    ppl_dataset: Optional[str] = typer.Option(None, "--ppl-dataset",
+                                              help="`datasets` name or saved folder for perplexity."),
+    split: str = typer.Option("test", "--split", help="Split of --ppl-dataset."),
+    column: str = typer.Option("text", "--column", help="Text column of --ppl-dataset."),
+    seq_len: List[str] = typer.Option(["128"], "--seq-len",
+                                      help="Perplexity window(s): repeat or comma-separate, e.g. 128,2048."),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="Score at most N windows."),
+    tasks: Optional[str] = typer.Option(None, "--tasks",
+                                        help="Comma list of boolq, piqa, hellaswag, winogrande, arc_easy, "
+                                             "arc_challenge, openbookqa, mmlu, mmlu_5shot; or 'all' (the seven)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="First N items per task (per subject for MMLU)."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Sequences per forward pass."),
+    speed: bool = typer.Option(False, "--speed", help="Measure parameters, size, prefill/decode tokens/s, memory."),
+    compare: Optional[str] = typer.Option(None, "--compare", help="Second model: side-by-side table with ratios."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON instead of a table."),
+    output: Optional[Path] = typer.Option(None, "--output", help="Also write the JSON results to this file."),
+    record: Optional[str] = typer.Option(None, "--record",
+                                         help="Store results under this name in MODEL's eval_results.json "
+                                              "and model card (MODEL must be a local directory)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+) -> None:
+    """Perplexity, zero-shot accuracy (lm-eval prompts) and speed of MODEL."""
+    from llm_prune.cli.common import emit_json
+    from llm_prune.evaluate import format_table, parse_tasks, read_text_dataset, read_text_file, write_eval_results
+    from llm_prune.models import resolve_source
+    from llm_prune.progress import TqdmRenderer
+
+    if ppl is not None and ppl_dataset is not None:
+        raise UserError("give either --ppl FILE or --ppl-dataset, not both", param="ppl")
+    task_names = parse_tasks(tasks)
+    lens = _seq_lens(seq_len)
+    if ppl is None and ppl_dataset is None and not task_names and not speed:
+        raise UserError("nothing to measure: give --ppl FILE, --ppl-dataset, --tasks and/or --speed", param="model")
+    record_dir = None
+    if record:
+        source = resolve_source(model)
+        if not (source.is_local and Path(source.path).is_dir()) or source.gguf_file:
+            raise UserError("--record needs MODEL to be a local model directory", param="record")
+        record_dir = source.path
+    text = read_text_file(ppl) if ppl is not None else (
+        read_text_dataset(ppl_dataset, split, column) if ppl_dataset is not None else None)
+
+    renderer = TqdmRenderer(disable=quiet or as_json)
+    common = dict(device=device, text=text, lens=lens, max_windows=max_windows, tasks=task_names, limit=limit,
+                  batch_size=batch_size, speed=speed, renderer=renderer)
+    try:
+        results = _evaluate_one(model, **common)
+        other = _evaluate_one(compare, **common) if compare else None
+    finally:
+        renderer.close()
+    payload = {"model": results, "compare": other} if other is not None else results
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if record_dir is not None:
+        write_eval_results(record_dir, results, name=record)
+    if as_json:
+        emit_json(payload)
+        return
+    typer.echo(format_table(results, compare=other, names=(model, compare or "")))
+    if results.get("ppl"):
+        typer.echo(f"\nperplexity: {results['ppl']['convention']}")
 
 
 def register(app) -> None:
-    return None
+    app.command("eval")(eval_command)

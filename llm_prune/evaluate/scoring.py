@@ -59,27 +59,49 @@ def _forward_logits(model, input_ids, attention_mask, keep: torch.Tensor):
         return out.logits, None
 
 
-def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int = 16,
-                   max_length: int | None = None, max_batch_tokens: int = 8192,
-                   on_event: ProgressCallback = null_callback, stage: str = "eval") -> list[float]:
-    """Sum of log P(continuation tokens | context) for each (context, continuation)."""
-    max_length = max_length or model_max_length(model)
-    device = model_device(model)
-    unique: dict[tuple[str, str], int] = {}
-    for req in requests:
-        unique.setdefault(tuple(req), len(unique))
-    encoded = []
-    for context, continuation in unique:
-        ctx, cont = encode_pair(tokenizer, context, continuation)
-        whole = (ctx + cont)[-(max_length + 1):]
-        n_cont = min(len(cont), len(whole) - 1)
-        encoded.append((whole[:-1], whole[-n_cont:] if n_cont else []))
+def _shared_context_scores(model, ctx: list[int], conts: list[list[int]], device) -> list[float] | None:
+    """Score several continuations of one context, running the context once.
+
+    The context's KV cache is repeated for each continuation; this gives the same numbers as
+    scoring context+continuation rows separately (lm-eval feeds context_enc + continuation_enc
+    too) at a fraction of the cost when contexts are long and answers short (BoolQ, MMLU, ARC).
+    Returns None when the model's cache cannot be shared this way."""
+    try:
+        out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True, logits_to_keep=1)
+    except TypeError:  # a model without `logits_to_keep` / caching: use the plain batched path
+        return None
+    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
+    scores = [float(first[c[0]]) for c in conts]
+    width = max(len(c) for c in conts) - 1
+    if width == 0:
+        return scores
+    cache = out.past_key_values
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(len(conts))
+    input_ids = torch.zeros((len(conts), width), dtype=torch.long)
+    attention_mask = torch.zeros((len(conts), len(ctx) + width), dtype=torch.long)
+    attention_mask[:, :len(ctx)] = 1
+    for row, cont in enumerate(conts):
+        input_ids[row, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
+        attention_mask[row, len(ctx):len(ctx) + len(cont) - 1] = 1
+    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), past_key_values=cache,
+                use_cache=True)
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+    for row, cont in enumerate(conts):
+        if len(cont) > 1:
+            target = torch.tensor(cont[1:], device=logprobs.device)
+            scores[row] += float(logprobs[row, :len(cont) - 1].gather(-1, target[:, None]).sum())
+    return scores
+
+
+def _batched_scores(model, encoded: list[tuple[list[int], list[int]]], batch_size: int, max_batch_tokens: int,
+                    pad_id: int, device, progress) -> list[float]:
+    """Score (input, continuation) rows in right-padded batches, longest first."""
     # Longest first, so the first batch shows an out-of-memory problem at once and padding is small.
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     scores = [0.0] * len(encoded)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     done = 0
-    on_event(ProgressEvent(stage=stage, step=0, total=len(encoded), kind="stage_start"))
     while done < len(order):
         width = len(encoded[order[done]][0])
         n = max(1, min(batch_size, max_batch_tokens // max(width, 1)))
@@ -94,20 +116,68 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
             # Right padding: the logits predicting the continuation sit at the row's last len(cont) inputs.
             spans.append((len(inp) - len(cont), len(inp), cont))
         start = min(s for s, _, _ in spans)
-        stop = max(e for _, e, _ in spans)
-        keep = torch.arange(start, stop, device=device)
-        with torch.inference_mode():
-            logits, kept = _forward_logits(model, input_ids.to(device), attention_mask.to(device), keep)
-            offset = start if kept is not None else 0
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for row, (s, e, cont) in enumerate(spans):
-                if not cont:
-                    continue
+        keep = torch.arange(start, max(e for _, e, _ in spans), device=device)
+        logits, kept = _forward_logits(model, input_ids.to(device), attention_mask.to(device), keep)
+        offset = start if kept is not None else 0
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for row, (s, e, cont) in enumerate(spans):
+            if cont:
                 target = torch.tensor(cont, device=logprobs.device)
                 scores[batch[row]] = float(logprobs[row, s - offset:e - offset].gather(-1, target[:, None]).sum())
         done += len(batch)
-        on_event(ProgressEvent(stage=stage, step=done, total=len(encoded)))
-    on_event(ProgressEvent(stage=stage, step=done, total=len(encoded), kind="stage_end"))
+        progress(len(batch))
+    return scores
+
+
+def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, batch_size: int = 16,
+                   max_length: int | None = None, max_batch_tokens: int = 8192, share_context: bool = True,
+                   on_event: ProgressCallback = null_callback, stage: str = "eval") -> list[float]:
+    """Sum of log P(continuation tokens | context) for each (context, continuation).
+
+    Requests sharing a context (the choices of one question) run the context once when
+    `share_context`; the rest go through right-padded batches."""
+    max_length = max_length or model_max_length(model)
+    device = model_device(model)
+    unique: dict[tuple[str, str], int] = {}
+    for req in requests:
+        unique.setdefault(tuple(req), len(unique))
+    pairs = [encode_pair(tokenizer, ctx, cont) for ctx, cont in unique]
+    scores = [0.0] * len(pairs)
+    total, done = len(pairs), 0
+    on_event(ProgressEvent(stage=stage, step=0, total=total, kind="stage_start"))
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        on_event(ProgressEvent(stage=stage, step=done, total=total))
+
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        groups.setdefault(tuple(ctx), []).append(i)
+    rest: list[int] = []
+    with torch.inference_mode():
+        for ctx, members in groups.items():
+            conts = [pairs[i][1] for i in members]
+            fits = len(ctx) + max(len(c) for c in conts) <= max_length + 1 and min(len(c) for c in conts) > 0
+            shared = (_shared_context_scores(model, list(ctx), conts, device)
+                      if share_context and len(members) > 1 and fits else None)
+            if shared is None:
+                rest += members
+                continue
+            for i, value in zip(members, shared):
+                scores[i] = value
+            progress(len(members))
+        encoded = []
+        for i in rest:
+            ctx, cont = pairs[i]
+            whole = (ctx + cont)[-(max_length + 1):]
+            n_cont = min(len(cont), len(whole) - 1)
+            encoded.append((whole[:-1], whole[-n_cont:] if n_cont else []))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        for i, value in zip(rest, _batched_scores(model, encoded, batch_size, max_batch_tokens, pad_id, device,
+                                                   progress)):
+            scores[i] = value
+    on_event(ProgressEvent(stage=stage, step=total, total=total, kind="stage_end"))
     return [scores[unique[tuple(req)]] for req in requests]
 
 

@@ -1,0 +1,77 @@
+"""Perplexity convention, speed measurement and results stored next to a checkpoint."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from llm_prune.errors import UserError
+from llm_prune.evaluate import SpeedConfig, evaluate_model, measure_speed, perplexity, write_eval_results
+from llm_prune.evaluate.report import CARD_END, CARD_START, format_table
+from tests.test_evaluate_scoring import FixedLogits
+from tests.tiny_models import CORPUS
+
+TEXT = "\n\n".join(CORPUS * 6)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama).eval(), AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def test_uniform_model_perplexity_equals_vocab_size(tiny):
+    _, tokenizer = tiny
+    vocab = len(tokenizer)
+    result = perplexity(FixedLogits(vocab), tokenizer, TEXT, seq_len=16)
+    assert result["ppl"] == pytest.approx(vocab, rel=1e-3)
+    n_tokens = len(tokenizer(TEXT)["input_ids"])
+    assert result["windows"] == n_tokens // 16 and result["tokens"] == result["windows"] * 15
+    assert "non-overlapping" in result["convention"]
+
+
+def test_perplexity_windows_and_limits(tiny):
+    model, tokenizer = tiny
+    full = perplexity(model, tokenizer, TEXT, seq_len=32, batch_size=3)
+    capped = perplexity(model, tokenizer, TEXT, seq_len=32, max_windows=2)
+    assert capped["windows"] == 2 and 1 < full["ppl"] < len(tokenizer) * 10 and math.isfinite(capped["ppl"])
+    # Batching windows must not change the number.
+    assert perplexity(model, tokenizer, TEXT, seq_len=32, batch_size=1)["ppl"] == pytest.approx(full["ppl"], rel=1e-5)
+    with pytest.raises(UserError, match="fewer than one window"):
+        perplexity(model, tokenizer, "short text", seq_len=128)
+
+
+def test_speed_numbers_are_positive_and_finite(tiny, tiny_llama):
+    model, tokenizer = tiny
+    result = measure_speed(model, tokenizer, checkpoint_dir=tiny_llama,
+                           config=SpeedConfig(prompt_len=16, decode_tokens=4, batch_sizes=(1, 4), repeats=1))
+    numbers = [result["params"], result["peak_memory_bytes"], result["weights_bytes"], result["dir_bytes"]]
+    for run in result["runs"]:
+        numbers += [run["prefill_tokens_per_s"], run["decode_tokens_per_s"]]
+    assert [r["batch_size"] for r in result["runs"]] == [1, 4]
+    assert all(math.isfinite(v) and v > 0 for v in numbers)
+    assert result["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_evaluate_model_and_model_card(tiny, tmp_path):
+    model, tokenizer = tiny
+    results = evaluate_model(model, tokenizer, ppl_text=TEXT, seq_len=[16, 32], tasks="piqa,openbookqa", limit=3,
+                             batch_size=4)
+    assert set(results["ppl_by_seq_len"]) == {"16", "32"} and results["ppl"]["seq_len"] == 16
+    assert results["tasks"]["openbookqa"]["metric"] == "acc_norm" and results["tasks"]["piqa"]["n"] == 3
+    assert results["average"] == pytest.approx(
+        (results["tasks"]["piqa"]["acc"] + results["tasks"]["openbookqa"]["acc_norm"]) / 2)
+    json.dumps(results)  # JSON-serialisable as the service stores it
+
+    card = tmp_path / "README.md"
+    card.write_text("# My model\n\nUser text stays.\n")
+    write_eval_results(tmp_path, results, name="dense")
+    write_eval_results(tmp_path, {**results, "params": 1000}, name="pruned")
+    write_eval_results(tmp_path, results, name="dense")  # re-writing replaces, never duplicates
+    stored = json.loads((tmp_path / "eval_results.json").read_text())
+    assert set(stored) == {"dense", "pruned"}
+    text = card.read_text()
+    assert text.startswith("# My model\n\nUser text stays.") and text.count(CARD_START) == 1
+    assert text.count(CARD_END) == 1 and "| metric | dense | pruned |" in text and "ppl@32" in text
+    assert "B/A" in format_table(results, compare=results, names=("A", "B"))
