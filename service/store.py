@@ -108,11 +108,15 @@ class Store:
         kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            # Connections are cheap but each new one pays the pragmas: keep enough for the API's threads.
+            kwargs.update(pool_size=20, max_overflow=20)
         else:
             kwargs["pool_pre_ping"] = True
         engine = create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             event.listen(engine, "connect", _sqlite_pragmas)
+            with engine.begin() as conn:  # persistent in the file; per connection it would take a lock
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
         if schema:
             engine = engine.execution_options(schema_translate_map={None: schema})
         self.engine = engine
@@ -310,9 +314,9 @@ class Store:
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
-    # WAL lets the API read while a worker writes; busy_timeout waits out short write locks.
+    # WAL (set once per file) lets the API read while a worker writes; busy_timeout waits out
+    # short write locks.
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
