@@ -78,6 +78,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error", None, "internal_error")
 
 
+class UploadLimit:
+    """Refuses an upload whose declared size is over the limit before its body is read (pure ASGI,
+    so streamed responses pass through untouched)."""
+
+    def __init__(self, app, path: str, limit: int):
+        self.app, self.path, self.limit = app, path, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.path:
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit + 64 * 1024:  # multipart framing
+                response = error_response(413, f"upload is {int(length)} bytes; the limit is {self.limit} bytes",
+                                          "file", "file_too_large")
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, *, embedded_worker: bool | None = None) -> FastAPI:
     """The API; with `embedded_worker` (default: settings.worker_slots > 0) a worker runs jobs in
     child processes for the lifetime of the app."""
@@ -112,16 +129,7 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
     app.state.store = store
     _install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _upload_limit(request: Request, call_next):
-        # Refuse an oversized upload before its body is read.
-        if request.method == "POST" and request.url.path == "/v1/files":
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > settings.max_upload_bytes + 64 * 1024:
-                return error_response(413, f"upload is {int(length)} bytes; the limit is "
-                                           f"{settings.max_upload_bytes} bytes", "file", "file_too_large")
-        return await call_next(request)
-
+    app.add_middleware(UploadLimit, path="/v1/files", limit=settings.max_upload_bytes)
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(jobs.router)

@@ -269,3 +269,12 @@ def test_cli_keys_create(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
     assert secret.startswith("lp-") and store.key_owner(secret) is not None
     store.close()
+
+
+def test_upload_limit_refused_before_reading(env):
+    client, _, _, (alice, _) = env
+    r = client.post("/v1/files", headers={**alice, "content-length": str(10**9), "content-type": "multipart/form-data"},
+                    content=b"")
+    _err(r, 413, param="file", code="file_too_large")
+    ok = _upload(client, alice, "..", b"held-out text\n", "eval").json()
+    assert ok["filename"] == "upload"

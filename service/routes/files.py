@@ -39,7 +39,9 @@ def _save(upload: UploadFile, target: Path, limit: int) -> tuple[int, str]:
 async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form("recovery"),
                       owner: str = Depends(current_owner)) -> FileObject:
     settings, store = request.app.state.settings, request.app.state.store
-    filename = Path(file.filename or "upload").name
+    filename = Path(file.filename or "").name
+    if filename in ("", ".", ".."):
+        filename = "upload"
     file_id = new_id("file")
     folder = settings.uploads_dir / file_id
     folder.mkdir(parents=True)
