@@ -279,3 +279,29 @@ def test_bad_inputs_rejected_before_training(tiny_llama, tmp_path):
         recover(model, tok, [], cfg(), tmp_path)
     with pytest.raises(UserError, match="empty response"):
         recover(model, tok, [Record(prompt="p", response=" ", source_id="0")], cfg(), tmp_path)
+
+
+def test_epochs_set_the_length(tiny_llama, tmp_path):
+    model, tok = load(tiny_llama)
+    result = recover(model, tok, RECORDS, cfg(epochs=1.0, max_steps=100), tmp_path)
+    assert result.metrics["steps"] == 2  # 8 records / micro-batch 4
+
+
+def test_lora_factors_transfer_to_dense_copy(tiny_llama):
+    """QLoRA's publishing step: factors trained on one copy merge into the dense original."""
+    import copy
+
+    from recovery.lora import LoraSettings, add_lora
+    from recovery.merge import merge_lora, transfer_lora
+
+    model, tok = load(tiny_llama)
+    dense = copy.deepcopy(model)
+    trained = add_lora(model, LoraSettings(r=4)).eval()  # peft leaves the model in train mode
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    expected = logits(trained, tok)
+    published = transfer_lora(trained, dense)
+    torch.testing.assert_close(logits(published, tok), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits(merge_lora(trained), tok), expected, atol=1e-4, rtol=1e-4)
