@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
 
     job_dir = Path(args.job_dir)
     try:
-        from llm_prune.pipeline import run_recipe
         from llm_prune.recipe import parse_recipe
 
         recipe = parse_recipe(json.loads((job_dir / "recipe.json").read_text()))
+        recipe.check_files()
+        from llm_prune.pipeline import run_recipe
+
         summary = run_recipe(recipe, job_dir / "run", on_event=lambda e: send("event", **e.to_dict()))
         send("result", summary=summary)
         return 0
