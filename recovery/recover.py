@@ -39,7 +39,8 @@ def check_config(config: RecoveryConfig | dict) -> RecoveryConfig:
             config = RecoveryConfig.model_validate(config)
         except ValidationError as exc:
             message, param = format_validation_error(exc)
-            raise UserError(f"invalid recovery settings: {message}", param=f"recovery.{param}") from None
+            raise UserError(f"invalid recovery settings: {message}",
+                            param=f"recovery.{param}" if param else "recovery") from None
     if config.method != "none" and config.max_steps == 0 and config.epochs is None:
         raise UserError("recovery.max_steps is 0 and no epochs given: set --max-steps or --recovery none",
                         param="recovery.max_steps")
