@@ -131,9 +131,11 @@ def test_submit_poll_download_load_isolation_restart(env, tmp_path):
                 call()
         assert bob.list_jobs()["data"] == []
         cancelled = _cancel_mid_run(alice, env["model"])
+        crashed = _job_process_crash(alice, env["model"], server.url)
     with Server(data, env=env["env"]) as server:  # restarted: nothing finished is lost
         again = Client(server.url, alice_key).list_jobs()["data"]
-        assert [(j["id"], j["status"]) for j in again] == [(cancelled, "cancelled"), (job["id"], "succeeded")]
+        assert [(j["id"], j["status"]) for j in again] == \
+            [(crashed, "failed"), (cancelled, "cancelled"), (job["id"], "succeeded")]
         assert len(Client(server.url, alice_key).checkpoints(job["id"])) == len(ckpts)
 
 
@@ -156,13 +158,29 @@ def _cli_client_commands(url, key, job_id, tmp_path):
     assert bad.exit_code != 0 and "invalid API key" in str(bad.exception)
 
 
-def _cancel_mid_run(client, model):
+def _start_long_job(client, model):
     body = _body(model, steps=5000)
     body["data"] = {"file_id": _pool(client), "selection": "random", "budget": 1.0}
     job = client.submit(body)
     _wait(lambda: client.job(job["id"])["stage"] not in (None, "job"), 90, "the pipeline to start")
     pid = next(e["metrics"]["pid"] for e in client.events(job["id"])["data"] if "pid" in e["metrics"])
     assert _alive(pid)
+    return job, pid
+
+
+def _job_process_crash(client, model, url):
+    """A job process killed from outside (as by the OOM killer) fails its job, not the server."""
+    job, pid = _start_long_job(client, model)
+    os.kill(pid, signal.SIGKILL)
+    final = _wait(lambda: (j := client.job(job["id"]))["status"] in TERMINAL and j, 15, "the crash to be seen")
+    assert final["status"] == "failed" and final["error"]["code"] == "job_process_died"
+    assert "SIGKILL" in final["error"]["message"]
+    assert httpx.get(f"{url}/healthz").status_code == 200
+    return job["id"]
+
+
+def _cancel_mid_run(client, model):
+    job, pid = _start_long_job(client, model)
     t0 = time.monotonic()
     client.cancel(job["id"])
     final = _wait(lambda: (j := client.job(job["id"]))["status"] in TERMINAL and j, 15, "the cancel")
