@@ -1,0 +1,152 @@
+"""Recovery pool loading, budget allocation, the conflict filter and CLI input errors (no models)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data_selection.allocate import allocate_budget, resolve_budget
+from data_selection.conflicts import ConceptGraph
+from data_selection.pool import Record, format_example, load_pool
+from llm_prune.errors import UserError
+
+
+def test_jsonl_mixed_forms_and_malformed_lines_are_reported(tmp_path):
+    lines = [
+        json.dumps({"instruction": "Add the numbers", "input": "2 and 3", "output": "5"}),
+        "{not json",
+        json.dumps({"conversations": [{"from": "system", "value": "Be terse."}, {"from": "human", "value": "Hi"},
+                                      {"from": "gpt", "value": "Hello."}], "id": "c1"}),
+        json.dumps({"messages": [{"role": "user", "content": "Name a colour"},
+                                 {"role": "assistant", "content": "Blue"}]}),
+        json.dumps({"instruction": "No answer here"}),
+        "",
+        json.dumps({"instruction": "Empty answer", "output": "   "}),
+        json.dumps({"messages": [{"role": "user", "content": "only a question"}]}),
+        json.dumps([1, 2]),
+        json.dumps({"title": "unknown form"}),
+    ]
+    path = tmp_path / "pool.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    load = load_pool(path)
+    assert [r.prompt for r in load.records] == ["Add the numbers\n\n2 and 3", "Hi", "Name a colour"]
+    assert load.records[1].system == "Be terse." and load.records[1].source_id == "pool.jsonl:3#c1"
+    assert load.records[0].source_id == "pool.jsonl:1"
+    where = dict(load.errors)
+    assert set(where) == {"pool.jsonl:2", "pool.jsonl:5", "pool.jsonl:7", "pool.jsonl:8", "pool.jsonl:9",
+                          "pool.jsonl:10"}
+    assert "invalid JSON" in where["pool.jsonl:2"]
+    assert "no 'output'" in where["pool.jsonl:5"]
+    assert "empty response" in where["pool.jsonl:7"]
+    assert "no user turn followed by an assistant reply" in where["pool.jsonl:8"]
+    assert "expected an object" in where["pool.jsonl:9"]
+    assert "unknown form" in where["pool.jsonl:10"]
+
+
+def test_truncated_json_array_keeps_good_records(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+            for i in range(3)]
+    text = json.dumps(rows, indent=2)
+    (tmp_path / "cut.json").write_text(text[: text.rindex("a2") ])  # cut inside the last record
+    load = load_pool(tmp_path / "cut.json")
+    assert [r.response for r in load.records] == ["a0", "a1"]
+    assert len(load.errors) == 1 and "truncated" in load.errors[0][1]
+
+
+def test_csv_parquet_and_datasets_folder(tmp_path):
+    import datasets
+
+    (tmp_path / "p.csv").write_text("instruction,input,output\nSay hi,,hi\nBroken,,\n")
+    load = load_pool(tmp_path / "p.csv")
+    assert [r.response for r in load.records] == ["hi"]
+    assert load.errors == [("p.csv:3", "empty response")]
+    ds = datasets.Dataset.from_list([{"instruction": "x", "input": "", "output": "y"},
+                                     {"instruction": "z", "input": "", "output": "w"}])
+    ds.to_parquet(str(tmp_path / "p.parquet"))
+    assert [r.prompt for r in load_pool(tmp_path / "p.parquet").records] == ["x", "z"]
+    ds.save_to_disk(str(tmp_path / "dsdir"))
+    assert len(load_pool(tmp_path / "dsdir").records) == 2
+
+
+def test_pool_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="pool not found"):
+        load_pool(tmp_path / "missing.jsonl")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(UserError, match="unsupported type"):
+        load_pool(tmp_path / "x.txt")
+    (tmp_path / "bad.jsonl").write_text("{}\n[]\n")
+    with pytest.raises(UserError, match="no usable records"):
+        load_pool(tmp_path / "bad.jsonl")
+
+
+def test_format_example_alpaca_and_chat_template(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    rec = Record("Say hi", "hi", "s")
+    prompt, response = format_example(tok, rec)
+    assert prompt.endswith("### Response:\n") and "Say hi" in prompt and response == "hi" + tok.eos_token
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    prompt, response = format_example(tok, rec)
+    assert prompt == "<|user|>Say hi\n<|assistant|>" and response == "hi\n"
+
+
+def test_budget_resolution():
+    assert resolve_budget(0.2, 200) == 40
+    assert resolve_budget(37, 200) == 37
+    assert resolve_budget(500, 200) == 200
+    assert resolve_budget(1.0, 200) == 200
+    for bad in (0, -1, float("nan")):
+        with pytest.raises(UserError, match="budget must be > 0"):
+            resolve_budget(bad, 200)
+    with pytest.raises(UserError, match="whole"):
+        resolve_budget(2.5, 200)
+
+
+def test_allocation_is_proportional_capped_and_exact():
+    n = allocate_budget(np.array([3.0, 1.0]), np.array([100, 100]), 40)
+    assert n.tolist() == [30, 10]
+    # The most degraded cluster is small: it gives all it has, the rest is shared by score.
+    n = allocate_budget(np.array([10.0, 1.0, 3.0]), np.array([5, 50, 50]), 30)
+    assert n.tolist() == [5, 6, 19] and n.sum() == 30
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        caps = rng.integers(0, 30, 7)
+        budget = int(rng.integers(1, 250))
+        n = allocate_budget(rng.random(7) * (rng.random(7) > 0.3), caps, budget)
+        assert n.sum() == min(budget, caps.sum()) and np.all(n <= caps) and np.all(n >= 0)
+    assert allocate_budget(np.zeros(3), np.array([10, 20, 30]), 12).tolist() == [2, 4, 6]
+
+
+def test_conflict_graph_rejects_contradictions_only():
+    graph = ConceptGraph()
+    accepted = [Record("What is the capital of France?", "Paris is the capital of France.", "a"),
+                Record("Is the Earth flat?", "No, the Earth is not flat.", "b"),
+                Record("What is the capital of Germany?", "Berlin.", "c"),
+                Record("What is the capital of France?", "It is Paris.", "d"),
+                Record("Write a story about France", "Once upon a time " + "in a land far away, " * 10, "e")]
+    for rec in accepted:
+        assert graph.offer(rec), rec
+    assert not graph.offer(Record("What is the capital of France?", "The capital of France is Lyon.", "x"))
+    assert not graph.offer(Record("Is the Earth flat?", "Yes, the Earth is flat.", "y"))
+    assert graph.rejected == 2
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    from llm_prune.cli import main
+
+    cases = [
+        ([str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o"), "--method", "random"], "pool not found"),
+        ([str(tmp_path), "-o", str(tmp_path / "o"), "--budget", "0", "--method", "random"], "--budget must be > 0"),
+        ([str(tmp_path), "-o", str(tmp_path / "o"), "--budget", "-3", "--method", "random"], "--budget must be > 0"),
+        ([str(tmp_path), "-o", str(tmp_path / "o")], "needs --original and --pruned"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(["select", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2, err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
