@@ -62,7 +62,8 @@ def _removed(costs: UnitCosts, kv: dict[int, int], ch: dict[int, int]) -> int:
 
 
 def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: AllocationConfig,
-             meta: dict | None = None) -> PrunePlan:
+             meta: dict | None = None, strict: bool = True) -> PrunePlan:
+    """`strict=False` (intermediate stages) accepts a plan that overshoots the target."""
     n_layers = len(costs.layer)
     to_remove = costs.total - target_params
     if to_remove < 0:
@@ -134,7 +135,7 @@ def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: Allocati
         layers.append(LayerPlan(i, keep_kv, keep_ch))
 
     after = costs.total - sum(costs.layer[i] for i in dropped) - _removed(costs, kv, ch)
-    if target_params and abs(after - target_params) > 0.005 * target_params:
+    if strict and abs(after - target_params) > 0.005 * target_params:
         hint = " or lower skip_first/skip_last" if cfg.allocation == "uniform" else ""
         raise UserError(f"cannot reach {target_params:,} parameters within 0.5% (best: {after:,}); the "
                         f"prunable layers hold too little: prune less{hint}", param="budget")

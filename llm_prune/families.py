@@ -32,6 +32,13 @@ class Family:
             obj = getattr(obj, part)
         return obj
 
+    def set_layers(self, model: nn.Module, layers: list[nn.Module]) -> None:
+        parent_path, _, name = self.layers_path.rpartition(".")
+        parent = model
+        for part in parent_path.split(".") if parent_path else ():
+            parent = getattr(parent, part)
+        setattr(parent, name, nn.ModuleList(layers))
+
     def attention(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.attn)
 

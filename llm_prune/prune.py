@@ -74,7 +74,8 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
         alloc.prune_layers = cfg.prune_layers if stage == 1 else 0
         plan = allocate(scores, unit_costs(model), stage_target, alloc,
                         meta={"stage": stage, "stages": cfg.stages, "importance": cfg.importance,
-                              "aggregation": cfg.aggregation, "calibration_loss": scores.loss})
+                              "aggregation": cfg.aggregation, "calibration_loss": scores.loss},
+                        strict=stage == cfg.stages)
         timings["allocate_s"] += time.perf_counter() - t
         t = time.perf_counter()
         apply_plan(model, plan)

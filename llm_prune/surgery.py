@@ -75,7 +75,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
             attn.layer_idx = new_idx  # the KV cache is indexed by position in the stack
             if hasattr(layer, "layer_idx"):
                 layer.layer_idx = new_idx
-        layers[:] = nn.ModuleList(kept)
+        fam.set_layers(model, kept)
         model.config.num_hidden_layers = len(kept)
         if layer_types:
             model.config.layer_types = [t for i, t in enumerate(layer_types) if i not in dropped]

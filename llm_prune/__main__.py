@@ -1,0 +1,3 @@
+from llm_prune.cli import main
+
+main()

@@ -1,0 +1,234 @@
+"""Pruning core: budget accuracy, surgery, export round trip, importance methods, bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llm_prune.allocation import AllocationConfig, allocate
+from llm_prune.errors import UserError
+from llm_prune.export import export_checkpoint
+from llm_prune.families import layer_shapes
+from llm_prune.importance import METHODS, ImportanceScorer
+from llm_prune.models import load_model, resolve_source
+from llm_prune.plan import PrunePlan, count_params, unit_costs
+from llm_prune.prune import prune_model
+from llm_prune.recipe import Budget, PruningConfig
+from llm_prune.surgery import apply_plan
+from tests.tiny_models import build_model
+
+CALIB = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+PROBE = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def wide_models(tmp_path_factory):
+    """Six layers and a wide MLP so 50% of total parameters is reachable."""
+    return {fam: build_model(tmp_path_factory.mktemp(fam), fam, layers=6, hidden=96, heads=6, kv_heads=3,
+                             intermediate=384)
+            for fam in ("llama", "qwen2")}
+
+
+@pytest.mark.parametrize("family,ratio", [("llama", 0.1), ("llama", 0.5), ("qwen2", 0.25)])
+@pytest.mark.parametrize("allocation", ["uniform", "adaptive"])
+def test_budget_within_half_percent(wide_models, family, allocation, ratio):
+    model, tok = load_model(str(wide_models[family]))
+    total = count_params(model)
+    result = prune_model(model, tok, Budget(ratio=ratio),
+                         PruningConfig(allocation=allocation, calibration_samples=4, calibration_seq_len=32))
+    target = round(total * (1 - ratio))
+    assert abs(count_params(model) - target) <= 0.005 * target
+    assert result.params_after == count_params(model)
+    # Physically smaller: at least one projection shrank, heads stay whole.
+    shapes = layer_shapes(model)
+    assert any(s.intermediate_size < 384 for s in shapes)
+    assert all(s.num_attention_heads == 2 * s.num_key_value_heads for s in shapes)
+    assert all(s.intermediate_size % 8 == 0 for s in shapes)
+    model(PROBE)  # still runs
+
+
+def test_target_params_budget(wide_models):
+    model, tok = load_model(str(wide_models["llama"]))
+    target = int(count_params(model) * 0.7)
+    prune_model(model, tok, Budget(target_params=target), PruningConfig(calibration_samples=4, calibration_seq_len=32))
+    assert abs(count_params(model) - target) <= 0.005 * target
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_zero_pruning_is_identity(wide_models, family):
+    model, _ = load_model(str(wide_models[family]))
+    before = model(PROBE).logits
+    costs = unit_costs(model)
+    plan = allocate(ImportanceScorer("l1").score(model, CALIB), costs, costs.total, AllocationConfig())
+    apply_plan(model, plan)
+    assert count_params(model) == costs.total
+    assert torch.equal(model(PROBE).logits, before)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_export_round_trip_same_logits(wide_models, tmp_path, family):
+    model, tok = load_model(str(wide_models[family]))
+    prune_model(model, tok, Budget(ratio=0.3), PruningConfig(calibration_samples=4, calibration_seq_len=32))
+    expected = model(PROBE).logits
+    info = export_checkpoint(model, tok, tmp_path / "out")
+    assert info["needs_remote_code"]  # first/last layers kept whole: widths differ
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert len(cfg["per_layer_config"]) == 6 and "auto_map" in cfg
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert torch.allclose(loaded(PROBE).logits, expected, atol=1e-5)
+    ours, _ = load_model(str(tmp_path / "out"))  # our loader: same code, nothing executed from the folder
+    assert torch.allclose(ours(PROBE).logits, expected, atol=1e-5)
+    with pytest.raises(ValueError):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=False)
+
+
+def test_stock_config_when_widths_equal(wide_models, tmp_path):
+    model, tok = load_model(str(wide_models["qwen2"]))
+    costs = unit_costs(model)
+    scores = ImportanceScorer("l2").score(model, CALIB)
+    plan = allocate(scores, costs, costs.total, AllocationConfig())
+    for lp in plan.layers:  # same widths everywhere: 2 of 3 KV groups, 256 of 384 channels
+        lp.keep_kv_groups, lp.keep_channels = [0, 2], list(range(0, 384, 3)) + list(range(1, 384, 3))
+        lp.keep_channels.sort()
+    apply_plan(model, plan)
+    expected = model(PROBE).logits
+    info = export_checkpoint(model, tok, tmp_path / "out")
+    assert not info["needs_remote_code"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert loaded.config.num_key_value_heads == 2 and loaded.config.intermediate_size == 256
+    assert torch.allclose(loaded(PROBE).logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "random"])
+def test_importance_ranks_planted_useless_units_last(tiny_llama, method):
+    model, _ = load_model(str(tiny_llama))
+    fam_layer = model.model.layers[1]
+    with torch.no_grad():
+        fam_layer.mlp.gate_proj.weight[5].zero_()
+        fam_layer.mlp.up_proj.weight[5].zero_()
+        fam_layer.mlp.down_proj.weight[:, 5].zero_()
+        hd = 16
+        fam_layer.self_attn.k_proj.weight[hd:2 * hd].zero_()
+        fam_layer.self_attn.v_proj.weight[hd:2 * hd].zero_()
+        fam_layer.self_attn.q_proj.weight[2 * hd:4 * hd].zero_()
+        fam_layer.self_attn.o_proj.weight[:, 2 * hd:4 * hd].zero_()
+    scores = ImportanceScorer(method).score(model, CALIB)
+    assert int(scores.mlp[1].argmin()) == 5
+    assert int(scores.kv[1].argmin()) == 1
+
+
+def test_random_importance_is_seeded(tiny_llama):
+    model, _ = load_model(str(tiny_llama))
+    a = ImportanceScorer("random", seed=3).score(model, CALIB)
+    b = ImportanceScorer("random", seed=3).score(model, CALIB)
+    assert all(torch.equal(x, y) for x, y in zip(a.mlp, b.mlp))
+
+
+def test_scoring_leaves_no_gradients(tiny_llama):
+    model, _ = load_model(str(tiny_llama))
+    ImportanceScorer("taylor").score(model, CALIB)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_stages_and_depth_pruning(wide_models):
+    model, tok = load_model(str(wide_models["llama"]))
+    total = count_params(model)
+    calls = []
+    result = prune_model(model, tok, Budget(ratio=0.4),
+                         PruningConfig(stages=3, prune_layers=1, allocation="adaptive", calibration_samples=4,
+                                       calibration_seq_len=32),
+                         between_stages=lambda m, s: calls.append((s, count_params(m))))
+    assert len(result.plans) == 3 and [c[0] for c in calls] == [1, 2]
+    assert calls[0][1] > calls[1][1] > count_params(model)
+    assert len(model.model.layers) == 5
+    assert abs(count_params(model) - round(total * 0.6)) <= 0.005 * total * 0.6
+    out = model.generate(PROBE[:1], max_new_tokens=3, do_sample=False)  # KV cache indices renumbered
+    assert out.shape[1] == PROBE.shape[1] + 3
+
+
+def test_plan_json_round_trip(tiny_llama):
+    model, _ = load_model(str(tiny_llama))
+    costs = unit_costs(model)
+    plan = allocate(ImportanceScorer("l1").score(model, CALIB), costs, int(costs.total * 0.9), AllocationConfig())
+    again = PrunePlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+
+
+def test_unreachable_budget_is_a_user_error(tiny_llama):
+    model, tok = load_model(str(tiny_llama))
+    with pytest.raises(UserError, match="cannot reach"):
+        prune_model(model, tok, Budget(ratio=0.8), PruningConfig(calibration_samples=2, calibration_seq_len=16))
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("no-such-alias", "unknown model"),
+    ("./missing/dir", "not found"),
+    ("/tmp/definitely-missing.gguf", "not found"),
+])
+def test_resolve_source_errors(spec, needle):
+    with pytest.raises(UserError, match=needle):
+        resolve_source(spec)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "llm_prune", *args], capture_output=True, text=True, timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(path)
+    return path
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """Run the console entry point in-process (fast), returning (exit code, stdout, stderr)."""
+    from llm_prune.cli import main
+
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_bad_input(tiny_llama, tmp_path, gpt2_dir, capsys):
+    cases = [
+        (["prune", "no-such-alias", "--ratio", "0.2", "-o", str(tmp_path / "a")], "unknown model"),
+        (["prune", str(tiny_llama), "--ratio", "1.0", "-o", str(tmp_path / "b")], "ratio"),
+        (["prune", str(tiny_llama), "--ratio", "0", "-o", str(tmp_path / "c")], "ratio"),
+        (["prune", str(gpt2_dir), "--ratio", "0.2", "-o", str(tmp_path / "d")], "unsupported architecture"),
+        (["prune", str(tmp_path / "nope"), "--ratio", "0.2", "-o", str(tmp_path / "e")], "not found"),
+        (["prune", str(tiny_llama), "--ratio", "0.2", "--importance", "magic", "-o", str(tmp_path / "f")],
+         "importance"),
+    ]
+    for args, needle in cases:
+        code, _, err = run_main(capsys, *args)
+        assert code != 0, args
+        lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0], (args, err)
+    # And once as a real process: one line on stderr, no traceback, non-zero exit.
+    proc = _cli("prune", "no-such-alias", "--ratio", "0.2", "-o", str(tmp_path / "g"))
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_cli_prune_json(tiny_llama, tmp_path):
+    out = tmp_path / "pruned"
+    proc = _cli("prune", str(tiny_llama), "--ratio", "0.15", "-o", str(out), "--json", "--calibration-samples", "4",
+                "--calibration-seq-len", "32", "--skip-first", "0", "--skip-last", "0")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert abs(summary["target_error"]) <= 0.005
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
+                 "plan.json"):
+        assert (out / name).exists(), name
+    assert "Recipe" in (out / "README.md").read_text()
