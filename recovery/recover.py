@@ -65,9 +65,14 @@ def prepare_method(model: nn.Module, config: RecoveryConfig) -> Prepared:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) over distinct parameters (tied weights counted once)."""
+    """(trainable, total) over distinct parameters (tied weights counted once; 4-bit packed
+    weights by their unpacked shape)."""
+    def numel(p) -> int:
+        state = getattr(p, "quant_state", None)
+        return int(state.shape.numel()) if state is not None else p.numel()
+
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(numel(p) for p in params if p.requires_grad), sum(numel(p) for p in params)
 
 
 def recover(model: nn.Module, tokenizer, records: Sequence[Any], config: RecoveryConfig | dict,

@@ -151,7 +151,8 @@ def test_merged_checkpoint_equals_adapter_outputs(tiny_qwen2, tmp_path):
     torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_resume_continues_step_count(tiny_llama, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_resume_continues_step_count(tiny_llama, tmp_path, method):
     class Interrupt(Exception):
         pass
 
@@ -160,7 +161,7 @@ def test_resume_continues_step_count(tiny_llama, tmp_path):
             raise Interrupt
 
     model, tok = load(tiny_llama)
-    config = cfg(max_steps=20, learning_rate=1e-3)
+    config = cfg(method=method, max_steps=20, learning_rate=1e-3)
     with pytest.raises(Interrupt):
         recover(model, tok, RECORDS, config, tmp_path, on_event=stop_at_13)
     assert (tmp_path / "checkpoints" / "checkpoint-10" / "trainable.safetensors").exists()
@@ -257,6 +258,21 @@ def test_qlora_refused_on_cpu():
     except ImportError:
         with pytest.raises(UserError, match="bitsandbytes"):
             check_config({"method": "qlora", "force": True})
+
+
+def test_qlora_forced_trains_4bit_copy_and_merges_into_dense(tiny_llama, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    model, tok = load(tiny_llama)
+    original = {n: p.clone() for n, p in model.named_parameters()}
+    before = response_loss(model, tok)
+    result = recover(model, tok, RECORDS, cfg(method="qlora", force=True, lora_r=4), tmp_path)
+    assert response_loss(result.model, tok) < 0.8 * before
+    assert result.metrics["total_params"] == sum(p.numel() for p in original.values()) + result.metrics["trainable_params"]
+    gate = result.model.model.layers[0].mlp.gate_proj
+    assert type(gate) is nn.Linear and gate.weight.dtype == torch.float32
+    # Published weights are the dense original plus a rank-4 update, not a 4-bit rounding.
+    delta = gate.weight - original["model.layers.0.mlp.gate_proj.weight"]
+    assert 0 < torch.linalg.matrix_rank(delta).item() <= 4
 
 
 @pytest.mark.parametrize("bad, match", [
