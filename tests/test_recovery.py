@@ -321,3 +321,31 @@ def test_lora_factors_transfer_to_dense_copy(tiny_llama):
     published = transfer_lora(trained, dense)
     torch.testing.assert_close(logits(published, tok), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits(merge_lora(trained), tok), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_recover_a_pruned_checkpoint_and_export_it(tiny_llama, tmp_path):
+    """The pipeline's path: pruned checkpoint with per-layer widths on disk -> load -> LoRA -> export -> reload."""
+    from llm_prune.export import export_checkpoint
+    from llm_prune.models import load_model
+    from llm_prune.plan import LayerPlan, PrunePlan
+    from llm_prune.surgery import apply_plan
+
+    model, tok = load(tiny_llama)
+    c = model.config
+    keep = [LayerPlan(i, list(range(c.num_key_value_heads)), list(range(c.intermediate_size)))
+            for i in range(c.num_hidden_layers)]
+    keep[1] = LayerPlan(1, [1], list(range(0, c.intermediate_size, 2)))
+    keep[2] = LayerPlan(2, [0, 1], list(range(40)))
+    n = sum(p.numel() for p in model.parameters())
+    apply_plan(model, PrunePlan(layers=keep, params_before=n, params_target=0, params_after=0))
+    info = export_checkpoint(model, tok, tmp_path / "pruned")
+    assert info["needs_remote_code"]  # widths differ per layer
+
+    pruned, tok = load_model(str(tmp_path / "pruned"))
+    before = response_loss(pruned, tok)
+    result = recover(pruned, tok, RECORDS, cfg(method="perp_lora"), tmp_path / "run")
+    assert response_loss(result.model, tok) < before
+    export_checkpoint(result.model, tok, tmp_path / "recovered")
+    reloaded, _ = load_model(str(tmp_path / "recovered"))
+    assert reloaded.model.layers[1].mlp.gate_proj.out_features == c.intermediate_size // 2
+    torch.testing.assert_close(logits(reloaded, tok), logits(result.model, tok), atol=1e-5, rtol=1e-5)
