@@ -69,7 +69,8 @@ def speed(model_spec: str, steps: int, micro_batch: int, cutoff: int, records: i
             "s_per_step_median": statistics.median(per_step), "s_per_step_all": per_step,
             "cpu_s_per_step_median": statistics.median(cpu_per_step), "load_avg_end": os.getloadavg(),
             "tokens_per_s_last": stamps[-1][2]["tokens_per_s"],
-            "train_loss_first": result.metrics["train_loss_first"], "train_loss_last": result.metrics["train_loss_last"],
+            "train_loss_first": result.metrics["train_loss_first"],
+            "train_loss_last": result.metrics["train_loss_last"],
             "wall_s": result.metrics["wall_s"]}
 
 
@@ -84,7 +85,8 @@ def main() -> None:
     sp.add_argument("--records", type=int, default=200)
     sp.add_argument("--out", default="bench/results/recover_speed.json")
     args = ap.parse_args()
-    machine = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg(), "platform": platform.platform(),
+    machine = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+               "load_avg_start": os.getloadavg(), "platform": platform.platform(),
                "cuda": torch.cuda.is_available(), "torch": torch.__version__}
     report = {"machine": machine, "fractions": fractions(args.model),
               "speed": speed(args.model, args.steps, args.micro_batch, args.cutoff, args.records)}

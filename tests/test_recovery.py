@@ -70,7 +70,8 @@ def test_prompt_tokens_are_masked(tiny_llama):
     assert all(label == IGNORE_INDEX for label in ex["labels"][:-n])
     batch = ResponseOnlyCollator(tok.pad_token_id)([ex, tokenize_example(tok, {"prompt": "hi", "response": "yo"}, 256)])
     short = batch["attention_mask"][1].sum().item()
-    assert (batch["labels"][1, short:] == IGNORE_INDEX).all() and (batch["input_ids"][1, short:] == tok.pad_token_id).all()
+    assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][1, short:] == tok.pad_token_id).all()
 
 
 def test_chat_template_masks_up_to_assistant_turn(tiny_llama):
@@ -207,9 +208,11 @@ def shrink(model: nn.Module) -> nn.Module:
         return out
 
     q_rows, kv_rows, ch = slice(0, 2 * hd), slice(0, hd), slice(0, 48)
-    attn.q_proj, attn.k_proj, attn.v_proj = keep(attn.q_proj, q_rows), keep(attn.k_proj, kv_rows), keep(attn.v_proj, kv_rows)
+    attn.q_proj = keep(attn.q_proj, q_rows)
+    attn.k_proj, attn.v_proj = keep(attn.k_proj, kv_rows), keep(attn.v_proj, kv_rows)
     attn.o_proj = keep(attn.o_proj, cols=q_rows)
-    mlp.gate_proj, mlp.up_proj, mlp.down_proj = keep(mlp.gate_proj, ch), keep(mlp.up_proj, ch), keep(mlp.down_proj, cols=ch)
+    mlp.gate_proj, mlp.up_proj = keep(mlp.gate_proj, ch), keep(mlp.up_proj, ch)
+    mlp.down_proj = keep(mlp.down_proj, cols=ch)
     return model
 
 
@@ -267,7 +270,8 @@ def test_qlora_forced_trains_4bit_copy_and_merges_into_dense(tiny_llama, tmp_pat
     before = response_loss(model, tok)
     result = recover(model, tok, RECORDS, cfg(method="qlora", force=True, lora_r=4), tmp_path)
     assert response_loss(result.model, tok) < 0.8 * before
-    assert result.metrics["total_params"] == sum(p.numel() for p in original.values()) + result.metrics["trainable_params"]
+    dense_params = sum(p.numel() for p in original.values())
+    assert result.metrics["total_params"] == dense_params + result.metrics["trainable_params"]
     gate = result.model.model.layers[0].mlp.gate_proj
     assert type(gate) is nn.Linear and gate.weight.dtype == torch.float32
     # Published weights are the dense original plus a rank-4 update, not a 4-bit rounding.
