@@ -61,16 +61,19 @@ def calibration_ids(tokenizer, path: str | Path | None = None, n_samples: int = 
     for idx in order:
         ids = tokenizer(passages[idx], add_special_tokens=False)["input_ids"]
         if len(ids) >= seq_len:
-            start = rng.randrange(0, len(ids) - seq_len + 1)
-            windows.append(ids[start:start + seq_len])
+            # Long passages give several non-overlapping windows from a random offset.
+            start = rng.randrange(0, len(ids) % seq_len + 1)
+            for s in range(start, len(ids) - seq_len + 1, seq_len):
+                windows.append(ids[s:s + seq_len])
         else:
             # Short passages are packed so no sample is padding.
             stream.extend(ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []))
             while len(stream) >= seq_len:
                 windows.append(stream[:seq_len])
                 stream = stream[seq_len:]
-        if len(windows) >= n_samples:
+        if len(windows) >= 4 * n_samples:
             break
+    rng.shuffle(windows)
     if len(windows) < n_samples:
         raise UserError(f"calibration text too short: got {len(windows)} windows of {seq_len} tokens, "
                         f"need {n_samples}", param="calibration")

@@ -88,7 +88,7 @@ def load_config(source: ModelSource):
         if source.gguf_file:
             config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
         else:
-            config = AutoConfig.from_pretrained(source.path, **_pruned_kwargs(source))
+            config = AutoConfig.from_pretrained(source.path)
     except OSError as exc:
         raise _hub_error(source, exc) from None
     except ValueError as exc:
@@ -107,12 +107,6 @@ def _hub_error(source: ModelSource, exc: Exception) -> UserError:
         return UserError(f"could not fetch '{source.spec}' from the Hugging Face hub{hint}: no network access "
                          f"or no such repository; give a local directory or .gguf file instead", param="model")
     return UserError(f"could not read model at {source.spec}: {str(exc).splitlines()[0]}", param="model")
-
-
-def _pruned_kwargs(source: ModelSource) -> dict:
-    """Checkpoints we exported with per-layer widths load through our own bundled classes,
-    so our own output never needs `trust_remote_code`."""
-    return {}
 
 
 def is_pruned_checkpoint(path: str | Path) -> bool:
@@ -149,7 +143,8 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
         from llm_prune.export import load_pruned
 
         model = load_pruned(source.path, dtype=dtype, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        # Passing our config keeps the tokenizer from resolving the folder's auto_map (remote code).
+        tokenizer = AutoTokenizer.from_pretrained(source.path, config=model.config)
         return _finish(model, tokenizer)
     config = load_config(source)
     kwargs: dict = {"dtype": dtype}

@@ -26,6 +26,7 @@ from llm_prune.surgery import apply_plan
 
 @dataclass
 class PruneResult:
+    model: nn.Module  # the pruned model (a new object if recovery ran between stages)
     plans: list[PrunePlan]
     params_before: int
     params_after: int
@@ -50,7 +51,7 @@ def allocation_config(cfg: PruningConfig) -> AllocationConfig:
 
 def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
                 on_event: ProgressCallback = null_callback,
-                between_stages: Callable[[nn.Module, int], None] | None = None) -> PruneResult:
+                between_stages: Callable[[nn.Module, int], nn.Module | None] | None = None) -> PruneResult:
     family_for(model)  # unsupported families fail before any work
     total = count_params(model)
     final_target = target_params(total, budget)
@@ -84,7 +85,7 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
         on_event(ProgressEvent("prune", stage, cfg.stages, f"stage {stage}/{cfg.stages} done",
                                {"params": count_params(model), "target": stage_target}, kind="progress"))
         if between_stages is not None and stage < cfg.stages:
-            between_stages(model, stage)
+            model = between_stages(model, stage) or model
     on_event(ProgressEvent("prune", cfg.stages, cfg.stages, "pruned", kind="stage_end"))
-    return PruneResult(plans=plans, params_before=total, params_after=count_params(model),
+    return PruneResult(model=model, plans=plans, params_before=total, params_after=count_params(model),
                        params_target=final_target, timings=timings)

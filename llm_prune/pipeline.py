@@ -1,0 +1,286 @@
+"""`run_recipe`: the whole job on one machine, one stage after another.
+
+    baseline eval -> prune (recovery between stages) -> select data -> recover -> final eval -> publish
+
+Each stage writes OUT/<stage>/ and a `.done` marker last, so a rerun with the same OUT skips
+finished stages and resumes after the last one. Stages report through `on_event`; nothing prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from llm_prune.errors import UserError
+from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
+from llm_prune.recipe import Recipe
+
+STAGES = ("baseline", "pruned", "selection", "recovered", "final")
+DONE = ".done"
+
+
+def _done(path: Path) -> bool:
+    return (path / DONE).exists()
+
+
+def _mark(path: Path, info: dict) -> None:
+    (path / DONE).write_text(json.dumps(info, default=str))
+
+
+def _read(path: Path) -> dict:
+    return json.loads((path / DONE).read_text())
+
+
+def _fresh(path: Path) -> Path:
+    """An unfinished stage restarts from scratch (except recovery, which resumes its checkpoints)."""
+    if path.exists() and path.name != "recovered":
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Job:
+    def __init__(self, recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback):
+        self.recipe, self.out, self.on_event = recipe, Path(out_dir), on_event
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def event(self, stage: str, kind: str, message: str = "", metrics: dict | None = None) -> None:
+        self.on_event(ProgressEvent(stage, message=message, metrics=metrics or {}, kind=kind))
+
+    # -- helpers -----------------------------------------------------------------------------
+    def load(self, spec: str):
+        from llm_prune.models import load_model
+
+        return load_model(spec, device=self.recipe.device, trust_remote_code=self.recipe.trust_remote_code)
+
+    def evaluate(self, stage: str, model, tokenizer) -> dict:
+        ev = self.recipe.evaluation
+        if not (ev.ppl or ev.tasks or ev.speed):
+            from llm_prune.plan import count_params
+
+            return {"params": count_params(model)}
+        from llm_prune.evaluate import evaluate_model
+
+        results = evaluate_model(model, tokenizer, ppl_file=ev.ppl, seq_len=ev.seq_len, max_windows=ev.max_windows,
+                                 tasks=ev.tasks, limit=ev.limit, speed=ev.speed, on_event=self.on_event)
+        self.event(stage, "metric", f"{stage} evaluation", _headline(results))
+        return results
+
+    def records(self) -> list:
+        from data_selection import load_pool
+
+        pool = load_pool(self.recipe.data.pool)
+        if pool.errors:
+            self.event("selection", "warning", f"{len(pool.errors)} malformed records skipped in the pool "
+                                               f"(first: {pool.errors[0][0]}: {pool.errors[0][1]})")
+        if not pool.records:
+            raise UserError(f"recovery pool {self.recipe.data.pool} holds no usable records", param="data.pool")
+        return pool.records
+
+    # -- stages --------------------------------------------------------------------------------
+    def baseline(self) -> dict:
+        path = self.out / "baseline"
+        if _done(path):
+            return _read(path)
+        _fresh(path)
+        self.event("baseline", "stage_start", "evaluating the dense model")
+        model, tok = self.load(self.recipe.model)
+        metrics = self.evaluate("baseline", model, tok)
+        _mark(path, metrics)
+        self.event("baseline", "stage_end", metrics=_headline(metrics))
+        return metrics
+
+    def prune(self) -> dict:
+        from llm_prune.card import model_card
+        from llm_prune.export import export_checkpoint
+        from llm_prune.families import layer_shapes
+        from llm_prune.prune import prune_model
+
+        path = self.out / "pruned"
+        if _done(path):
+            return _read(path)
+        _fresh(path)
+        r = self.recipe
+        self.event("prune", "stage_start", f"pruning {r.model}")
+        t0 = time.perf_counter()
+        model, tok = self.load(r.model)
+        between = self._between_stages(tok) if r.pruning.stages > 1 else None
+        result = prune_model(model, tok, r.budget, r.pruning, on_event=self.on_event, between_stages=between)
+        model = result.model
+        metrics = self.evaluate("pruned", model, tok)
+        info = export_checkpoint(model, tok, path, extra_meta={"recipe": r.model_dump(), "base_model": r.model})
+        card = model_card(base_model=r.model, recipe=r.model_dump(), shapes=layer_shapes(model),
+                          params_before=result.params_before, params_after=result.params_after,
+                          needs_remote_code=info["needs_remote_code"])
+        (path / "README.md").write_text(card)
+        (path / "plan.json").write_text(json.dumps([p.to_dict() for p in result.plans]))
+        out = {"params_before": result.params_before, "params_after": result.params_after,
+               "params_target": result.params_target, "needs_remote_code": info["needs_remote_code"],
+               "wall_s": time.perf_counter() - t0, "timings": result.timings, "eval": metrics}
+        self._fold_eval(path, metrics, "pruned")
+        _mark(path, out)
+        self.event("prune", "stage_end", metrics={"params": result.params_after, **_headline(metrics)})
+        return out
+
+    def _between_stages(self, tok):
+        """Adapt-Accel: a short recovery run between pruning stages on a seeded sample of the pool."""
+        r = self.recipe
+        if r.recovery.method == "none" or not r.data.pool:
+            return None
+        from recovery import recover
+
+        records = self.records()
+        rng = random.Random(r.recovery.seed)
+        sample = rng.sample(records, min(len(records), _budget_count(r.data.budget, len(records))))
+        steps = max(1, r.recovery.max_steps // r.pruning.stages)
+
+        def between(model, stage: int):
+            cfg = r.recovery.model_copy(update={"max_steps": steps, "keep_adapter": False,
+                                                "method": "lora" if r.recovery.method == "qlora" else r.recovery.method})
+            self.event("prune", "progress", f"recovery between stages {stage} and {stage + 1} ({steps} steps)")
+            return recover(model, tok, sample, cfg, self.out / "pruned" / f"interstage-{stage}",
+                           on_event=self.on_event).model
+
+        return between
+
+    def select(self) -> dict:
+        path = self.out / "selection"
+        if _done(path):
+            return _read(path)
+        r = self.recipe
+        _fresh(path)
+        if not r.data.pool or r.recovery.method == "none":
+            _mark(path, {"skipped": True})
+            return {"skipped": True}
+        from data_selection import select_records, write_selection
+
+        self.event("select", "stage_start", f"selecting recovery data ({r.data.selection})")
+        records = self.records()
+        needs_models = r.data.selection in ("paser", "loss")
+        original = self.load(r.model) if needs_models else None
+        pruned = self.load(str(self.out / "pruned")) if needs_models else None
+        sel = select_records(records, method=r.data.selection, budget=r.data.budget, original=original,
+                             pruned=pruned, token_budget=r.data.token_budget, num_clusters=r.data.num_clusters,
+                             embedding_model=r.data.embedding_model, seed=r.recovery.seed, on_event=self.on_event)
+        write_selection(sel, path)
+        out = {"selected": len(sel.records), "pool": len(records), "method": r.data.selection}
+        _mark(path, out)
+        self.event("select", "stage_end", metrics=out)
+        return out
+
+    def recover(self) -> dict:
+        path = self.out / "recovered"
+        if _done(path):
+            return _read(path)
+        r = self.recipe
+        _fresh(path)
+        if r.recovery.method == "none" or not (self.out / "selection" / "selected.jsonl").exists():
+            _mark(path, {"skipped": True})
+            return {"skipped": True}
+        from data_selection.pool import load_pool
+        from llm_prune.export import export_checkpoint
+        from recovery import recover
+
+        self.event("recover", "stage_start", f"recovery training ({r.recovery.method})")
+        model, tok = self.load(str(self.out / "pruned"))
+        records = load_pool(self.out / "selection" / "selected.jsonl").records
+        teacher = self.load(r.model)[0] if r.recovery.distill_weight > 0 else None
+        result = recover(model, tok, records, r.recovery, path / "work", teacher=teacher, on_event=self.on_event)
+        export_checkpoint(result.model, tok, path / "checkpoint",
+                          extra_meta={"recipe": r.model_dump(), "base_model": r.model})
+        _mark(path, result.metrics)
+        self.event("recover", "stage_end", metrics=result.metrics)
+        return result.metrics
+
+    def final(self, summary: dict) -> dict:
+        from llm_prune.card import model_card
+        from llm_prune.families import layer_shapes
+
+        path = self.out / "final"
+        if _done(path):
+            return _read(path)
+        _fresh(path)
+        r = self.recipe
+        src = self.out / "recovered" / "checkpoint"
+        if not (src / "config.json").exists():
+            src = self.out / "pruned"
+        self.event("final", "stage_start", "final evaluation")
+        for f in src.iterdir():
+            if f.is_file() and f.name != DONE:
+                _link_or_copy(f, path / f.name)
+        model, tok = self.load(str(path))
+        metrics = self.evaluate("final", model, tok) if src.name == "checkpoint" else summary["pruned"]["eval"]
+        pr = summary["pruned"]
+        card = model_card(base_model=r.model, recipe=r.model_dump(), shapes=layer_shapes(model),
+                          params_before=pr["params_before"], params_after=pr["params_after"],
+                          needs_remote_code=pr["needs_remote_code"],
+                          metrics={"recovery": summary.get("recovered"), "selection": summary.get("selection")})
+        (path / "README.md").write_text(card)
+        self._fold_eval(path, summary["baseline"], "dense")
+        self._fold_eval(path, pr["eval"], "pruned")
+        if src.name == "checkpoint":
+            self._fold_eval(path, metrics, "recovered")
+        out = {"eval": metrics, "path": str(path)}
+        _mark(path, out)
+        self.event("final", "stage_end", metrics=_headline(metrics))
+        return out
+
+    def _fold_eval(self, path: Path, metrics: dict, name: str) -> None:
+        from llm_prune.evaluate import write_eval_results
+
+        write_eval_results(path, metrics, name=name)
+
+    def run(self) -> dict[str, Any]:
+        (self.out / "recipe.json").write_text(self.recipe.model_dump_json(indent=2))
+        summary: dict[str, Any] = {"recipe": self.recipe.model_dump()}
+        summary["baseline"] = self.baseline()
+        summary["pruned"] = self.prune()
+        summary["selection"] = self.select()
+        summary["recovered"] = self.recover()
+        summary["final"] = self.final(summary)
+        summary["checkpoints"] = {"pruned": str(self.out / "pruned"), "final": str(self.out / "final")}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        return summary
+
+
+def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback = null_callback) -> dict:
+    """Run (or resume) the job described by `recipe` in `out_dir`; returns the summary."""
+    recipe.check_files()
+    from recovery import check_config
+
+    check_config(recipe.recovery)  # bad recovery settings fail before any heavy work
+    if recipe.data.pool is None and recipe.data.selection != "paser" and recipe.recovery.method != "none":
+        raise UserError("data.selection given without data.pool", param="data.pool")
+    return Job(recipe, out_dir, on_event).run()
+
+
+def finished_stages(out_dir: str | Path) -> list[str]:
+    return [s for s in STAGES if _done(Path(out_dir) / s)]
+
+
+def _budget_count(budget: float, n: int) -> int:
+    return max(1, int(round(budget * n))) if budget <= 1 else min(n, int(budget))
+
+
+def _headline(results: dict) -> dict:
+    out = {}
+    if "params" in results:
+        out["params"] = results["params"]
+    ppl = results.get("ppl")
+    if isinstance(ppl, dict) and "ppl" in ppl:
+        out[f"ppl@{ppl.get('seq_len', '')}"] = ppl["ppl"]
+    if results.get("average") is not None:
+        out["task_average"] = results["average"]
+    return out
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
