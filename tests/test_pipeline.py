@@ -1,0 +1,116 @@
+"""`llm-prune run` / run_recipe: end to end on a tiny model, resume, and early failure on bad recipes."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import llm_prune.models
+from llm_prune import pipeline
+from llm_prune.errors import UserError
+from llm_prune.recipe import parse_recipe
+
+TEXT = " ".join(["The quick brown fox jumps over the lazy dog. Paris is the capital of France."] * 120)
+
+
+@pytest.fixture(scope="module")
+def job_inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("job")
+    pool = root / "pool.jsonl"
+    with pool.open("w") as fh:
+        for i in range(24):
+            fh.write(json.dumps({"instruction": f"Write the number {i} in words.", "input": "",
+                                 "output": f"The number is {i}."}) + "\n")
+        fh.write("{not json\n")
+    text = root / "text.txt"
+    text.write_text(TEXT)
+    return pool, text
+
+
+def _recipe(model_dir, pool, text, **over):
+    data = {"model": str(model_dir), "budget": {"ratio": 0.1},
+            "pruning": {"calibration": str(text), "calibration_samples": 4, "calibration_seq_len": 32},
+            "data": {"pool": str(pool), "selection": "random", "budget": 8},
+            "recovery": {"method": "lora", "max_steps": 3, "micro_batch_size": 2, "cutoff_len": 64},
+            "evaluation": {"ppl": str(text), "max_windows": 4}}
+    for key, val in over.items():
+        data[key] = {**data.get(key, {}), **val} if isinstance(val, dict) else val
+    return parse_recipe(data)
+
+
+def test_run_end_to_end_then_resume(tiny_llama, job_inputs, tmp_path, monkeypatch):
+    pool, text = job_inputs
+    out = tmp_path / "job"
+    events = []
+    recipe = _recipe(tiny_llama, pool, text)
+
+    # Interrupt after pruning: the selection stage blows up once.
+    import data_selection
+
+    real_select = data_selection.select_records
+    monkeypatch.setattr(data_selection, "select_records", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        pipeline.run_recipe(recipe, out, on_event=events.append)
+    assert pipeline.finished_stages(out) == ["baseline", "pruned"]
+    pruned_marker = (out / "pruned" / ".done").stat().st_mtime_ns
+
+    monkeypatch.setattr(data_selection, "select_records", real_select)
+    loads = []
+    real_load = llm_prune.models.load_model
+    monkeypatch.setattr(llm_prune.models, "load_model", lambda spec, **kw: loads.append(spec) or real_load(spec, **kw))
+    summary = pipeline.run_recipe(recipe, out, on_event=events.append)
+
+    assert pipeline.finished_stages(out) == list(pipeline.STAGES)
+    assert (out / "pruned" / ".done").stat().st_mtime_ns == pruned_marker  # not redone
+    assert str(tiny_llama) not in loads  # the dense model was not loaded again (no PASER, no distillation)
+    assert summary["selection"]["selected"] == 8
+    assert summary["recovered"]["steps"] == 3
+    assert abs(summary["pruned"]["params_after"] / summary["pruned"]["params_before"] - 0.9) < 0.005
+    assert any(e.kind == "warning" and "malformed" in e.message for e in events)
+    assert {e.stage for e in events} >= {"prune", "train"}
+
+    final = out / "final"
+    results = json.loads((final / "eval_results.json").read_text())
+    assert set(results) >= {"dense", "pruned", "recovered"}
+    model = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True)
+    ours, _ = real_load(str(final))
+    probe = torch.randint(3, 300, (1, 12))
+    assert torch.allclose(model(probe).logits, ours(probe).logits, atol=1e-5)
+    assert "Recipe" in (final / "README.md").read_text()
+
+    # A third run finds everything done and changes nothing.
+    again = pipeline.run_recipe(recipe, out)
+    assert again["final"] == summary["final"]
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"recovery": {"method": "magic"}}, "recovery.method"),
+    ({"recovery": {"max_steps": -1}}, "recovery.max_steps"),
+    ({"data": {"pool": "/nonexistent/pool.jsonl"}}, "data.pool"),
+    ({"budget": {"ratio": 1.5}}, "budget.ratio"),
+    ({"pruning": {"importance": "vibes"}}, "pruning.importance"),
+])
+def test_bad_recipes_fail_before_heavy_work(tiny_llama, job_inputs, tmp_path, monkeypatch, over, needle):
+    pool, text = job_inputs
+    monkeypatch.setattr(llm_prune.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(UserError) as err:
+        pipeline.run_recipe(_recipe(tiny_llama, pool, text, **over), tmp_path / "bad")
+    assert needle in str(err.value) or err.value.param == needle
+
+
+def test_run_cli_recipe_file(tiny_llama, job_inputs, tmp_path, capsys):
+    from tests.test_pruning import run_main
+
+    pool, text = job_inputs
+    recipe = _recipe(tiny_llama, pool, text, recovery={"method": "none"}, evaluation={"ppl": None})
+    path = tmp_path / "recipe.json"
+    path.write_text(recipe.model_dump_json())
+    code, out, err = run_main(capsys, "run", "--recipe", str(path), "-o", str(tmp_path / "job"), "--ratio", "0.15",
+                              "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["recipe"]["budget"]["ratio"] == 0.15  # the flag overrides the file
+    assert summary["recovered"] == {"skipped": True}
+    code, _, err = run_main(capsys, "run", str(tiny_llama), "-o", str(tmp_path / "j2"))
+    assert code == 2 and "budget" in err
