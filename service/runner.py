@@ -1,4 +1,5 @@
-"""The child process that runs one job: `python -m service.runner JOB_DIR --parent-pid PID`.
+"""The child process that runs one job: `python -m service.runner JOB_DIR --parent-pid PID`, or
+prestarted without JOB_DIR: it then imports the heavy libraries and reads JOB_DIR from stdin.
 
 Reads JOB_DIR/recipe.json, runs the pipeline into JOB_DIR/run (resuming after its last finished
 stage), and reports to the worker as JSON lines on its stdout: `event`, then `result` or `error`.
@@ -38,9 +39,32 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def _preload() -> None:
+    """A prestarted runner imports the heavy stack (torch, transformers, peft) while it waits,
+    so a claimed job starts at once."""
+    try:
+        import llm_prune.pipeline  # noqa: F401
+        import recovery  # noqa: F401
+    except ImportError:
+        pass  # the job's own import reports it
+
+
+def _wait_for_job() -> Path | None:
+    """Prestarted: the worker writes the job directory on stdin (EOF: not needed, exit)."""
+    line = sys.stdin.readline().strip()
+    if not line:
+        return None
+    job_dir = Path(line)
+    log = os.open(job_dir / "job.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 2)
+    os.dup2(log, 1)
+    os.close(log)
+    return job_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.runner")
-    parser.add_argument("job_dir")
+    parser.add_argument("job_dir", nargs="?", help="omit to prestart: the directory then comes on stdin")
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
@@ -55,10 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         line = json.dumps({"type": message_type, **payload}, default=str)
         with lock:
             channel.write(line + "\n")
+            channel.flush()
+
+    if args.job_dir is None:
+        _preload()
+        job_dir = _wait_for_job()
+        if job_dir is None:
+            return 0
+    else:
+        job_dir = Path(args.job_dir)
 
     from llm_prune.errors import UserError
 
-    job_dir = Path(args.job_dir)
     try:
         from llm_prune.recipe import parse_recipe
 
@@ -77,9 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).splitlines()[0] if str(exc) else ""
         send("error", message=f"{type(exc).__name__}: {first}", param=None, code="pipeline_error", user=False)
         return 1
-    finally:
-        channel.flush()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stderr.flush()
+    # Everything is reported; skip the interpreter's teardown of torch & co (seconds on a busy CPU).
+    os._exit(code)

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(1.0, gt=0, description="how often an idle worker looks for jobs")
     cancel_grace_seconds: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL delay on cancel")
     device: str = Field("cpu", description="device the worker pins its jobs to: cpu, cuda:N or auto")
+    prestart_runner: bool = Field(True, description="keep a job process with the libraries imported, "
+                                                    "ready for the next job")
     worker_slots: int = Field(1, ge=0, description="jobs the embedded worker runs at once (0: none)")
 
     @property

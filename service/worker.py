@@ -23,8 +23,9 @@ from service.store import JobRow, Store
 
 log = logging.getLogger("llm_prune.worker")
 
-# load, baseline eval, prune, select, recover, final eval, export
-PIPELINE_STAGES = 7
+# baseline, pruned, selection, recovered, final (llm_prune.pipeline.STAGES; not imported here so
+# the worker stays light)
+PIPELINE_STAGES = 5
 PROGRESS_EVERY_S = 0.5
 
 
@@ -90,7 +91,12 @@ class Worker:
             t.join()
 
     def _slot(self) -> None:
+        # Each slot thread spawns its own runners: the kernel's parent-death signal follows the
+        # spawning thread, which lives as long as the slot.
+        spare: subprocess.Popen | None = None
         while not self._stop.is_set():
+            if self.settings.prestart_runner and (spare is None or spare.poll() is not None):
+                spare = self._spawn(None)
             try:
                 self.store.requeue_expired()
                 job = self.store.claim(self.id, self.settings.device, self.settings.lease_seconds)
@@ -101,9 +107,12 @@ class Worker:
                 self._stop.wait(self.settings.poll_seconds)
                 continue
             try:
-                self.run_job(job)
+                self.run_job(job, spare)
             except Exception:  # noqa: BLE001
                 log.exception("worker %s: job %s", self.id, job.id)
+            spare = None
+        if spare is not None:
+            self._terminate(spare)
 
     def stop(self) -> None:
         """Graceful shutdown: stop children and hand their jobs back to the queue."""
@@ -112,18 +121,33 @@ class Worker:
             self._terminate(proc)
             self.store.release(job_id, self.id)
 
+    def _spawn(self, job_dir: Path | None) -> subprocess.Popen:
+        """A runner for `job_dir`, or a prestarted one (job_dir None) that waits for it on stdin."""
+        args = [sys.executable, "-m", "service.runner", "--parent-pid", str(os.getpid())]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        if job_dir is None:
+            return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    start_new_session=True, env=env)
+        with open(job_dir / "job.log", "ab") as logfile:
+            return subprocess.Popen(args + [str(job_dir)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=logfile, start_new_session=True, env=env)
+
     # --- one job --------------------------------------------------------------------------
-    def run_job(self, job: JobRow) -> str | None:
+    def run_job(self, job: JobRow, spare: subprocess.Popen | None = None) -> str | None:
         job_dir = self.settings.job_dir(job.id)
         job_dir.mkdir(parents=True, exist_ok=True)
         recipe = dict(job.recipe, device=self.settings.device)
         (job_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
         tracker = JobProgress()
-        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-        with open(job_dir / "job.log", "ab") as logfile:
-            proc = subprocess.Popen([sys.executable, "-m", "service.runner", str(job_dir),
-                                     "--parent-pid", str(os.getpid())],
-                                    stdout=subprocess.PIPE, stderr=logfile, start_new_session=True, env=env)
+        proc = None
+        if spare is not None and spare.poll() is None:
+            try:
+                spare.stdin.write(f"{job_dir}\n".encode())
+                spare.stdin.close()
+                proc = spare
+            except OSError:  # it died meanwhile
+                self._terminate(spare)
+        proc = proc or self._spawn(job_dir)
         self._children[job.id] = proc
         start = {"kind": "stage_start", "stage": "job", "time": time.time(), "metrics": {"pid": proc.pid},
                  "message": f"attempt {job.attempts} on {self.id} ({self.settings.device})"}

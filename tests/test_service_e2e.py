@@ -59,7 +59,6 @@ def env(tmp_path_factory):
              "LLM_PRUNE_HEARTBEAT_SECONDS": "0.5", "LLM_PRUNE_POLL_SECONDS": "0.3",
              "LLM_PRUNE_CANCEL_GRACE_SECONDS": "2", "LLM_PRUNE_MAX_ACTIVE_JOBS_PER_KEY": "200",
              "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    pytest.importorskip("llm_prune.pipeline")
     return {"root": root, "model": str(model), "env": extra}
 
 
@@ -158,19 +157,21 @@ def _cli_client_commands(url, key, job_id, tmp_path):
     assert bad.exit_code != 0 and "invalid API key" in str(bad.exception)
 
 
-def _start_long_job(client, model):
+def _start_long_job(client, model, wait_for_pipeline=True):
     body = _body(model, steps=5000)
     body["data"] = {"file_id": _pool(client), "selection": "random", "budget": 1.0}
     job = client.submit(body)
-    _wait(lambda: client.job(job["id"])["stage"] not in (None, "job"), 90, "the pipeline to start")
-    pid = next(e["metrics"]["pid"] for e in client.events(job["id"])["data"] if "pid" in e["metrics"])
+    if wait_for_pipeline:
+        _wait(lambda: client.job(job["id"])["stage"] not in (None, "job"), 90, "the pipeline to start")
+    pid = _wait(lambda: next((e["metrics"]["pid"] for e in client.events(job["id"])["data"] if "pid" in e["metrics"]),
+                             None), 60, "the job process")
     assert _alive(pid)
     return job, pid
 
 
 def _job_process_crash(client, model, url):
     """A job process killed from outside (as by the OOM killer) fails its job, not the server."""
-    job, pid = _start_long_job(client, model)
+    job, pid = _start_long_job(client, model, wait_for_pipeline=False)
     os.kill(pid, signal.SIGKILL)
     final = _wait(lambda: (j := client.job(job["id"]))["status"] in TERMINAL and j, 15, "the crash to be seen")
     assert final["status"] == "failed" and final["error"]["code"] == "job_process_died"
@@ -194,7 +195,7 @@ def test_worker_killed_mid_job_is_requeued_then_hundred_concurrent_submissions(e
     worker_args = ["worker", "--data-dir", str(data)]
     with Server(data, env=env["env"], extra_args=["--no-auth", "--worker-slots", "0"]) as server:
         client = Client(server.url, api_key="")
-        body = _body(env["model"], steps=30)
+        body = _body(env["model"], steps=5)
         body["data"] = {"file_id": _pool(client), "selection": "random", "budget": 1.0}
         job = client.submit(body)
         first = Managed(worker_args, env=env["env"], log=tmp_path / "worker1.log").start()
