@@ -83,19 +83,6 @@ def follow(client: Client, job_id: str) -> None:
     render.close()
 
 
-def find_metric(data, names: tuple[str, ...]):
-    """First numeric value under one of `names`, searching nested dicts."""
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if key in names and isinstance(value, (int, float)):
-                return value
-        for value in data.values():
-            found = find_metric(value, names)
-            if found is not None:
-                return found
-    return None
-
-
 def load_with_transformers(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,51 +136,40 @@ def main(argv: list[str] | None = None) -> int:
             print(f"downloaded {human_bytes(ckpts['final']['archive_bytes'])} in {time.time() - started:.1f} s "
                   f"(sha256 {ckpts['final']['archive_sha256'][:16]}... verified) to {path}")
         print("server stopped")
-        report(args, job, ckpts, path)
+        report(job, ckpts, path)
         return 0
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def report(args, job: dict, ckpts: dict, path: Path) -> None:
+def report(job: dict, ckpts: dict, path: Path) -> None:
+    """Before/after table from the checkpoint's eval_results.json, checked against the download."""
     import torch
 
-    from llm_prune.models import load_model
-
     model, tok = load_with_transformers(path)
-    dense, _ = load_model(args.model)
-    prompt = "The capital of France is"
-    with torch.no_grad():
-        out = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=12, do_sample=False)
-    summary = job.get("result") or {}
-    ppl_names = ("ppl", "perplexity", "word_perplexity")
-    rows = [
-        ["dense", human_count(sum(p.numel() for p in dense.parameters())), human_bytes(weight_bytes(dense)),
-         _fmt(find_metric(summary.get("baseline") or find_metric_section(summary, "baseline"), ppl_names))],
-        ["pruned", human_count(find_metric(ckpts.get("pruned", {}).get("metrics"), ("params",)) or 0) or "-",
-         human_bytes(ckpts["pruned"]["bytes"]) if "pruned" in ckpts else "-",
-         _fmt(find_metric(ckpts.get("pruned", {}).get("metrics"), ppl_names))],
-        ["recovered", human_count(sum(p.numel() for p in model.parameters())), human_bytes(weight_bytes(model)),
-         _fmt(find_metric(ckpts["final"]["metrics"], ppl_names))],
-    ]
+    params = sum(p.numel() for p in model.parameters())
+    results = ckpts["final"]["metrics"]  # {"dense": {...}, "pruned": {...}, "recovered": {...}}
+    rows = []
+    for name in ("dense", "pruned", "recovered"):
+        r = results.get(name)
+        if not r:
+            continue
+        ppl = (r.get("ppl") or {}).get("ppl")
+        disk = {"pruned": ckpts.get("pruned", {}).get("bytes"), "recovered": ckpts["final"]["bytes"]}.get(name)
+        rows.append([name, human_count(r["params"]), human_bytes(r["params"] * 4),
+                     human_bytes(disk) if disk else "-", f"{ppl:.2f}" if ppl else "-"])
     print()
-    print(table(rows, ["model", "params", "weights", "ppl (held-out)"]))
-    print(f"\nloaded with transformers.AutoModelForCausalLM from {path}")
+    print(table(rows, ["model", "params", "fp32 weights", "checkpoint", "ppl (held-out)"]))
+    recovered = results.get("recovered") or results.get("pruned") or {}
+    assert params == recovered.get("params", params), "downloaded model differs from the evaluated one"
+    with torch.no_grad():
+        out = model.generate(**tok("The capital of France is", return_tensors="pt"), max_new_tokens=12,
+                             do_sample=False)
+    print(f"\nloaded with transformers.AutoModelForCausalLM from {path}: {human_count(params)} parameters")
     print(f"sample: {tok.decode(out[0], skip_special_tokens=True)!r}")
     took = (job["finished_at"] or 0) - (job["started_at"] or 0)
-    print(f"job {job['id']} took {took / 60:.1f} min")
-
-
-def find_metric_section(summary: dict, name: str):
-    for key, value in summary.items():
-        if name in key and isinstance(value, dict):
-            return value
-    return None
-
-
-def _fmt(value) -> str:
-    return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
+    print(f"job {job['id']} ran {took / 60:.1f} min")
 
 
 if __name__ == "__main__":

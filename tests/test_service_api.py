@@ -278,3 +278,12 @@ def test_upload_limit_refused_before_reading(env):
     _err(r, 413, param="file", code="file_too_large")
     ok = _upload(client, alice, "..", b"held-out text\n", "eval").json()
     assert ok["filename"] == "upload"
+
+
+def test_no_auth_refused_on_public_address(tmp_path):
+    from typer.testing import CliRunner
+
+    from tests.test_service_e2e import cli_app
+
+    result = CliRunner().invoke(cli_app(), ["serve", "--no-auth", "--host", "0.0.0.0", "--data-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "only allowed when binding to localhost" in str(result.exception)
