@@ -73,9 +73,12 @@ def test_uniform_model_acc_norm_prefers_longer_choices(tokenizer):
 
 def test_shared_context_and_batched_paths_agree(tiny_llama, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    requests = [("The quick brown fox", c) for c in (" jumps", " jumps over the lazy dog.", " is")]
-    requests += [("Paris is the capital of", " France."), ("Paris is the capital of", " Germany, it is not"),
-                 ("Once upon a time", " there was a model.")]
+    # One-token choices of one context (read off a single row) next to ordinary multi-token requests.
+    one_token = [c for c in (" a", " b", " c", " d") if len(encode_pair(tokenizer, "Answer:", c)[1]) == 1]
+    assert len(one_token) >= 2
+    requests = [("Question: two plus two?\nAnswer:", c) for c in one_token]
+    requests += [("The quick brown fox", c) for c in (" jumps", " jumps over the lazy dog.", " is")]
+    requests += [("Paris is the capital of", " France."), ("Once upon a time", " there was a model.")]
     shared = loglikelihoods(model, tokenizer, requests, batch_size=4, share_context=True)
     batched = loglikelihoods(model, tokenizer, requests, batch_size=4, share_context=False)
     one_by_one = loglikelihoods(model, tokenizer, requests, batch_size=1, share_context=False)

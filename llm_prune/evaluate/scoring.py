@@ -59,73 +59,41 @@ def _forward_logits(model, input_ids, attention_mask, keep: torch.Tensor):
         return out.logits, None
 
 
-def _shared_context_scores(model, ctx: list[int], conts: list[list[int]], device) -> list[float] | None:
-    """Score several continuations of one context, running the context once.
-
-    The context's KV cache is repeated for each continuation; this gives the same numbers as
-    scoring context+continuation rows separately (lm-eval feeds context_enc + continuation_enc
-    too) at a fraction of the cost when contexts are long and answers short (BoolQ, MMLU, ARC).
-    Returns None when the model's cache cannot be shared this way."""
-    try:
-        out = model(input_ids=torch.tensor([ctx], device=device), use_cache=True, logits_to_keep=1)
-    except TypeError:  # a model without `logits_to_keep` / caching: use the plain batched path
-        return None
-    first = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-    scores = [float(first[c[0]]) for c in conts]
-    width = max(len(c) for c in conts) - 1
-    if width == 0:
-        return scores
-    cache = out.past_key_values
-    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
-        return None
-    cache.batch_repeat_interleave(len(conts))
-    input_ids = torch.zeros((len(conts), width), dtype=torch.long)
-    attention_mask = torch.zeros((len(conts), len(ctx) + width), dtype=torch.long)
-    attention_mask[:, :len(ctx)] = 1
-    for row, cont in enumerate(conts):
-        input_ids[row, :len(cont) - 1] = torch.tensor(cont[:-1], dtype=torch.long)
-        attention_mask[row, len(ctx):len(ctx) + len(cont) - 1] = 1
-    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), past_key_values=cache,
-                use_cache=True)
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1)
-    for row, cont in enumerate(conts):
-        if len(cont) > 1:
-            target = torch.tensor(cont[1:], device=logprobs.device)
-            scores[row] += float(logprobs[row, :len(cont) - 1].gather(-1, target[:, None]).sum())
-    return scores
+Row = tuple[list[int], list[tuple[int, list[int]]]]  # model input, (request index, continuation tokens)
 
 
-def _batched_scores(model, encoded: list[tuple[list[int], list[int]]], batch_size: int, max_batch_tokens: int,
+def _batched_scores(model, rows: list[Row], n_requests: int, batch_size: int, max_batch_tokens: int,
                     pad_id: int, device, progress) -> list[float]:
-    """Score (input, continuation) rows in right-padded batches, longest first."""
+    """Score rows in right-padded batches, longest first. Every continuation of a row is predicted
+    by the row's last len(continuation) positions."""
     # Longest first, so the first batch shows an out-of-memory problem at once and padding is small.
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    scores = [0.0] * len(encoded)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    scores = [0.0] * n_requests
     done = 0
     while done < len(order):
-        width = len(encoded[order[done]][0])
+        width = len(rows[order[done]][0])
         n = max(1, min(batch_size, max_batch_tokens // max(width, 1)))
         batch = order[done:done + n]
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        spans = []
         for row, idx in enumerate(batch):
-            inp, cont = encoded[idx]
+            inp = rows[idx][0]
             input_ids[row, :len(inp)] = torch.tensor(inp)
             attention_mask[row, :len(inp)] = 1
-            # Right padding: the logits predicting the continuation sit at the row's last len(cont) inputs.
-            spans.append((len(inp) - len(cont), len(inp), cont))
-        start = min(s for s, _, _ in spans)
-        keep = torch.arange(start, max(e for _, e, _ in spans), device=device)
+        start = min(len(rows[i][0]) - len(cont) for i in batch for _, cont in rows[i][1])
+        keep = torch.arange(start, width, device=device)
         logits, kept = _forward_logits(model, input_ids.to(device), attention_mask.to(device), keep)
         offset = start if kept is not None else 0
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        for row, (s, e, cont) in enumerate(spans):
-            if cont:
-                target = torch.tensor(cont, device=logprobs.device)
-                scores[batch[row]] = float(logprobs[row, s - offset:e - offset].gather(-1, target[:, None]).sum())
+        for row, idx in enumerate(batch):
+            inp, targets = rows[idx]
+            for req, cont in targets:
+                if cont:
+                    s, e = len(inp) - len(cont) - offset, len(inp) - offset
+                    target = torch.tensor(cont, device=logprobs.device)
+                    scores[req] = float(logprobs[row, s:e].gather(-1, target[:, None]).sum())
+            progress(len(targets))
         done += len(batch)
-        progress(len(batch))
     return scores
 
 
@@ -134,15 +102,15 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
                    on_event: ProgressCallback = null_callback, stage: str = "eval") -> list[float]:
     """Sum of log P(continuation tokens | context) for each (context, continuation).
 
-    Requests sharing a context (the choices of one question) run the context once when
-    `share_context`; the rest go through right-padded batches."""
+    With `share_context`, choices that are one token each and share a context (BoolQ " no"/" yes",
+    MMLU " A".." D") are read off one forward pass of the context: the same numbers at a fraction
+    of the cost. Everything else is one context+continuation row per request, as lm-eval does."""
     max_length = max_length or model_max_length(model)
     device = model_device(model)
     unique: dict[tuple[str, str], int] = {}
     for req in requests:
         unique.setdefault(tuple(req), len(unique))
     pairs = [encode_pair(tokenizer, ctx, cont) for ctx, cont in unique]
-    scores = [0.0] * len(pairs)
     total, done = len(pairs), 0
     on_event(ProgressEvent(stage=stage, step=0, total=total, kind="stage_start"))
 
@@ -154,29 +122,18 @@ def loglikelihoods(model, tokenizer, requests: Sequence[tuple[str, str]], *, bat
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, cont) in enumerate(pairs):
         groups.setdefault(tuple(ctx), []).append(i)
-    rest: list[int] = []
+    rows: list[Row] = []
+    for ctx, members in groups.items():
+        if share_context and len(members) > 1 and all(len(pairs[i][1]) == 1 for i in members):
+            rows.append((list(ctx)[-max_length:], [(i, pairs[i][1]) for i in members]))
+            continue
+        for i in members:
+            whole = (pairs[i][0] + pairs[i][1])[-(max_length + 1):]
+            n_cont = min(len(pairs[i][1]), len(whole) - 1)
+            rows.append((whole[:-1], [(i, whole[-n_cont:] if n_cont else [])]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with torch.inference_mode():
-        for ctx, members in groups.items():
-            conts = [pairs[i][1] for i in members]
-            fits = len(ctx) + max(len(c) for c in conts) <= max_length + 1 and min(len(c) for c in conts) > 0
-            shared = (_shared_context_scores(model, list(ctx), conts, device)
-                      if share_context and len(members) > 1 and fits else None)
-            if shared is None:
-                rest += members
-                continue
-            for i, value in zip(members, shared):
-                scores[i] = value
-            progress(len(members))
-        encoded = []
-        for i in rest:
-            ctx, cont = pairs[i]
-            whole = (ctx + cont)[-(max_length + 1):]
-            n_cont = min(len(cont), len(whole) - 1)
-            encoded.append((whole[:-1], whole[-n_cont:] if n_cont else []))
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        for i, value in zip(rest, _batched_scores(model, encoded, batch_size, max_batch_tokens, pad_id, device,
-                                                   progress)):
-            scores[i] = value
+        scores = _batched_scores(model, rows, len(pairs), batch_size, max_batch_tokens, pad_id, device, progress)
     on_event(ProgressEvent(stage=stage, step=total, total=total, kind="stage_end"))
     return [scores[unique[tuple(req)]] for req in requests]
 
