@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     max_active_jobs_per_key: int = Field(4, ge=1)
     max_attempts: int = Field(3, ge=1, description="runs of a job before a lost worker fails it")
     lease_seconds: float = Field(30.0, gt=0)
-    heartbeat_seconds: float = Field(5.0, gt=0)
+    heartbeat_seconds: float = Field(2.0, gt=0, description="lease renewal and cancel check interval")
     poll_seconds: float = Field(1.0, gt=0, description="how often an idle worker looks for jobs")
     cancel_grace_seconds: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL delay on cancel")
     device: str = Field("cpu", description="device the worker pins its jobs to: cpu, cuda:N or auto")

@@ -169,15 +169,23 @@ class Worker:
     def _supervise(self, job_id: str, proc: subprocess.Popen, lines: queue.Queue, tracker: JobProgress,
                    outcome: dict) -> bool:
         """Until the child exits: store its events, heartbeat, obey cancel. True if the lease was lost."""
-        next_beat = 0.0
+        next_beat, last_beat = 0.0, time.monotonic()
         while proc.poll() is None:
             if self._stop.is_set():
                 return True
-            self._drain(job_id, lines, tracker, outcome)
+            try:
+                self._drain(job_id, lines, tracker, outcome)
+            except Exception:  # noqa: BLE001 - a lost progress update must not stop the job
+                log.exception("worker %s: recording events of %s failed", self.id, job_id)
             if time.monotonic() >= next_beat:
-                owned, cancel = self.store.heartbeat(job_id, self.id, self.settings.lease_seconds)
+                try:
+                    owned, cancel = self.store.heartbeat(job_id, self.id, self.settings.lease_seconds)
+                    last_beat = time.monotonic()
+                except Exception:  # noqa: BLE001 - the database may be back by the next beat
+                    log.exception("worker %s: heartbeat for %s failed", self.id, job_id)
+                    owned, cancel = time.monotonic() - last_beat < self.settings.lease_seconds, False
                 next_beat = time.monotonic() + self.settings.heartbeat_seconds
-                if not owned:  # requeued elsewhere or deleted: this run must not continue
+                if not owned:  # requeued elsewhere, deleted, or out of touch too long: stop this run
                     self._terminate(proc)
                     return True
                 if cancel:
