@@ -75,3 +75,13 @@ def test_evaluate_model_and_model_card(tiny, tmp_path):
     assert text.startswith("# My model\n\nUser text stays.") and text.count(CARD_START) == 1
     assert text.count(CARD_END) == 1 and "| metric | dense | pruned |" in text and "ppl@32" in text
     assert "B/A" in format_table(results, compare=results, names=("A", "B"))
+
+
+def test_seq_len_forms():
+    from llm_prune.evaluate.harness import _seq_lens
+
+    assert _seq_lens(128, 512) == [128]
+    assert _seq_lens("128,max", 512) == [128, 512]
+    assert _seq_lens(["128", 2048, "128"], 4096) == [128, 2048]
+    with pytest.raises(UserError):
+        _seq_lens("12x", 512)

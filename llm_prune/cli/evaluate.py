@@ -11,20 +11,19 @@ import typer
 from llm_prune.errors import UserError
 
 
-def _seq_lens(values: list[str]) -> list[int]:
-    lens: list[int] = []
+def _seq_lens(values: list[str]) -> list[str]:
+    lens: list[str] = []
     for value in values:
-        for part in value.split(","):
-            part = part.strip()
+        for part in (p.strip().lower() for p in value.split(",")):
             if not part:
                 continue
-            if not part.isdigit() or int(part) < 2:
-                raise UserError(f"--seq-len takes integers of at least 2, got '{part}'", param="seq_len")
-            lens.append(int(part))
-    return lens or [128]
+            if part != "max" and (not part.isdigit() or int(part) < 2):
+                raise UserError(f"--seq-len takes integers of at least 2 or 'max', got '{part}'", param="seq_len")
+            lens.append(part)
+    return lens or ["128"]
 
 
-def _evaluate_one(spec: str, *, device: str, text: str | None, lens: list[int], max_windows, tasks, limit,
+def _evaluate_one(spec: str, *, device: str, text: str | None, lens: list[str], max_windows, tasks, limit,
                   batch_size: int, speed: bool, renderer) -> dict:
     from llm_prune.evaluate import evaluate_model
     from llm_prune.models import load_model, resolve_source
@@ -47,7 +46,8 @@ def eval_command(
     split: str = typer.Option("test", "--split", help="Split of --ppl-dataset."),
     column: str = typer.Option("text", "--column", help="Text column of --ppl-dataset."),
     seq_len: List[str] = typer.Option(["128"], "--seq-len",
-                                      help="Perplexity window(s): repeat or comma-separate, e.g. 128,2048."),
+                                      help="Perplexity window(s): repeat or comma-separate, e.g. 128,2048; "
+                                           "'max' = the model's context length."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="Score at most N windows."),
     tasks: Optional[str] = typer.Option(None, "--tasks",
                                         help="Comma list of boolq, piqa, hellaswag, winogrande, arc_easy, "

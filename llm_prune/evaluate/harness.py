@@ -14,22 +14,22 @@ from llm_prune.evaluate.tasks import COMMONSENSE_TASKS, PRIMARY_METRIC, load_tas
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 
 
-def _seq_lens(seq_len) -> list[int]:
-    if isinstance(seq_len, int):
-        return [seq_len]
-    if isinstance(seq_len, str):
-        seq_len = [s for s in seq_len.split(",") if s.strip()]
+def _seq_lens(seq_len, model_max: int) -> list[int]:
+    """Window lengths: ints, or "max" for the model's context length; "128,2048" lists work too."""
+    if isinstance(seq_len, (int, str)):
+        seq_len = [seq_len]
+    parts = [p.strip() for s in seq_len for p in str(s).split(",") if p.strip()]
     try:
-        values = [int(s) for s in seq_len]
-    except (TypeError, ValueError):
-        raise UserError(f"--seq-len takes integers, got {seq_len!r}", param="seq_len") from None
+        values = [model_max if p.lower() == "max" else int(p) for p in parts]
+    except ValueError:
+        raise UserError(f"--seq-len takes integers or 'max', got {','.join(parts)!r}", param="seq_len") from None
     if not values:
         raise UserError("--seq-len needs at least one value", param="seq_len")
     return list(dict.fromkeys(values))
 
 
 def evaluate_model(model, tokenizer, *, ppl_file: str | Path | None = None, ppl_text: str | None = None,
-                   seq_len: int | Iterable[int] = 128, max_windows: int | None = None,
+                   seq_len: int | str | Iterable[int | str] = 128, max_windows: int | None = None,
                    tasks: str | Iterable[str] = (), limit: int | None = None, speed: bool = False,
                    speed_config: SpeedConfig | None = None, checkpoint_dir: str | Path | None = None,
                    batch_size: int = 16, on_event: ProgressCallback = null_callback) -> dict:
@@ -40,7 +40,8 @@ def evaluate_model(model, tokenizer, *, ppl_file: str | Path | None = None, ppl_
     (mean of each commonsense task's reported metric) when tasks are given; "speed" when asked.
     """
     task_names = parse_tasks(list(tasks) if not isinstance(tasks, str) else tasks)
-    lens = _seq_lens(seq_len)
+    max_len = model_max_length(model, default=2048)
+    lens = _seq_lens(seq_len, max_len)
     if ppl_file is not None and ppl_text is None:
         ppl_text = read_text_file(ppl_file)
     model.eval()
@@ -48,7 +49,6 @@ def evaluate_model(model, tokenizer, *, ppl_file: str | Path | None = None, ppl_
     started = time.perf_counter()
     if ppl_text is not None:
         by_len: dict[str, dict] = {}
-        max_len = model_max_length(model, default=max(lens))
         for length in lens:
             if length > max_len:
                 on_event(ProgressEvent(stage="eval", kind="warning",
