@@ -144,27 +144,21 @@ def jobs_submit(model: Optional[str] = typer.Option(None, help="hub id, alias or
     from llm_prune.recipe import deep_merge, load_recipe_file
 
     body: dict = load_recipe_file(recipe) if recipe else {}
-    body.pop("device", None)
-    if isinstance(body.get("data"), dict):
-        body["data"].pop("pool", None)
+    body.pop("device", None)  # the worker's device decides
     flags: dict = {"model": model, "budget": ({"ratio": ratio} if ratio is not None else
                                               {"target_params": target_params} if target_params else None),
                    "recovery": {k: v for k, v in (("method", recovery), ("max_steps", max_steps)) if v is not None}
                    or None,
-                   "data": {k: v for k, v in (("selection", selection), ("budget", data_budget)) if v is not None}
-                   or None}
+                   "data": {k: v for k, v in (("selection", selection), ("budget", data_budget), ("pool", pool))
+                            if v is not None} or None,
+                   "evaluation": {"ppl": str(eval_text)} if eval_text else None}
     body = deep_merge(body, {k: v for k, v in flags.items() if v is not None})
     if not body.get("model"):
         raise UserError("give --model (or a recipe with `model`)", param="model")
     if not body.get("budget"):
         raise UserError("give --ratio or --target-params (or a recipe with `budget`)", param="budget")
     with _client() as client:
-        if pool:
-            body.setdefault("data", {})["file_id"] = client.upload(pool, "recovery")["id"]
-        elif "data" in body and "file_id" not in body["data"]:
-            raise UserError("data options need a recovery pool: give --pool", param="data.file_id")
-        if eval_text:
-            body.setdefault("evaluation", {})["ppl"] = client.upload(eval_text, "eval")["id"]
+        _upload_named_files(client, body)
         job = client.submit(body)
         if wait:
             job = _follow(client, job["id"])
@@ -174,6 +168,22 @@ def jobs_submit(model: Optional[str] = typer.Option(None, help="hub id, alias or
         _print_job(job) if wait else typer.echo(job["id"])
     if wait and job["status"] != "succeeded":
         raise typer.Exit(1)
+
+
+def _upload_named_files(client, body: dict) -> None:
+    """Local files a recipe names (data.pool, evaluation.ppl, pruning.calibration) are uploaded
+    and replaced by their file ids; values that already are ids pass through."""
+    data = body.get("data")
+    if isinstance(data, dict):
+        pool = data.pop("pool", None)
+        if pool:
+            data["file_id"] = client.upload(pool, "recovery")["id"]
+        elif "file_id" not in data:
+            raise UserError("data options need a recovery pool: give --pool", param="data.file_id")
+    for section, key in (("evaluation", "ppl"), ("pruning", "calibration")):
+        value = (body.get(section) or {}).get(key)
+        if value and not str(value).startswith("file-"):
+            body[section][key] = client.upload(value, "eval")["id"]
 
 
 @jobs_app.command("list")

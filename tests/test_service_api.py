@@ -287,3 +287,37 @@ def test_no_auth_refused_on_public_address(tmp_path):
 
     result = CliRunner().invoke(cli_app(), ["serve", "--no-auth", "--host", "0.0.0.0", "--data-dir", str(tmp_path)])
     assert result.exit_code != 0 and "only allowed when binding to localhost" in str(result.exception)
+
+
+def test_cli_submit_uploads_named_files(env, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import service.cli
+    from service.client import Client
+    from tests.test_service_e2e import cli_app
+
+    class Borrowed(Client):  # the CLI closes its client; the test's in-process one stays open
+        def close(self):
+            pass
+
+    client, _, _, (alice, _) = env
+    api = Borrowed("http://testserver", api_key="")
+    api.http = client
+    client.headers.update(alice)
+    monkeypatch.setattr(service.cli, "_client", lambda: api)
+    (tmp_path / "pool.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "held.txt").write_text("held-out text\n")
+    (tmp_path / "recipe.yaml").write_text(f"model: smollm2-135m\nbudget: {{ratio: 0.3}}\n"
+                                          f"evaluation: {{ppl: {tmp_path / 'held.txt'}, seq_len: 64}}\n")
+    result = CliRunner().invoke(cli_app(), ["jobs", "submit", "--recipe", str(tmp_path / "recipe.yaml"),
+                                            "--pool", str(tmp_path / "pool.jsonl"), "--selection", "random",
+                                            "--json"])
+    assert result.exit_code == 0, result.output
+    recipe = json.loads(result.stdout)["recipe"]
+    assert recipe["budget"]["ratio"] == 0.3 and recipe["data"]["selection"] == "random"
+    assert recipe["data"]["pool"].endswith("pool.jsonl") and recipe["evaluation"]["ppl"].endswith("held.txt")
+    assert recipe["evaluation"]["seq_len"] == 64
+    assert len(client.get("/v1/files").json()["data"]) == 2
+    missing = CliRunner().invoke(cli_app(), ["jobs", "submit", "--model", "smollm2-135m", "--ratio", "0.2",
+                                             "--selection", "random"])
+    assert missing.exit_code != 0 and "give --pool" in str(missing.exception)
