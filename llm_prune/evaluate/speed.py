@@ -81,7 +81,10 @@ def _vocab_size(model, tokenizer) -> int:
 def _run_once(model, ids: torch.Tensor, decode_tokens: int, device: torch.device) -> tuple[float, float]:
     _sync(device)
     t0 = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True)
+    try:  # only the last position's logits are needed to decode, as `generate` does
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    except TypeError:
+        out = model(input_ids=ids, use_cache=True)
     _sync(device)
     prefill = time.perf_counter() - t0
     cache = out.past_key_values
