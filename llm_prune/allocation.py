@@ -9,6 +9,7 @@ residual. Heads are whole; MLP widths are multiples of `round_to`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from llm_prune.plan import LayerPlan, PrunePlan, UnitCosts
 class AllocationConfig:
     allocation: str = "uniform"
     round_to: int = 8
-    skip_first: int = 1
+    skip_first: int | None = None  # None: the first 10% of layers, at least one
     skip_last: int = 1
     adaptive_strength: float = 0.02
     prune_attention: bool = True
@@ -51,7 +52,9 @@ def _widths_for(costs: UnitCosts, sparsity: dict[int, float], cfg: AllocationCon
     kv = {}
     ch = {}
     for i, s in sparsity.items():
-        kv[i] = max(1, round(costs.num_kv[i] * (1 - s))) if cfg.prune_attention else costs.num_kv[i]
+        # Heads are whole and coarse (3 KV groups in SmolLM2): a group goes only when the ratio covers
+        # all of it; the MLP, in steps of `round_to` channels, absorbs the rest of the budget.
+        kv[i] = max(1, math.ceil(costs.num_kv[i] * (1 - s) - 1e-9)) if cfg.prune_attention else costs.num_kv[i]
         ch[i] = _round_width(costs.width[i], 1 - s, cfg.round_to) if cfg.prune_mlp else costs.width[i]
     return kv, ch
 
@@ -80,8 +83,10 @@ def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: Allocati
         to_remove -= sum(costs.layer[i] for i in dropped)
 
     if cfg.allocation == "uniform":
-        last = n_layers - cfg.skip_last
-        prunable = [i for i in range(cfg.skip_first, last) if i not in dropped]
+        # The first layers change the hidden state most (cos(h_in, h_out) near 0 for layer 0):
+        # pruning them costs far more than their share of parameters.
+        first = max(1, round(0.1 * n_layers)) if cfg.skip_first is None else cfg.skip_first
+        prunable = [i for i in range(first, n_layers - cfg.skip_last) if i not in dropped]
     else:
         prunable = [i for i in range(n_layers) if i not in dropped]
     if (cfg.prune_attention or cfg.prune_mlp) and not prunable and to_remove > 0:

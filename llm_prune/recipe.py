@@ -39,7 +39,8 @@ class PruningConfig(_Strict):
     allocation: Allocation = "uniform"
     stages: int = Field(1, ge=1, le=20)
     round_to: int = Field(8, ge=1, description="MLP widths are multiples of this")
-    skip_first: int = Field(1, ge=0, description="leading layers left unpruned (uniform allocation)")
+    skip_first: int | None = Field(None, ge=0, description="leading layers left unpruned (uniform allocation); "
+                                   "default: the first 10% of layers, at least one")
     skip_last: int = Field(1, ge=0, description="trailing layers left unpruned (uniform allocation)")
     adaptive_strength: float = Field(0.02, ge=0, description="A in s_l = s_base - A * I_l")
     prune_attention: bool = True

@@ -49,7 +49,8 @@ def register(app: typer.Typer) -> None:
         allocation: str = typer.Option("uniform", help="uniform (LLM-Pruner) | adaptive (Adapt-Pruner)"),
         stages: int = typer.Option(1, help="prune in T steps, rescoring each time"),
         round_to: int = typer.Option(8, "--round-to", help="MLP widths are multiples of this"),
-        skip_first: int = typer.Option(1, help="leading layers left unpruned (uniform)"),
+        skip_first: Optional[int] = typer.Option(None, help="leading layers left unpruned (uniform; "
+                                                 "default 10% of layers, at least 1)"),
         skip_last: int = typer.Option(1, help="trailing layers left unpruned (uniform)"),
         adaptive_strength: float = typer.Option(0.02, help="A in s_l = s_base - A*I_l (adaptive)"),
         prune_layers: int = typer.Option(0, help="also drop this many whole layers (block influence)"),
