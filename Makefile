@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python bench/demo.py
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m service.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache
