@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -24,7 +25,7 @@ from service.client import Client
 from service.launch import Server
 
 
-def sharegpt_rows(count: int, max_chars: int = 1500) -> list[dict]:
+def sharegpt_rows(count: int, max_chars: int = 600) -> list[dict]:
     """The first `count` usable single-exchange ShareGPT rows; the package's JSON is one big
     (truncated) array, so it is decoded a record at a time from the start."""
     from data_selection.pool import MalformedRecord, normalise
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="LoRA steps")
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
     args = ap.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the server is stopped and the temporary directory removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     work = Path(tempfile.mkdtemp(prefix="llm-prune-demo-"))
     print(f"working directory: {work}")
