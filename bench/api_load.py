@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -79,19 +80,24 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="llm-prune-bench-") as tmp:
         with Server(Path(tmp) / "data", extra_args=["--no-auth"], log=Path(tmp) / "server.log") as server:
-            body = {"model": args.model, "budget": {"ratio": args.ratio}, "recovery": {"method": "none"},
-                    "evaluation": {"seq_len": 128, "max_windows": 200}}
+            # Pruning only: loading, Taylor scoring and surgery keep the job busy (and the CPU loaded)
+            # for longer than the measurement.
+            body = {"model": args.model, "budget": {"ratio": args.ratio}, "recovery": {"method": "none"}}
             job = httpx.post(f"{server.url}/v1/jobs", json=body, timeout=60).json()
             deadline = time.monotonic() + 300
             while httpx.get(f"{server.url}/v1/jobs/{job['id']}").json()["status"] == "queued":
                 if time.monotonic() > deadline:
                     raise SystemExit("the job did not start within 300 s")
                 time.sleep(0.5)
+            load_before = os.getloadavg()[0]
             result = asyncio.run(measure(server.url, job["id"], args.pollers, args.duration))
+            if result["errors"]:
+                raise SystemExit(f"{result['errors']} requests failed")
             after = httpx.get(f"{server.url}/v1/jobs/{job['id']}").json()
             result.update(pollers=args.pollers, duration_s=args.duration, job_status_after=after["status"],
                           job_stage_after=after["stage"], machine=f"{platform.machine()}, "
-                          f"{__import__('os').cpu_count()} CPU cores, no GPU", store="SQLite (WAL)")
+                          f"{os.cpu_count()} CPU cores, no GPU", store="SQLite (WAL)",
+                          load_avg_1m_before=round(load_before, 1), load_avg_1m_after=round(os.getloadavg()[0], 1))
             httpx.post(f"{server.url}/v1/jobs/{job['id']}/cancel")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
