@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llm_prune.errors import NotFoundError, UserError
 from service.auth import AuthError
 from service.errors import ConflictError
+from service.schemas import ErrorResponse
 from service.settings import Settings
 from service.store import LimitExceeded, Store
 
@@ -124,7 +125,7 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
 
     app = FastAPI(title="llm-prune", version="0.1.0", lifespan=lifespan,
                   description="Structured pruning, recovery-data selection and retraining of LLMs as jobs.",
-                  responses={400: {"model": dict}, 401: {"model": dict}, 404: {"model": dict}})
+                  responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 429)})
     app.state.settings = settings
     app.state.store = store
     _install_error_handlers(app)
