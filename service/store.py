@@ -194,6 +194,10 @@ class Store:
             rows = list(s.scalars(q.order_by(JobRow.seq.desc()).limit(limit + 1)))
         return rows[:limit], len(rows) > limit
 
+    def active_jobs(self, owner: str) -> list[JobRow]:
+        with self.session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.owner == owner, JobRow.status.in_(ACTIVE))))
+
     def request_cancel(self, owner: str, job_id: str) -> JobRow | None:
         """A queued job is cancelled at once; a running one is flagged for its worker to stop."""
         now = time.time()

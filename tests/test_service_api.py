@@ -111,6 +111,9 @@ def test_submit_minimal_and_full(env, tiny_llama):
             "metadata": {"team": "nlp"}}
     job = client.post("/v1/jobs", headers=alice, json=body).json()
     assert job["recipe"]["data"]["pool"].endswith("pool.jsonl")
+    _err(client.delete(f"/v1/files/{pool['id']}", headers=alice), 409, code="file_in_use")
+    client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
+    assert client.delete(f"/v1/files/{text['id']}", headers=alice).json()["deleted"]
     assert job["recipe"]["evaluation"]["ppl"].endswith("eval.txt")
     assert job["metadata"] == {"team": "nlp"}
 
