@@ -1,12 +1,17 @@
 """Recovery-data selection at scale (see bench/SELECT_RESULTS.md).
 
+  embed       MiniLM embedding rate on ShareGPT prompts (parts of 5k cached in bench/results/)
   clustering  time and peak memory of the sparse spectral clustering alone on 5k/20k/60k ShareGPT
-              prompts (MiniLM embeddings computed once and cached in bench/results/, timed apart)
+              prompts, each size in a fresh process (vectors cached in bench/results/, made apart)
   paser       full PASER selection (embedding + scoring + allocation) on a 2k pool, original vs
               pruned SmolLM2-135M, full scoring against the stratified-sample mode
 
-  nice -n 5 .venv/bin/python bench/select_scale.py clustering
-  nice -n 5 .venv/bin/python bench/select_scale.py paser --pruned DIR
+  nice -n 5 .venv/bin/python bench/select_scale.py embed --n 5000 --max-seq-length 128
+  nice -n 5 .venv/bin/python bench/select_scale.py clustering --vectors lsa
+  nice -n 5 .venv/bin/python bench/select_scale.py clustering --sizes 5000 --vectors minilm128
+  nice -n 5 .venv/bin/python bench/select_scale.py paser --pruned DIR --mode full
+  nice -n 5 .venv/bin/python bench/select_scale.py paser --pruned DIR --mode sampled
+  .venv/bin/python bench/select_scale.py compare
 """
 
 from __future__ import annotations
@@ -83,6 +88,28 @@ def cached_embeddings(n: int, max_seq_length: int = 32):
     return np.concatenate(parts)[:n]
 
 
+def lsa_vectors(n: int, dim: int = 384):
+    """Unit-norm 384-d LSA vectors (TF-IDF + truncated SVD) of the first n ShareGPT prompts: the
+    same shape as MiniLM embeddings, cheap enough to make for 60k prompts on 2 shared cores, so the
+    clustering cost can be measured at that size. Cached in bench/results/."""
+    import os
+
+    import numpy as np
+
+    path = f"{RESULTS}/sharegpt_lsa{dim}_{n}.npy"
+    if os.path.exists(path):
+        return np.load(path)
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    tfidf = TfidfVectorizer(max_features=100_000, sublinear_tf=True, min_df=2).fit_transform(sharegpt_prompts(n))
+    x = TruncatedSVD(dim, random_state=0).fit_transform(tfidf).astype(np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    os.makedirs(RESULTS, exist_ok=True)
+    np.save(path, x)
+    return x
+
+
 def _rss_bytes() -> int:
     import resource
 
@@ -95,23 +122,23 @@ def _current_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def clustering_one(n: int, max_seq_length: int) -> dict:
-    """Cluster n cached embeddings (eigengap k); time and the peak RSS the clustering added."""
+def clustering_one(n: int, vectors: str) -> dict:
+    """Cluster n cached vectors (eigengap k); time and the peak RSS the clustering added."""
     import time
 
     from data_selection.cluster import cluster_embeddings
 
-    x = cached_embeddings(n, max_seq_length)
+    x = cached_embeddings(n, int(vectors[len("minilm"):])) if vectors.startswith("minilm") else lsa_vectors(60000)[:n]
     base = _current_rss_bytes()
     start = time.perf_counter()
     result = cluster_embeddings(x)
     seconds = time.perf_counter() - start
-    return {"n": n, "seconds": round(seconds, 1), "peak_extra_rss_mb": round((_rss_bytes() - base) / 2**20, 1),
+    return {"n": n, "vectors": vectors, "seconds": round(seconds, 1), "peak_extra_rss_mb": round((_rss_bytes() - base) / 2**20, 1),
             "embeddings_mb": round(x.nbytes / 2**20, 1), "k": result.num_clusters, "k_method": result.method,
             "largest_cluster": int(result.sizes().max()), "smallest_cluster": int(result.sizes().min())}
 
 
-def bench_clustering(sizes, max_seq_length: int) -> list[dict]:
+def bench_clustering(sizes, vectors: str) -> list[dict]:
     """Each size in a fresh process, so its peak RSS is its own."""
     import os
     import subprocess
@@ -119,7 +146,7 @@ def bench_clustering(sizes, max_seq_length: int) -> list[dict]:
 
     rows = []
     for n in sizes:
-        out = subprocess.run([sys.executable, __file__, "clustering-one", str(n), str(max_seq_length)],
+        out = subprocess.run([sys.executable, __file__, "clustering-one", str(n), vectors],
                              capture_output=True, text=True, check=True, env={**os.environ})
         row = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
@@ -127,12 +154,12 @@ def bench_clustering(sizes, max_seq_length: int) -> list[dict]:
     return rows
 
 
-def bench_paser(pruned: str, pool_size: int, budget: float, sample_per_cluster: int, max_length: int) -> dict:
-    """Full PASER (embed, cluster, score, allocate) on the first `pool_size` ShareGPT exchanges,
-    once scoring every record and once in stratified-sample mode."""
+def bench_paser(pruned: str, pool_size: int, budget: float, sample_per_cluster: int, max_length: int,
+                mode: str) -> dict:
+    """PASER (embed, cluster, score, allocate) on the first `pool_size` ShareGPT exchanges, scoring
+    every record (`full`) or in stratified-sample mode (`sampled`)."""
     import time
 
-    import numpy as np
     import torch
 
     from data_selection import load_pool, select_records
@@ -144,29 +171,42 @@ def bench_paser(pruned: str, pool_size: int, budget: float, sample_per_cluster: 
         records = load_pool(path, limit=pool_size).records
     original = load_model("smollm2-135m")
     pruned_pair = load_model(pruned)
-    runs = {}
-    for mode, spc in (("full", None), ("sampled", sample_per_cluster)):
-        start = time.perf_counter()
-        sel = select_records(records, method="paser", budget=budget, original=original, pruned=pruned_pair,
-                             seed=0, sample_per_cluster=spc, max_length=max_length)
-        rep = sel.report
-        runs[mode] = {"seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(_rss_bytes() / 2**20),
-                      "scored": rep["scoring"]["scored"], "seconds_by_stage": rep["seconds"],
-                      "k": rep["clustering"]["num_clusters"], "k_method": rep["clustering"]["method"],
-                      "conflicts_rejected": rep["conflicts"]["rejected"], "selected": rep["selected"],
-                      "cds": [c["cds"] for c in rep["clusters"]], "allocated": [c["allocated"] for c in rep["clusters"]],
-                      "sizes": [c["size"] for c in rep["clusters"]], "indices": sel.indices}
-        print(json.dumps({k: v for k, v in runs[mode].items() if k != "indices"}), flush=True)
-    full, samp = runs["full"], runs["sampled"]
+    start = time.perf_counter()
+    sel = select_records(records, method="paser", budget=budget, original=original, pruned=pruned_pair, seed=0,
+                         sample_per_cluster=sample_per_cluster if mode == "sampled" else None,
+                         max_length=max_length, on_event=_log_progress)
+    rep = sel.report
+    return {"mode": mode, "pool": pool_size, "budget": budget, "max_length": max_length,
+            "sample_per_cluster": sample_per_cluster if mode == "sampled" else None,
+            "seconds": round(time.perf_counter() - start, 1), "peak_rss_mb": round(_rss_bytes() / 2**20),
+            "scored": rep["scoring"]["scored"], "seconds_by_stage": rep["seconds"],
+            "k": rep["clustering"]["num_clusters"], "k_method": rep["clustering"]["method"],
+            "conflicts_rejected": rep["conflicts"]["rejected"], "selected": rep["selected"],
+            "cds": [c["cds"] for c in rep["clusters"]], "allocated": [c["allocated"] for c in rep["clusters"]],
+            "sizes": [c["size"] for c in rep["clusters"]], "indices": sel.indices}
+
+
+def compare_paser(pool: int) -> dict:
+    """How close the stratified-sample run came to full scoring (same pool, clusters and seed)."""
+    import numpy as np
+
+    full = json.load(open(f"{RESULTS}/select_paser_full_{pool}.json"))
+    samp = json.load(open(f"{RESULTS}/select_paser_sampled_{pool}.json"))
     a, b = np.array(full["allocated"]), np.array(samp["allocated"])
-    cf, cs = np.array(full["cds"]), np.array(samp["cds"])
-    overlap = len(set(full["indices"]) & set(samp["indices"])) / max(1, len(full["indices"]))
-    summary = {"pool": pool_size, "budget": budget, "sample_per_cluster": sample_per_cluster, "max_length": max_length,
-               "allocation_l1_moved": int(np.abs(a - b).sum() // 2),
-               "cds_spearman": float(_spearman(cf, cs)), "selected_overlap": round(overlap, 3)}
-    for run in runs.values():
-        run.pop("indices")
-    return {"runs": runs, "comparison": summary}
+    return {"records_moved_between_clusters": int(np.abs(a - b).sum() // 2),
+            "cds_spearman": round(float(_spearman(full["cds"], samp["cds"])), 3),
+            "selected_overlap": (round(len(set(full["indices"]) & set(samp["indices"])) / len(full["indices"]), 3)
+                                 if "indices" in full else None),
+            "scored": [full["scored"], samp["scored"]], "seconds": [full["seconds"], samp["seconds"]]}
+
+
+def _log_progress(event) -> None:
+    import sys
+    import time
+
+    if event.kind in ("stage_start", "stage_end") or (event.total and event.step % 256 < 16):
+        print(f"{time.strftime('%H:%M:%S')} {event.stage} {event.kind} {event.step}/{event.total}",
+              file=sys.stderr, flush=True)
 
 
 def _spearman(a, b) -> float:
@@ -187,32 +227,39 @@ def main() -> None:
     e.add_argument("--max-seq-length", type=int, default=32)
     c = sub.add_parser("clustering")
     c.add_argument("--sizes", default="5000,20000,60000")
-    c.add_argument("--max-seq-length", type=int, default=32)
+    c.add_argument("--vectors", default="lsa", help="lsa | minilm128 | minilm32 (cached MiniLM parts)")
     one = sub.add_parser("clustering-one")
     one.add_argument("n", type=int)
-    one.add_argument("max_seq_length", type=int)
+    one.add_argument("vectors")
     p = sub.add_parser("paser")
     p.add_argument("--pruned", required=True)
     p.add_argument("--pool", type=int, default=2000)
     p.add_argument("--budget", type=float, default=0.2)
     p.add_argument("--sample-per-cluster", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--mode", choices=["full", "sampled"], default="full")
+    cmp_ = sub.add_parser("compare", help="compare the full and sampled PASER runs on one pool size")
+    cmp_.add_argument("--pool", type=int, default=2000)
     args = parser.parse_args()
     machine = {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_start": os.getloadavg()}
     if args.cmd == "embed":
         embed_cached(args.n, args.max_seq_length)
     elif args.cmd == "clustering-one":
-        print(json.dumps(clustering_one(args.n, args.max_seq_length)))
+        print(json.dumps(clustering_one(args.n, args.vectors)))
     elif args.cmd == "clustering":
-        rows = bench_clustering([int(s) for s in args.sizes.split(",")], args.max_seq_length)
-        out = {"machine": machine, "max_seq_length": args.max_seq_length, "rows": rows}
-        json.dump(out, open(f"{RESULTS}/select_clustering.json", "w"), indent=1)
+        rows = bench_clustering([int(s) for s in args.sizes.split(",")], args.vectors)
+        out = {"machine": machine, "vectors": args.vectors, "rows": rows, "load_avg_end": os.getloadavg()}
+        json.dump(out, open(f"{RESULTS}/select_clustering_{args.vectors}.json", "w"), indent=1)
     elif args.cmd == "paser":
         out = {"machine": machine, **bench_paser(args.pruned, args.pool, args.budget, args.sample_per_cluster,
-                                                 args.max_length)}
+                                                 args.max_length, args.mode)}
         out["machine"]["load_avg_end"] = os.getloadavg()
-        json.dump(out, open(f"{RESULTS}/select_paser.json", "w"), indent=1)
-        print(json.dumps(out["comparison"]))
+        json.dump(out, open(f"{RESULTS}/select_paser_{args.mode}_{args.pool}.json", "w"), indent=1)
+        print(json.dumps({k: v for k, v in out.items() if k != "indices"}))
+    elif args.cmd == "compare":
+        out = compare_paser(args.pool)
+        json.dump(out, open(f"{RESULTS}/select_paser_compare_{args.pool}.json", "w"), indent=1)
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":

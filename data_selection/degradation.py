@@ -58,6 +58,7 @@ def _response_log_probs(model, ids: torch.Tensor, mask: torch.Tensor, positions:
     body, head = _body_and_head(model)
     hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     flat = hidden.reshape(-1, hidden.shape[-1])
+    positions = positions.to(flat.device)  # a device-mapped model ends on its last device
     for start in range(0, positions.numel(), chunk):
         sel = flat[positions[start:start + chunk]]
         yield torch.log_softmax(head(sel).float(), dim=-1)
@@ -102,8 +103,8 @@ def score_records(records: list[Record], original, pruned, *, batch_tokens: int 
         targets = torch.tensor(tgt)
         owners = torch.tensor(owner)
         sums = torch.zeros((3, len(batch)), dtype=torch.float64)
-        pairs = zip(_response_log_probs(model_o, ids.to(device), mask.to(device), positions.to(device), chunk),
-                    _response_log_probs(model_p, ids.to(device_p), mask.to(device_p), positions.to(device_p), chunk))
+        pairs = zip(_response_log_probs(model_o, ids.to(device), mask.to(device), positions, chunk),
+                    _response_log_probs(model_p, ids.to(device_p), mask.to(device_p), positions, chunk))
         for c, (lo, lp) in enumerate(pairs):
             lp = lp.to(lo.device)
             sl = slice(c * chunk, c * chunk + lo.shape[0])

@@ -22,8 +22,8 @@ def plot_report(selection, path: str | Path) -> None:
         k = int(plot.labels.max()) + 1
         cmap = plt.get_cmap("tab20" if k > 10 else "tab10")
         show = _thin(len(plot.labels), 20000)
-        left.scatter(plot.coords[show, 0], plot.coords[show, 1], c=plot.labels[show] % cmap.N, cmap=cmap, s=4,
-                     alpha=0.5, linewidths=0)
+        left.scatter(plot.coords[show, 0], plot.coords[show, 1], color=cmap(plot.labels[show] % cmap.N), s=4,
+                     alpha=0.6, linewidths=0)
         if plot.selected is not None and len(plot.selected):
             sel = plot.selected[_thin(len(plot.selected), 5000)]
             left.scatter(plot.coords[sel, 0], plot.coords[sel, 1], facecolors="none", edgecolors="black", s=10,
@@ -31,14 +31,17 @@ def plot_report(selection, path: str | Path) -> None:
             left.legend(loc="best", fontsize=8)
         left.set_title("instructions (PCA of embeddings), coloured by cluster")
         x = np.arange(len(plot.cds))
-        right.bar(x - 0.2, plot.cds, width=0.4, color="tab:red", label="CDS (mean JSD)")
+        right.bar(x - 0.2, plot.cds, width=0.4, color=[cmap(i % cmap.N) for i in x], edgecolor="black",
+                  label="CDS (mean JSD)")
         right.set_ylabel("cluster degradation score (nats)")
         right.set_xlabel("cluster")
         twin = right.twinx()
-        twin.bar(x + 0.2, plot.allocation, width=0.4, color="tab:blue", label="selected")
+        twin.bar(x + 0.2, plot.allocation, width=0.4, color="white", edgecolor="black", hatch="//",
+                 label="selected")
         twin.set_ylabel("records selected")
         handles = right.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        right.legend(handles, ["CDS (mean JSD)", "records selected"], loc="upper right", fontsize=8)
+        right.legend(handles, ["CDS (mean JSD), cluster colour", "records selected"], loc="upper left",
+                     fontsize=8, framealpha=0.9)
         right.set_xticks(x if len(x) <= 30 else x[::max(1, len(x) // 15)])
         right.set_title("degradation and budget per cluster")
     else:

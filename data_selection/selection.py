@@ -113,7 +113,10 @@ def select_records(records: list[Record], *, method: str = "paser", budget: floa
     if method == "paser":
         from data_selection.paser import PaserConfig, select_paser
 
-        config = PaserConfig(num_clusters=num_clusters, embedding_model=embedding_model, **method_kwargs)
+        try:
+            config = PaserConfig(num_clusters=num_clusters, embedding_model=embedding_model, **method_kwargs)
+        except TypeError as exc:
+            raise UserError(f"unknown PASER option: {exc}", param="method") from None
         selection = select_paser(ctx, config)
     else:
         from data_selection import baselines
