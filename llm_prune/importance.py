@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from llm_prune.families import Family, family_for, head_dim
@@ -38,12 +39,16 @@ _ROLES = {"q": "rows", "k": "rows", "v": "rows", "o": "cols", "gate": "rows", "u
 
 
 class ImportanceScorer:
-    def __init__(self, method: str = "taylor", aggregation: str = "sum", seed: int = 0):
+    def __init__(self, method: str = "taylor", aggregation: str = "sum", seed: int = 0,
+                 checkpoint_activations: bool = True):
         if method not in METHODS:
             raise ValueError(f"unknown importance method {method!r}; choose from {', '.join(METHODS)}")
         if aggregation not in ("sum", "mean", "max"):
             raise ValueError(f"unknown aggregation {aggregation!r}; choose from sum, mean, max")
         self.method, self.aggregation, self.seed = method, aggregation, seed
+        # Recompute each layer's activations in backward: with gradients freed in hooks, peak
+        # memory is then weights + one layer's activations + logits, for one extra forward.
+        self.checkpoint_activations = checkpoint_activations
 
     # -- per-element contribution, reduced to per-unit vectors -------------------------------
     def _element_term(self, w: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
@@ -138,17 +143,23 @@ class ImportanceScorer:
             kv_scores, mlp_scores = self._magnitude(model, fam)
 
         was_training = model.training
-        model.eval()  # no dropout while scoring
+        checkpointing = needs_grad and self.checkpoint_activations and model.supports_gradient_checkpointing
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()  # transformers only recomputes in training mode
+            dropouts = _zero_dropout(model)
+        else:
+            model.eval()
         total_loss, n_batches = 0.0, 0
         chunks = list(input_ids.split(batch_size))
         try:
             for step, chunk in enumerate(chunks, 1):
                 chunk = chunk.to(device)
                 with torch.set_grad_enabled(needs_grad):
-                    out = model(input_ids=chunk, labels=chunk, use_cache=False)
+                    loss = causal_lm_loss(model, chunk)
                     if needs_grad:
-                        out.loss.backward()
-                total_loss += float(out.loss.detach())
+                        loss.backward()
+                total_loss += float(loss.detach())
                 n_batches += 1
                 tokens += chunk.numel()
                 on_event(ProgressEvent("score", step, len(chunks), f"importance ({self.method})",
@@ -159,6 +170,10 @@ class ImportanceScorer:
             for p in model.parameters():
                 p.requires_grad_(saved_flags.get(id(p), True))
                 p.grad = None
+            if checkpointing:
+                model.gradient_checkpointing_disable()
+                for module, attr, value in dropouts:
+                    setattr(module, attr, value)
             model.train(was_training)
 
         if needs_grad:
@@ -169,10 +184,44 @@ class ImportanceScorer:
         layer_cos = (cos_sum / max(tokens, 1)).float()
         return Scores(kv=kv_scores, mlp=mlp_scores, layer_cos=layer_cos, loss=total_loss / max(n_batches, 1))
 
-    def _grad_hook(self, acc, key, role, units):
+    def _grad_hook(self, acc, key, role, units):  # noqa: D401 - closure factory
         def hook(param: torch.Tensor) -> None:
             with torch.no_grad():
                 contrib = self._reduce(self._element_term(param, param.grad), role, units).cpu()
             acc[key] = acc[key] + contrib if key in acc else contrib
             param.grad = None  # freed as soon as it is scored
         return hook
+
+
+def _zero_dropout(model: nn.Module) -> list[tuple[nn.Module, str, float]]:
+    """Scoring must be deterministic even in training mode: switch dropout off."""
+    saved = []
+    for module in model.modules():
+        attr = "p" if isinstance(module, nn.Dropout) else "attention_dropout"
+        value = getattr(module, attr, None)
+        if isinstance(value, float) and value > 0:
+            saved.append((module, attr, value))
+            setattr(module, attr, 0.0)
+    return saved
+
+
+def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
+    """Mean next-token loss with the LM head applied in checkpointed chunks of tokens, so the
+    [tokens x vocab] logits (the largest activation of a small model) never exist all at once."""
+    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    labels = input_ids[:, 1:].reshape(-1)
+
+    def chunk_loss(h_part: torch.Tensor, y_part: torch.Tensor) -> torch.Tensor:
+        logits = head(h_part).float()
+        return torch.nn.functional.cross_entropy(logits, y_part, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_tokens):
+        part = (h[start:start + chunk_tokens], labels[start:start + chunk_tokens])
+        if torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, *part, use_reentrant=False)
+        else:
+            total = total + chunk_loss(*part)
+    return total / labels.numel()
