@@ -45,7 +45,7 @@ def metric_rows(results: dict) -> list[tuple[str, float, str]]:
     return rows
 
 
-def format_table(results: dict, *, compare: dict | None = None, names: tuple[str, str] = ("A", "B"),
+def format_table(results: dict, *, compare: dict | None = None, names: tuple[str, str] = ("value", "B"),
                  markdown: bool = False) -> str:
     """One column per model; with `compare`, a B/A ratio column."""
     rows = metric_rows(results)
