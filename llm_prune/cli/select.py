@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         sample_per_cluster: Optional[int] = typer.Option(
             None, "--sample-per-cluster",
             help="estimate each cluster's degradation from N samples and score only the candidates needed"),
+        max_length: int = typer.Option(512, "--max-length", help="tokens per sample when scoring (paser)"),
         no_conflict_filter: bool = typer.Option(False, "--no-conflict-filter", help="keep contradicting samples"),
         device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto"),
         seed: int = typer.Option(0),
@@ -54,7 +55,10 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--method {method} needs --original and --pruned", param="original")
         method_kwargs = {}
         if method == "paser":
-            method_kwargs = {"sample_per_cluster": sample_per_cluster, "conflict_filter": not no_conflict_filter}
+            if max_length < 8:
+                raise UserError(f"--max-length must be at least 8, got {max_length}", param="max_length")
+            method_kwargs = {"sample_per_cluster": sample_per_cluster, "conflict_filter": not no_conflict_filter,
+                             "max_length": max_length}
         elif sample_per_cluster is not None:
             raise UserError("--sample-per-cluster applies to --method paser only", param="sample_per_cluster")
         renderer = TqdmRenderer(disable=as_json)
