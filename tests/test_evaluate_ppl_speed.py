@@ -85,3 +85,17 @@ def test_seq_len_forms():
     assert _seq_lens(["128", 2048, "128"], 4096) == [128, 2048]
     with pytest.raises(UserError):
         _seq_lens("12x", 512)
+
+
+def test_ppl_text_from_saved_dataset(tmp_path):
+    import datasets
+
+    from llm_prune.evaluate import read_text_dataset
+
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["a b", "c d"], "n": [1, 2]})}) \
+        .save_to_disk(str(tmp_path / "ds"))
+    assert read_text_dataset(str(tmp_path / "ds"), split="test", column="text") == "a b\n\nc d"
+    with pytest.raises(UserError, match="column 'body' not in dataset"):
+        read_text_dataset(str(tmp_path / "ds"), split="test", column="body")
+    with pytest.raises(UserError, match="split 'train' not in"):
+        read_text_dataset(str(tmp_path / "ds"), split="train")
