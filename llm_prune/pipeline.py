@@ -166,7 +166,9 @@ class Job:
         pruned = self.load(str(self.out / "pruned")) if needs_models else None
         sel = select_records(records, method=r.data.selection, budget=r.data.budget, original=original,
                              pruned=pruned, token_budget=r.data.token_budget, num_clusters=r.data.num_clusters,
-                             embedding_model=r.data.embedding_model, seed=r.recovery.seed, on_event=self.on_event)
+                             embedding_model=r.data.embedding_model, seed=r.recovery.seed, on_event=self.on_event,
+                             **({"sample_per_cluster": r.data.sample_per_cluster}
+                                if r.data.selection == "paser" and r.data.sample_per_cluster else {}))
         write_selection(sel, path)
         out = {"selected": len(sel.records), "pool": len(records), "method": r.data.selection}
         _mark(path, out)

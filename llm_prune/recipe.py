@@ -59,6 +59,8 @@ class DataConfig(_Strict):
     token_budget: int | None = Field(None, gt=0)
     num_clusters: int | None = Field(None, ge=2)
     embedding_model: str | None = None
+    sample_per_cluster: int | None = Field(None, ge=1, description="PASER: estimate each cluster's degradation "
+                                           "from this many samples and score only ranking candidates")
 
 
 class RecoveryConfig(_Strict):
