@@ -98,7 +98,7 @@ def load_with_transformers(path: Path):
     # A checkpoint with per-layer widths carries its modeling file (auto_map); a uniform one needs none.
     remote = "auto_map" in json.loads((path / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=remote)
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
 
 
 def weight_bytes(model) -> int:

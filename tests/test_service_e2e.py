@@ -118,7 +118,7 @@ def test_submit_poll_download_load_isolation_restart(env, tmp_path):
         # Per-layer widths ship their modeling file in the checkpoint (auto_map); uniform ones need none.
         remote = "auto_map" in json.loads((model_dir / "config.json").read_text())
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=remote)
-        tok = AutoTokenizer.from_pretrained(model_dir)
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
         out = model(**tok("The quick brown fox", return_tensors="pt"))
         assert out.logits.shape[-1] == model.config.vocab_size
         dense = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(env["model"]).parameters())
