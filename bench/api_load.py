@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from service.launch import Server
 
@@ -90,7 +91,11 @@ def main() -> None:
                     raise SystemExit("the job did not start within 300 s")
                 time.sleep(0.5)
             load_before = os.getloadavg()[0]
+            server_proc = psutil.Process(server.proc.pid)  # the API process alone, not the job's
+            cpu_before = sum(server_proc.cpu_times()[:2])
             result = asyncio.run(measure(server.url, job["id"], args.pollers, args.duration))
+            result["server_cpu_ms_per_request"] = round(
+                (sum(server_proc.cpu_times()[:2]) - cpu_before) * 1000 / max(1, result["requests"]), 2)
             if result["errors"]:
                 raise SystemExit(f"{result['errors']} requests failed")
             after = httpx.get(f"{server.url}/v1/jobs/{job['id']}").json()
