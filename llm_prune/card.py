@@ -40,7 +40,7 @@ def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], param
         "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "tokenizer = AutoTokenizer.from_pretrained(path)",
+        "tokenizer = AutoTokenizer.from_pretrained(path" + (", trust_remote_code=True)" if needs_remote_code else ")"),
         load,
         "```",
         "",
@@ -48,7 +48,7 @@ def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], param
     if needs_remote_code:
         lines += ["Layers were pruned to different widths, so `config.json` lists them under `per_layer_config` "
                   "and `modeling_pruned.py` (stock transformers code, one config view per layer) builds them; "
-                  "that is why `trust_remote_code=True` is needed.", ""]
+                  "that is why `trust_remote_code=True` is needed (the tokenizer reads the same config).", ""]
     if metrics:
         lines += ["## Measured", "", "```json", json.dumps(metrics, indent=2, default=str), "```", ""]
     lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2, default=str), "```", ""]
