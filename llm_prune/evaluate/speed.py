@@ -42,9 +42,10 @@ def disk_bytes(checkpoint_dir: str | Path) -> dict:
 
 
 class _PeakRss:
-    """Samples the process RSS in a thread (CPU has no allocator peak counter to read)."""
+    """Samples the process RSS in a thread (CPU has no allocator peak counter to read). Sparse
+    sampling: a thread waking often competes for the GIL with the decode loop's many small ops."""
 
-    def __init__(self, interval: float = 0.005):
+    def __init__(self, interval: float = 0.05):
         import psutil
 
         self._proc = psutil.Process()
