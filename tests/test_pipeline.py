@@ -84,6 +84,17 @@ def test_run_end_to_end_then_resume(tiny_llama, job_inputs, tmp_path, monkeypatc
     assert again["final"] == summary["final"]
 
 
+def test_adapt_accel_splits_the_step_budget(tiny_llama, job_inputs, tmp_path):
+    """With T stages, max_steps is the total: T-1 shares run between stages, the rest after selection."""
+    pool, text = job_inputs
+    recipe = _recipe(tiny_llama, pool, text, pruning={"allocation": "adaptive", "stages": 3},
+                     recovery={"max_steps": 7}, evaluation={"ppl": None})
+    summary = pipeline.run_recipe(recipe, tmp_path / "job")
+    assert sorted(p.name for p in (tmp_path / "job" / "pruned").glob("interstage-*")) == ["interstage-1",
+                                                                                          "interstage-2"]
+    assert summary["recovered"]["steps"] == 7 - 2 * (7 // 3)
+
+
 @pytest.mark.parametrize("over,needle", [
     ({"recovery": {"method": "magic"}}, "recovery.method"),
     ({"recovery": {"max_steps": -1}}, "recovery.max_steps"),
