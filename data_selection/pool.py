@@ -117,21 +117,32 @@ def normalise(row: Any, source_id: str) -> Record:
     return Record(prompt=prompt, response=response, source_id=source_id, system=system)
 
 
-def _iter_json_array(text: str, name: str) -> Iterator[tuple[str, Any]]:
-    """Decode a JSON array element by element, so a truncated file still yields its good records."""
+def _iter_json_array(fh, name: str, chunk_chars: int = 8 << 20) -> Iterator[tuple[str, Any]]:
+    """Decode a JSON array element by element, reading it in chunks: a big file never sits in memory
+    whole, and a truncated file still yields its good records."""
     decoder = json.JSONDecoder()
+    text, eof = fh.read(chunk_chars), False
     pos = text.index("[") + 1
     n = 0
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
-        if pos >= len(text) or text[pos] == "]":
+        if pos < len(text) and text[pos] == "]":
             return
         try:
+            if pos >= len(text):
+                raise json.JSONDecodeError("end of buffer", text, pos)
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            yield f"{name}:{text.count(chr(10), 0, pos) + 1}", MalformedRecord(
-                f"element {n}: invalid JSON ({exc.msg}){' - file truncated?' if exc.pos >= len(text) - 1 else ''}")
+            if not eof:  # the element may straddle the chunk boundary: read on and retry
+                more = fh.read(chunk_chars)
+                eof = not more
+                text, pos = text[pos:] + more, 0
+                continue
+            if pos >= len(text):
+                return
+            yield f"{name}[{n}]", MalformedRecord(
+                f"element {n}: invalid JSON ({exc.msg}){'' if text.rstrip().endswith(']') else ' - file truncated?'}")
             return
         yield f"{name}[{n}]", obj
         pos, n = end, n + 1
@@ -143,11 +154,14 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
     if suffix in (".jsonl", ".ndjson"):
         yield from _iter_json_lines(path)
     elif suffix == ".json":
-        text = path.read_text(encoding="utf-8", errors="replace")
-        head = text.lstrip()[:1]
-        if head == "[":
-            yield from _iter_json_array(text, name)
-        elif head == "{":
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            head = fh.read(4096).lstrip()[:1]
+            if head == "[":
+                fh.seek(0)
+                yield from _iter_json_array(fh, name)
+                return
+        if head == "{":
+            text = path.read_text(encoding="utf-8", errors="replace")
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError:
@@ -201,37 +215,42 @@ def _is_datasets_dir(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
-def load_pool(path: str | Path, limit: int | None = None) -> PoolLoad:
-    """Load and normalise a recovery pool. `limit` stops after that many good records."""
+def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """(location, raw row) for every row of a pool file or folder, in order, before normalising;
+    a row that cannot be decoded comes as a MalformedRecord."""
     path = Path(path).expanduser()
     if not path.exists():
         raise UserError(f"pool not found: {path}", param="pool")
     if path.is_dir():
         if _is_datasets_dir(path):
-            sources = [_iter_datasets_dir(path)]
-        else:
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and p.is_file())
-            if not files:
-                raise UserError(f"pool folder {path} holds no datasets folder and no "
-                                f"{'/'.join(FILE_SUFFIXES)} files", param="pool")
-            sources = [_iter_file(p) for p in files]
-    else:
-        if path.suffix.lower() not in FILE_SUFFIXES:
-            raise UserError(f"pool file {path} has an unsupported type; use {', '.join(FILE_SUFFIXES)} "
-                            f"or a datasets folder", param="pool")
-        sources = [_iter_file(path)]
+            yield from _iter_datasets_dir(path)
+            return
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and p.is_file())
+        if not files:
+            raise UserError(f"pool folder {path} holds no datasets folder and no "
+                            f"{'/'.join(FILE_SUFFIXES)} files", param="pool")
+        for f in files:
+            yield from _iter_file(f)
+        return
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise UserError(f"pool file {path} has an unsupported type; use {', '.join(FILE_SUFFIXES)} "
+                        f"or a datasets folder", param="pool")
+    yield from _iter_file(path)
+
+
+def load_pool(path: str | Path, limit: int | None = None) -> PoolLoad:
+    """Load and normalise a recovery pool. `limit` stops after that many good records."""
     load = PoolLoad()
-    for source in sources:
-        for location, row in source:
-            if isinstance(row, MalformedRecord):
-                load.errors.append((location, str(row)))
-                continue
-            try:
-                load.records.append(normalise(row, location))
-            except MalformedRecord as exc:
-                load.errors.append((location, str(exc)))
-            if limit is not None and len(load.records) >= limit:
-                return load
+    for location, row in iter_rows(path):
+        if isinstance(row, MalformedRecord):
+            load.errors.append((location, str(row)))
+            continue
+        try:
+            load.records.append(normalise(row, location))
+        except MalformedRecord as exc:
+            load.errors.append((location, str(exc)))
+        if limit is not None and len(load.records) >= limit:
+            return load
     if not load.records:
         first = f"; first problem: {load.errors[0][0]}: {load.errors[0][1]}" if load.errors else ""
         raise UserError(f"pool {path} holds no usable records ({len(load.errors)} malformed){first}", param="pool")

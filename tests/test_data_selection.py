@@ -55,6 +55,23 @@ def test_truncated_json_array_keeps_good_records(tmp_path):
     assert len(load.errors) == 1 and "truncated" in load.errors[0][1]
 
 
+@pytest.mark.parametrize("chunk", [5, 64, 1 << 20])
+def test_json_array_is_read_in_chunks(tmp_path, chunk):
+    """Elements straddling chunk boundaries decode the same; a cut file still reports its truncation."""
+    from data_selection.pool import MalformedRecord, _iter_json_array
+
+    rows = [{"instruction": f"question {i} é", "output": "x" * (i * 7)} for i in range(1, 12)]
+    text = json.dumps(rows)
+    with (tmp_path / "a.json").open("w") as fh:
+        fh.write(text)
+    with (tmp_path / "a.json").open() as fh:
+        assert [r for _, r in _iter_json_array(fh, "a.json", chunk_chars=chunk)] == rows
+    (tmp_path / "cut.json").write_text(text[:-10])
+    with (tmp_path / "cut.json").open() as fh:
+        got = [r for _, r in _iter_json_array(fh, "cut.json", chunk_chars=chunk)]
+    assert got[:-1] == rows[:-1] and isinstance(got[-1], MalformedRecord) and "truncated" in str(got[-1])
+
+
 def test_csv_parquet_and_datasets_folder(tmp_path):
     import datasets
 
