@@ -8,6 +8,7 @@ finished stages and resumes after the last one. Stages report through `on_event`
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -42,6 +43,23 @@ def _fresh(path: Path) -> Path:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _stage(name: str):
+    """A stage method skips when OUT/<name> is done, else starts it afresh and marks it done with
+    what it returns."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(self, *args):
+            path = self.out / name
+            if _done(path):
+                return _read(path)
+            _fresh(path)
+            out = fn(self, path, *args)
+            _mark(path, out)
+            return out
+        return run
+    return wrap
 
 
 class Job:
@@ -83,28 +101,21 @@ class Job:
         return pool.records
 
     # -- stages --------------------------------------------------------------------------------
-    def baseline(self) -> dict:
-        path = self.out / "baseline"
-        if _done(path):
-            return _read(path)
-        _fresh(path)
+    @_stage("baseline")
+    def baseline(self, path: Path) -> dict:
         self.event("baseline", "stage_start", "evaluating the dense model")
         model, tok = self.load(self.recipe.model)
         metrics = self.evaluate("baseline", model, tok)
-        _mark(path, metrics)
         self.event("baseline", "stage_end", metrics=_headline(metrics))
         return metrics
 
-    def prune(self) -> dict:
+    @_stage("pruned")
+    def prune(self, path: Path) -> dict:
         from llm_prune.card import model_card
         from llm_prune.export import export_checkpoint
         from llm_prune.families import layer_shapes
         from llm_prune.prune import prune_model
 
-        path = self.out / "pruned"
-        if _done(path):
-            return _read(path)
-        _fresh(path)
         r = self.recipe
         self.event("prune", "stage_start", f"pruning {r.model}")
         t0 = time.perf_counter()
@@ -123,7 +134,6 @@ class Job:
                "params_target": result.params_target, "needs_remote_code": info["needs_remote_code"],
                "wall_s": time.perf_counter() - t0, "timings": result.timings, "eval": metrics}
         self._fold_eval(path, metrics, "pruned")
-        _mark(path, out)
         self.event("prune", "stage_end", metrics={"params": result.params_after, **_headline(metrics)})
         return out
 
@@ -148,14 +158,10 @@ class Job:
 
         return between
 
-    def select(self) -> dict:
-        path = self.out / "selection"
-        if _done(path):
-            return _read(path)
+    @_stage("selection")
+    def select(self, path: Path) -> dict:
         r = self.recipe
-        _fresh(path)
         if not r.data.pool or r.recovery.method == "none":
-            _mark(path, {"skipped": True})
             return {"skipped": True}
         from data_selection import select_records, write_selection
 
@@ -173,18 +179,13 @@ class Job:
         write_selection(sel, path)
         out = {"selected": len(sel.records), "pool": len(records), "method": r.data.selection,
                "wall_s": time.perf_counter() - t0}
-        _mark(path, out)
         self.event("select", "stage_end", metrics=out)
         return out
 
-    def recover(self) -> dict:
-        path = self.out / "recovered"
-        if _done(path):
-            return _read(path)
+    @_stage("recovered")
+    def recover(self, path: Path) -> dict:
         r = self.recipe
-        _fresh(path)
         if r.recovery.method == "none" or not (self.out / "selection" / "selected.jsonl").exists():
-            _mark(path, {"skipped": True})
             return {"skipped": True}
         from data_selection.pool import load_pool
         from llm_prune.export import export_checkpoint
@@ -197,22 +198,19 @@ class Job:
         cfg = r.recovery
         if r.pruning.stages > 1 and r.data.pool and cfg.epochs is None:
             # Adapt-Accel: max_steps is the whole training budget; the stages before spent their share.
-            cfg = cfg.model_copy(update={"max_steps": max(1, cfg.max_steps - (r.pruning.stages - 1) * _interstage_steps(r))})
+            spent = (r.pruning.stages - 1) * _interstage_steps(r)
+            cfg = cfg.model_copy(update={"max_steps": max(1, cfg.max_steps - spent)})
         result = recover(model, tok, records, cfg, path / "work", teacher=teacher, on_event=self.on_event)
         export_checkpoint(result.model, tok, path / "checkpoint",
                           extra_meta={"recipe": r.model_dump(), "base_model": r.model})
-        _mark(path, result.metrics)
         self.event("recover", "stage_end", metrics=result.metrics)
         return result.metrics
 
-    def final(self, summary: dict) -> dict:
+    @_stage("final")
+    def final(self, path: Path, summary: dict) -> dict:
         from llm_prune.card import model_card
         from llm_prune.families import layer_shapes
 
-        path = self.out / "final"
-        if _done(path):
-            return _read(path)
-        _fresh(path)
         r = self.recipe
         src = self.out / "recovered" / "checkpoint"
         if not (src / "config.json").exists():
@@ -234,7 +232,6 @@ class Job:
         if src.name == "checkpoint":
             self._fold_eval(path, metrics, "recovered")
         out = {"eval": metrics, "path": str(path)}
-        _mark(path, out)
         self.event("final", "stage_end", metrics=_headline(metrics))
         return out
 
