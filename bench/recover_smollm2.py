@@ -1,7 +1,7 @@
 """Recovery on SmolLM2-135M: the recovery table, trainable-parameter fractions and training speed.
 
-    .venv/bin/python bench/recover_smollm2.py table [--pool 20000] [--budget 2000] [--steps 100]
-        [--micro-batch 4] [--cutoff 256] [--windows 256] [--limit 100]
+    .venv/bin/python bench/recover_smollm2.py table [--pool 20000] [--budget 200] [--steps 100]
+        [--micro-batch 2] [--cutoff 256] [--windows 256] [--limit 100]
     .venv/bin/python bench/recover_smollm2.py speed --steps 8 --out bench/results/recover_speed.json
 
 `table`: SmolLM2-135M pruned by 20% of parameters, the same data and step budget per row. Rows:
@@ -203,10 +203,11 @@ def main() -> None:
     sp.add_argument("--out", default="bench/results/recover_speed.json")
     tp = sub.add_parser("table")
     tp.add_argument("--pool", type=int, default=20000, help="records in the mixed pool")
-    tp.add_argument("--budget", type=int, default=2000, help="records selected for recovery")
+    tp.add_argument("--budget", type=int, default=200,
+                    help="records selected for recovery (default: one epoch of --steps x --micro-batch)")
     tp.add_argument("--steps", type=int, default=100)
     tp.add_argument("--cutoff", type=int, default=256)
-    tp.add_argument("--micro-batch", type=int, default=4)
+    tp.add_argument("--micro-batch", type=int, default=2)
     tp.add_argument("--perp-lr", type=float, default=1e-3)
     tp.add_argument("--sample-per-cluster", type=int, default=16, help="PASER's sampled degradation estimate")
     tp.add_argument("--windows", type=int, default=256)

@@ -171,11 +171,14 @@ class Job:
         needs_models = r.data.selection in ("paser", "loss")
         original = self.load(r.model) if needs_models else None
         pruned = self.load(str(self.out / "pruned")) if needs_models else None
+        paser = {}
+        if r.data.selection == "paser":
+            # Degradation past the training cutoff is never trained on: score only what recovery sees.
+            paser = {"max_length": r.recovery.cutoff_len, "sample_per_cluster": r.data.sample_per_cluster}
         sel = select_records(records, method=r.data.selection, budget=r.data.budget, original=original,
                              pruned=pruned, token_budget=r.data.token_budget, num_clusters=r.data.num_clusters,
                              embedding_model=r.data.embedding_model, seed=r.recovery.seed, on_event=self.on_event,
-                             **({"sample_per_cluster": r.data.sample_per_cluster}
-                                if r.data.selection == "paser" and r.data.sample_per_cluster else {}))
+                             **paser)
         write_selection(sel, path)
         out = {"selected": len(sel.records), "pool": len(records), "method": r.data.selection,
                "wall_s": time.perf_counter() - t0}

@@ -95,6 +95,24 @@ def test_adapt_accel_splits_the_step_budget(tiny_llama, job_inputs, tmp_path):
     assert summary["recovered"]["steps"] == 7 - 2 * (7 // 3)
 
 
+
+def test_paser_scores_up_to_the_training_cutoff(tiny_llama, job_inputs, tmp_path, monkeypatch):
+    import data_selection
+
+    seen = {}
+
+    def fake_select(records, **kw):
+        seen.update(kw)
+        raise KeyboardInterrupt  # stop the job here
+
+    monkeypatch.setattr(data_selection, "select_records", fake_select)
+    pool, text = job_inputs
+    recipe = _recipe(tiny_llama, pool, text, data={"selection": "paser", "sample_per_cluster": 4},
+                     recovery={"cutoff_len": 48}, evaluation={"ppl": None})
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_recipe(recipe, tmp_path / "job")
+    assert seen["max_length"] == 48 and seen["sample_per_cluster"] == 4 and seen["method"] == "paser"
+
 @pytest.mark.parametrize("over,needle", [
     ({"recovery": {"method": "magic"}}, "recovery.method"),
     ({"recovery": {"max_steps": -1}}, "recovery.max_steps"),
