@@ -133,11 +133,17 @@ def row(name: str, ev: dict, summary: dict | None = None) -> dict:
            "tasks": {t: v[v["metric"]] for t, v in ev.get("tasks", {}).items()}}
     if summary is not None:
         rec = summary.get("recovered") or {}
+        between = summary["pruned"].get("interstage_recovery", [])  # Adapt-Accel's runs between stages
+        out.update(interstage_steps=sum(m["steps"] for m in between),
+                   interstage_tokens=sum(m["tokens"] for m in between),
+                   interstage_wall_s=sum(m["wall_s"] for m in between))
         out.update(row_wall_s=summary["row_wall_s"], prune_wall_s=summary["pruned"]["wall_s"],
                    select_wall_s=(summary.get("selection") or {}).get("wall_s"),
                    train_wall_s=rec.get("wall_s"), steps=rec.get("steps"), tokens=rec.get("tokens"),
                    trainable_fraction=rec.get("trainable_fraction"),
                    train_loss_first=rec.get("train_loss_first"), train_loss_last=rec.get("train_loss_last"))
+        if rec.get("tokens") is not None:
+            out["train_tokens"] = rec["tokens"] + out["interstage_tokens"]
     return out
 
 
@@ -182,12 +188,12 @@ def table(args) -> None:
           f"{args.micro_batch} x cutoff {args.cutoff}; ppl@128 on {args.windows} windows; "
           f"seven tasks x {args.limit} items")
     # prune/select/train walls of a row seeded from another row's stages are that row's (copied) stages.
-    print("| row | ppl@128 | 7-task avg | train tokens | prune (s) | select (s) | train (s) | row wall (s) |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| row | ppl@128 | 7-task avg | train tokens (all stages) | prune (s) | select (s) | train (s) "
+          "| row wall (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         def f(key, fmt="{:.0f}"):
             return "" if r.get(key) is None else fmt.format(r[key])
-        print(f"| {r['row']} | {r['ppl']:.2f} | {100 * r['avg']:.2f} | {f('tokens', '{:,}')} | "
+        print(f"| {r['row']} | {r['ppl']:.2f} | {100 * r['avg']:.2f} | {f('train_tokens', '{:,}')} | "
               f"{f('prune_wall_s')} | {f('select_wall_s')} | {f('train_wall_s')} | {f('row_wall_s')} |")
 
 

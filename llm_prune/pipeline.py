@@ -120,7 +120,8 @@ class Job:
         self.event("prune", "stage_start", f"pruning {r.model}")
         t0 = time.perf_counter()
         model, tok = self.load(r.model)
-        between = self._between_stages(tok) if r.pruning.stages > 1 else None
+        interstage: list[dict] = []
+        between = self._between_stages(tok, interstage) if r.pruning.stages > 1 else None
         result = prune_model(model, tok, r.budget, r.pruning, on_event=self.on_event, between_stages=between)
         model = result.model
         metrics = self.evaluate("pruned", model, tok)
@@ -132,13 +133,15 @@ class Job:
         (path / "plan.json").write_text(json.dumps([p.to_dict() for p in result.plans]))
         out = {"params_before": result.params_before, "params_after": result.params_after,
                "params_target": result.params_target, "needs_remote_code": info["needs_remote_code"],
-               "wall_s": time.perf_counter() - t0, "timings": result.timings, "eval": metrics}
+               "wall_s": time.perf_counter() - t0, "timings": result.timings, "eval": metrics,
+               "interstage_recovery": interstage}
         self._fold_eval(path, metrics, "pruned")
         self.event("prune", "stage_end", metrics={"params": result.params_after, **_headline(metrics)})
         return out
 
-    def _between_stages(self, tok):
-        """Adapt-Accel: a short recovery run between pruning stages on a seeded sample of the pool."""
+    def _between_stages(self, tok, log: list[dict]):
+        """Adapt-Accel: a short recovery run between pruning stages on a seeded sample of the pool;
+        each run's metrics are appended to `log`."""
         r = self.recipe
         if r.recovery.method == "none" or not r.data.pool:
             return None
@@ -153,8 +156,10 @@ class Job:
             cfg = r.recovery.model_copy(update={"max_steps": steps, "keep_adapter": False,
                                                 "method": "lora" if r.recovery.method == "qlora" else r.recovery.method})
             self.event("prune", "progress", f"recovery between stages {stage} and {stage + 1} ({steps} steps)")
-            return recover(model, tok, sample, cfg, self.out / "pruned" / f"interstage-{stage}",
-                           on_event=self.on_event).model
+            result = recover(model, tok, sample, cfg, self.out / "pruned" / f"interstage-{stage}",
+                             on_event=self.on_event)
+            log.append({"after_stage": stage, **result.metrics})
+            return result.model
 
         return between
 

@@ -93,6 +93,7 @@ def test_adapt_accel_splits_the_step_budget(tiny_llama, job_inputs, tmp_path):
     assert sorted(p.name for p in (tmp_path / "job" / "pruned").glob("interstage-*")) == ["interstage-1",
                                                                                           "interstage-2"]
     assert summary["recovered"]["steps"] == 7 - 2 * (7 // 3)
+    assert [(m["after_stage"], m["steps"]) for m in summary["pruned"]["interstage_recovery"]] == [(1, 2), (2, 2)]
 
 
 
