@@ -130,19 +130,15 @@ def _iter_json_array(fh, name: str, chunk_chars: int = 8 << 20) -> Iterator[tupl
         if pos < len(text) and text[pos] == "]":
             return
         try:
-            if pos >= len(text):
-                raise json.JSONDecodeError("end of buffer", text, pos)
             obj, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            if not eof:  # the element may straddle the chunk boundary: read on and retry
+            if not eof:  # the buffer ends inside (or just before) this element: read on and retry
                 more = fh.read(chunk_chars)
-                eof = not more
-                text, pos = text[pos:] + more, 0
+                text, pos, eof = text[pos:] + more, 0, not more
                 continue
-            if pos >= len(text):
-                return
-            yield f"{name}[{n}]", MalformedRecord(
-                f"element {n}: invalid JSON ({exc.msg}){'' if text.rstrip().endswith(']') else ' - file truncated?'}")
+            if pos < len(text):
+                yield f"{name}[{n}]", MalformedRecord(f"element {n}: invalid JSON ({exc.msg})"
+                                                      f"{'' if text.rstrip().endswith(']') else ' - file truncated?'}")
             return
         yield f"{name}[{n}]", obj
         pos, n = end, n + 1

@@ -150,7 +150,7 @@ class Job:
         records = self.records()
         rng = random.Random(r.recovery.seed)
         sample = rng.sample(records, min(len(records), _budget_count(r.data.budget, len(records))))
-        steps = _interstage_steps(r)
+        steps, _ = _adapt_accel_steps(r)
 
         def between(model, stage: int):
             cfg = r.recovery.model_copy(update={"max_steps": steps, "keep_adapter": False,
@@ -205,9 +205,7 @@ class Job:
         teacher = self.load(r.model)[0] if r.recovery.distill_weight > 0 else None
         cfg = r.recovery
         if r.pruning.stages > 1 and r.data.pool and cfg.epochs is None:
-            # Adapt-Accel: max_steps is the whole training budget; the stages before spent their share.
-            spent = (r.pruning.stages - 1) * _interstage_steps(r)
-            cfg = cfg.model_copy(update={"max_steps": max(1, cfg.max_steps - spent)})
+            cfg = cfg.model_copy(update={"max_steps": _adapt_accel_steps(r)[1]})  # the stages before spent theirs
         result = recover(model, tok, records, cfg, path / "work", teacher=teacher, on_event=self.on_event)
         export_checkpoint(result.model, tok, path / "checkpoint",
                           extra_meta={"recipe": r.model_dump(), "base_model": r.model})
@@ -276,9 +274,11 @@ def finished_stages(out_dir: str | Path) -> list[str]:
     return [s for s in STAGES if _done(Path(out_dir) / s)]
 
 
-def _interstage_steps(r) -> int:
-    """Steps of each recovery run between pruning stages: an equal share of the total step budget."""
-    return max(1, r.recovery.max_steps // r.pruning.stages)
+def _adapt_accel_steps(r) -> tuple[int, int]:
+    """Adapt-Accel: max_steps is the whole budget. Each of the T-1 runs between pruning stages gets
+    an equal share; the recovery after data selection gets the rest."""
+    per_stage = max(1, r.recovery.max_steps // r.pruning.stages)
+    return per_stage, max(1, r.recovery.max_steps - (r.pruning.stages - 1) * per_stage)
 
 
 def _budget_count(budget: float, n: int) -> int:

@@ -96,7 +96,6 @@ def test_adapt_accel_splits_the_step_budget(tiny_llama, job_inputs, tmp_path):
     assert [(m["after_stage"], m["steps"]) for m in summary["pruned"]["interstage_recovery"]] == [(1, 2), (2, 2)]
 
 
-
 def test_paser_scores_up_to_the_training_cutoff(tiny_llama, job_inputs, tmp_path, monkeypatch):
     import data_selection
 
@@ -113,6 +112,7 @@ def test_paser_scores_up_to_the_training_cutoff(tiny_llama, job_inputs, tmp_path
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_recipe(recipe, tmp_path / "job")
     assert seen["max_length"] == 48 and seen["sample_per_cluster"] == 4 and seen["method"] == "paser"
+
 
 @pytest.mark.parametrize("over,needle", [
     ({"recovery": {"method": "magic"}}, "recovery.method"),
