@@ -129,8 +129,13 @@ def run_row(recipe: dict, out: Path, seed_from: Path | None = None, stages=("bas
 
 
 def row(name: str, ev: dict, summary: dict | None = None) -> dict:
-    out = {"row": name, "ppl": ev["ppl"]["ppl"], "avg": ev.get("average"),
-           "tasks": {t: v[v["metric"]] for t, v in ev.get("tasks", {}).items()}}
+    tasks = ev.get("tasks", {})
+    scores = {t: v[v["metric"]] for t, v in tasks.items()}
+    out = {"row": name, "ppl": ev["ppl"]["ppl"], "avg": ev.get("average"), "tasks": scores,
+           # standard error of the task average (independent tasks) and the average without BoolQ,
+           # whose yes/no answer bias can swing it on its own
+           "avg_stderr": sum(v[v["metric"] + "_stderr"] ** 2 for v in tasks.values()) ** 0.5 / len(tasks),
+           "avg_without_boolq": statistics.mean(v for t, v in scores.items() if t != "boolq")}
     if summary is not None:
         rec = summary.get("recovered") or {}
         between = summary["pruned"].get("interstage_recovery", [])  # Adapt-Accel's runs between stages
@@ -183,17 +188,24 @@ def table(args) -> None:
               "cutoff": args.cutoff, "windows": args.windows, "limit": args.limit,
               "machine": {"cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available(),
                           "torch": torch.__version__}}
+    from llm_prune.evaluate.tasks import load_task
+
+    boolq = load_task("boolq", args.limit)
+    budget["boolq_always_yes"] = sum(item.gold for item in boolq) / len(boolq)
     (out / "table.json").write_text(json.dumps({"budget": budget, "rows": rows}, indent=2))
     print(f"\npool {args.pool} records, {args.budget} selected, {args.steps} steps x micro-batch "
           f"{args.micro_batch} x cutoff {args.cutoff}; ppl@128 on {args.windows} windows; "
           f"seven tasks x {args.limit} items")
     # prune/select/train walls of a row seeded from another row's stages are that row's (copied) stages.
-    print("| row | ppl@128 | 7-task avg | train tokens (all stages) | prune (s) | select (s) | train (s) "
-          "| row wall (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"task average standard error: {100 * max(r['avg_stderr'] for r in rows):.1f} points at most; "
+          f"answering 'yes' to every BoolQ item scores {100 * budget['boolq_always_yes']:.0f}%")
+    print("| row | ppl@128 | 7-task avg | 6-task avg (no BoolQ) | train tokens (all stages) | prune (s) | select (s) "
+          "| train (s) | row wall (s) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         def f(key, fmt="{:.0f}"):
             return "" if r.get(key) is None else fmt.format(r[key])
-        print(f"| {r['row']} | {r['ppl']:.2f} | {100 * r['avg']:.2f} | {f('train_tokens', '{:,}')} | "
+        print(f"| {r['row']} | {r['ppl']:.2f} | {100 * r['avg']:.2f} | {100 * r['avg_without_boolq']:.2f} | "
+              f"{f('train_tokens', '{:,}')} | "
               f"{f('prune_wall_s')} | {f('select_wall_s')} | {f('train_wall_s')} | {f('row_wall_s')} |")
 
 
