@@ -111,35 +111,30 @@ class Job:
 
     @_stage("pruned")
     def prune(self, path: Path) -> dict:
-        from llm_prune.card import model_card
-        from llm_prune.export import export_checkpoint
-        from llm_prune.families import layer_shapes
-        from llm_prune.prune import prune_model
+        from llm_prune.prune_stage import prune_to_checkpoint
 
         r = self.recipe
         self.event("prune", "stage_start", f"pruning {r.model}")
         t0 = time.perf_counter()
-        model, tok = self.load(r.model)
         interstage: list[dict] = []
-        between = self._between_stages(tok, interstage) if r.pruning.stages > 1 else None
-        result = prune_model(model, tok, r.budget, r.pruning, on_event=self.on_event, between_stages=between)
-        model = result.model
-        metrics = self.evaluate("pruned", model, tok)
-        info = export_checkpoint(model, tok, path, extra_meta={"recipe": r.model_dump(), "base_model": r.model})
-        card = model_card(base_model=r.model, recipe=r.model_dump(), shapes=layer_shapes(model),
-                          params_before=result.params_before, params_after=result.params_after,
-                          needs_remote_code=info["needs_remote_code"])
-        (path / "README.md").write_text(card)
-        (path / "plan.json").write_text(json.dumps([p.to_dict() for p in result.plans]))
-        out = {"params_before": result.params_before, "params_after": result.params_after,
-               "params_target": result.params_target, "needs_remote_code": info["needs_remote_code"],
-               "wall_s": time.perf_counter() - t0, "timings": result.timings, "eval": metrics,
+        loaded: list = []  # the tokenizer the recovery between stages needs
+
+        def load(spec: str):
+            loaded[:] = self.load(spec)
+            return loaded
+
+        between = self._between_stages(lambda: loaded[1], interstage) if r.pruning.stages > 1 else None
+        ckpt = prune_to_checkpoint(r, path, on_event=self.on_event, load=load, between_stages=between)
+        metrics = self.evaluate("pruned", ckpt.model, ckpt.tokenizer)
+        out = {"params_before": ckpt.params_before, "params_after": ckpt.params_after,
+               "params_target": ckpt.params_target, "needs_remote_code": ckpt.needs_remote_code,
+               "wall_s": time.perf_counter() - t0, "timings": ckpt.timings, "eval": metrics,
                "interstage_recovery": interstage}
         self._fold_eval(path, metrics, "pruned")
-        self.event("prune", "stage_end", metrics={"params": result.params_after, **_headline(metrics)})
+        self.event("prune", "stage_end", metrics={"params": ckpt.params_after, **_headline(metrics)})
         return out
 
-    def _between_stages(self, tok, log: list[dict]):
+    def _between_stages(self, tokenizer, log: list[dict]):
         """Adapt-Accel: a short recovery run between pruning stages on a seeded sample of the pool;
         each run's metrics are appended to `log`."""
         r = self.recipe
@@ -153,6 +148,7 @@ class Job:
         steps, _ = _adapt_accel_steps(r)
 
         def between(model, stage: int):
+            tok = tokenizer()
             cfg = r.recovery.model_copy(update={"max_steps": steps, "keep_adapter": False,
                                                 "method": "lora" if r.recovery.method == "qlora" else r.recovery.method})
             self.event("prune", "progress", f"recovery between stages {stage} and {stage + 1} ({steps} steps)")
@@ -176,14 +172,8 @@ class Job:
         needs_models = r.data.selection in ("paser", "loss")
         original = self.load(r.model) if needs_models else None
         pruned = self.load(str(self.out / "pruned")) if needs_models else None
-        paser = {}
-        if r.data.selection == "paser":
-            # Degradation past the training cutoff is never trained on: score only what recovery sees.
-            paser = {"max_length": r.recovery.cutoff_len, "sample_per_cluster": r.data.sample_per_cluster}
-        sel = select_records(records, method=r.data.selection, budget=r.data.budget, original=original,
-                             pruned=pruned, token_budget=r.data.token_budget, num_clusters=r.data.num_clusters,
-                             embedding_model=r.data.embedding_model, seed=r.recovery.seed, on_event=self.on_event,
-                             **paser)
+        sel = select_records(records, original=original, pruned=pruned, on_event=self.on_event,
+                             **selection_kwargs(r.data, r.recovery))
         write_selection(sel, path)
         out = {"selected": len(sel.records), "pool": len(records), "method": r.data.selection,
                "wall_s": time.perf_counter() - t0}
@@ -268,6 +258,17 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
     if recipe.data.pool is None and recipe.data.selection != "paser" and recipe.recovery.method != "none":
         raise UserError("data.selection given without data.pool", param="data.pool")
     return Job(recipe, out_dir, on_event).run()
+
+
+def selection_kwargs(data, recovery) -> dict:
+    """`select_records` arguments for a recipe's data section; `llm-prune select` uses the same."""
+    kwargs = {"method": data.selection, "budget": data.budget, "token_budget": data.token_budget,
+              "num_clusters": data.num_clusters, "embedding_model": data.embedding_model, "seed": recovery.seed}
+    if data.selection == "paser":
+        # Degradation past the training cutoff is never trained on: score only what recovery sees.
+        kwargs.update(max_length=recovery.cutoff_len, sample_per_cluster=data.sample_per_cluster,
+                      conflict_filter=data.conflict_filter)
+    return kwargs
 
 
 def finished_stages(out_dir: str | Path) -> list[str]:

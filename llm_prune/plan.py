@@ -38,15 +38,43 @@ class PrunePlan:
         return cls(layers=layers, **{k: v for k, v in data.items() if k != "layers"})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> "PrunePlan":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a `plan.json`; an older file holding the list of per-stage plans is composed."""
+        data = json.loads(Path(path).read_text())
+        if isinstance(data, list):
+            return compose([cls.from_dict(d) for d in data])
+        return cls.from_dict(data)
 
     def widths(self) -> list[tuple[int, int] | None]:
         """(kv groups, MLP channels) kept per layer; None for a dropped layer."""
         return [None if lp.drop else (len(lp.keep_kv_groups), len(lp.keep_channels)) for lp in self.layers]
+
+
+def compose(plans: list[PrunePlan]) -> PrunePlan:
+    """One plan, against the original model, with the same effect on its structure as applying
+    `plans` one after another (each indexes the model the previous one left)."""
+    if len(plans) == 1:
+        return plans[0]
+    kv: dict[int, list[int]] = {}
+    ch: dict[int, list[int]] = {}
+    dropped: set[int] = set()
+    n = len(plans[0].layers)
+    for plan in plans:
+        survivors = [i for i in range(n) if i not in dropped]
+        for lp in plan.layers:
+            orig = survivors[lp.index]
+            if lp.drop:
+                dropped.add(orig)
+                continue
+            kv[orig] = [kv[orig][g] for g in lp.keep_kv_groups] if orig in kv else list(lp.keep_kv_groups)
+            ch[orig] = [ch[orig][c] for c in lp.keep_channels] if orig in ch else list(lp.keep_channels)
+    layers = [LayerPlan(i, kv.get(i, []), ch.get(i, []), drop=i in dropped) for i in range(n)]
+    return PrunePlan(layers=layers, params_before=plans[0].params_before, params_target=plans[-1].params_target,
+                     params_after=plans[-1].params_after,
+                     meta={**plans[-1].meta, "stage_plans": [p.meta for p in plans]})
 
 
 @dataclass

@@ -34,76 +34,82 @@ class Budget(_Strict):
 
 
 class PruningConfig(_Strict):
-    importance: Importance = "taylor"
-    aggregation: Aggregation = "sum"
-    allocation: Allocation = "uniform"
-    stages: int = Field(1, ge=1, le=20)
+    importance: Importance = Field("taylor", description="how a unit's importance is scored")
+    aggregation: Aggregation = Field("sum", description="how a group's element scores are combined")
+    allocation: Allocation = Field("uniform", description="uniform (LLM-Pruner) or adaptive (Adapt-Pruner) "
+                                   "per-layer sparsity")
+    stages: int = Field(1, ge=1, le=20, description="prune in T steps, rescoring each time (recovery in "
+                        "between when the job has a pool)")
     round_to: int = Field(8, ge=1, description="MLP widths are multiples of this")
     skip_first: int | None = Field(None, ge=0, description="leading layers left unpruned (uniform allocation); "
                                    "default: the first 10% of layers, at least one")
     skip_last: int = Field(1, ge=0, description="trailing layers left unpruned (uniform allocation)")
     adaptive_strength: float = Field(0.02, ge=0, description="A in s_l = s_base - A * I_l")
-    prune_attention: bool = True
-    prune_mlp: bool = True
+    prune_attention: bool = Field(True, description="prune KV groups (with their query heads)")
+    prune_mlp: bool = Field(True, description="prune MLP channels")
     prune_layers: int = Field(0, ge=0, description="whole decoder layers removed by block influence")
     calibration: str | None = Field(None, description="text file for calibration; default: built-in text")
-    calibration_samples: int = Field(10, ge=1)
-    calibration_seq_len: int = Field(64, ge=8)
-    seed: int = 0
+    calibration_samples: int = Field(10, ge=1, description="calibration samples (N)")
+    calibration_seq_len: int = Field(64, ge=8, description="tokens per calibration sample (L)")
+    seed: int = Field(0, description="seed of calibration sampling and random importance")
 
 
 class DataConfig(_Strict):
-    pool: str | None = Field(None, description="recovery pool: file or datasets directory")
-    selection: Selection = "paser"
+    pool: str | None = Field(None, description="recovery pool: JSON/JSONL/CSV/Parquet file or datasets directory")
+    selection: Selection = Field("paser", description="how recovery data is chosen from the pool")
     budget: float = Field(0.2, gt=0, description="fraction of the pool (<= 1) or a record count (> 1)")
-    token_budget: int | None = Field(None, gt=0)
-    num_clusters: int | None = Field(None, ge=2)
-    embedding_model: str | None = None
+    token_budget: int | None = Field(None, gt=0, description="cap on selected prompt+response tokens")
+    num_clusters: int | None = Field(None, ge=2, description="PASER clusters; default: eigengap")
+    embedding_model: str | None = Field(None, description="sentence-transformers dir or hub id for PASER's "
+                                        "clustering; default: all-MiniLM-L6-v2")
     sample_per_cluster: int | None = Field(None, ge=1, description="PASER: estimate each cluster's degradation "
                                            "from this many samples and score only ranking candidates")
+    conflict_filter: bool = Field(True, description="PASER: reject samples that contradict ones already chosen")
 
 
 class RecoveryConfig(_Strict):
-    method: RecoveryMethod = "lora"
-    max_steps: int = Field(100, ge=0)
-    epochs: float | None = Field(None, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    micro_batch_size: int = Field(4, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    cutoff_len: int = Field(256, ge=16)
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | None = None
-    perp_train_lm_head: bool = False
-    perp_train_embeddings: bool = False
-    keep_adapter: bool = False
+    method: RecoveryMethod = Field("lora", description="recovery training method")
+    max_steps: int = Field(100, ge=0, description="optimizer steps (the total over all stages)")
+    epochs: float | None = Field(None, gt=0, description="train for this many epochs instead of max_steps")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of steps with linear warmup")
+    micro_batch_size: int = Field(4, ge=1, description="sequences per forward pass")
+    gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    cutoff_len: int = Field(256, ge=16, description="tokens per training sequence; PASER scores the same tokens")
+    lora_r: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | None = Field(None, description="modules LoRA adapts (comma list on the CLI); "
+                                             "default: all linear layers of the decoder")
+    perp_train_lm_head: bool = Field(False, description="PERP: also train the LM head")
+    perp_train_embeddings: bool = Field(False, description="PERP: also train the embeddings")
+    keep_adapter: bool = Field(False, description="keep the LoRA adapter next to the merged checkpoint")
     distill_weight: float = Field(0.0, ge=0, description="weight of KL to the dense model's logits")
-    eval_fraction: float = Field(0.05, ge=0, lt=0.5)
+    eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="held-out fraction of the selected data")
     force: bool = Field(False, description="allow QLoRA without CUDA")
-    seed: int = 0
+    seed: int = Field(0, description="seed of data selection and training")
 
 
 class EvaluationConfig(_Strict):
     ppl: str | None = Field(None, description="text file for perplexity")
-    seq_len: int = Field(128, ge=8)
-    max_windows: int | None = Field(None, ge=1)
-    tasks: list[str] = Field(default_factory=list)
-    limit: int | None = Field(None, ge=1)
-    speed: bool = False
+    seq_len: int = Field(128, ge=8, description="perplexity window length")
+    max_windows: int | None = Field(None, ge=1, description="cap on perplexity windows")
+    tasks: list[str] = Field(default_factory=list, description="zero-shot tasks (comma list on the CLI, or 'all')")
+    limit: int | None = Field(None, ge=1, description="items per task")
+    speed: bool = Field(False, description="measure prefill/decode throughput and memory")
 
 
 class Recipe(_Strict):
-    model: str
+    model: str = Field(description="hub id, local directory, .gguf file or alias (smollm2-135m)")
     budget: Budget
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    device: str = "cpu"
-    trust_remote_code: bool = False
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto (shard over all GPUs)")
+    trust_remote_code: bool = Field(False, description="let transformers run the model's own code")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="free-form labels kept with the job "
+                                     "(JSON object on the CLI)")
 
     @field_validator("model")
     @classmethod
@@ -121,6 +127,23 @@ class Recipe(_Strict):
         if self.recovery.method != "none" and self.recovery.max_steps == 0 and self.recovery.epochs is None:
             raise UserError("recovery.max_steps is 0 and no epochs given: set --max-steps or --recovery none",
                             param="recovery.max_steps")
+
+
+# Command-line names of fields whose flag is not `--<field-name>` (the names users already type, and
+# the fields whose plain names would clash); every other field gets `--<field-name>` automatically.
+CLI_NAMES: dict[str, str] = {
+    "pruning.prune_attention": "--attention",
+    "pruning.prune_mlp": "--mlp",
+    "data.pool": "--data",
+    "data.budget": "--data-budget",
+    "data.num_clusters": "--clusters",
+    "recovery.method": "--recovery",
+    "recovery.learning_rate": "--lr",
+    "recovery.micro_batch_size": "--micro-batch",
+    "recovery.distill_weight": "--distill",
+    "recovery.seed": "--recovery-seed",
+    "evaluation.ppl": "--eval-ppl",
+}
 
 
 def format_validation_error(exc: ValidationError) -> tuple[str, str | None]:

@@ -11,7 +11,10 @@ from typing import Optional
 import typer
 
 from llm_prune.cli.common import emit_json, human_bytes, table
+from llm_prune.cli.recipe_flags import ALL, recipe_flags, recipe_from_data, settings_flags, with_recipe_flags
 from llm_prune.errors import UserError
+from service.schemas import SERVER_DECIDES, JobCreate
+from service.settings import Settings
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Submit and follow jobs on an llm-prune server.")
 keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (run on the server machine).")
@@ -19,48 +22,48 @@ keys_app = typer.Typer(no_args_is_help=True, help="Manage API keys (run on the s
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def _settings(**overrides):
-    from service.settings import Settings
+# Every server setting is a flag of `serve` (and the relevant ones of `worker` and `keys`), generated
+# from the one Settings model; pydantic-settings reads the same fields from LLM_PRUNE_* variables.
+_API_ONLY = ("host", "port", "no_auth", "allow_remote_code", "allowed_model_roots", "max_upload_bytes",
+                "max_active_jobs_per_key")
+SERVE_FLAGS = settings_flags(Settings, names={"database_url": "--db"})
+WORKER_FLAGS = settings_flags(Settings, exclude=_API_ONLY, names={"database_url": "--db", "worker_slots": "--slots"})
+STORE_FLAGS = settings_flags(Settings, include=("data_dir", "database_url"), names={"database_url": "--db"})
 
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+def _settings(overrides: dict) -> Settings:
+    from pydantic import ValidationError
+
+    from llm_prune.recipe import format_validation_error
+
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        message, param = format_validation_error(exc)
+        raise UserError(f"invalid setting {message}", param=param) from None
 
 
-def serve(host: Optional[str] = typer.Option(None, envvar="LLM_PRUNE_HOST", help="bind address"),
-          port: Optional[int] = typer.Option(None, envvar="LLM_PRUNE_PORT"),
-          data_dir: Optional[Path] = typer.Option(None, envvar="LLM_PRUNE_DATA_DIR"),
-          db: Optional[str] = typer.Option(None, "--db", envvar="LLM_PRUNE_DATABASE_URL"),
-          allowed_model_roots: Optional[str] = typer.Option(None, envvar="LLM_PRUNE_ALLOWED_MODEL_ROOTS",
-                                                            help="colon-separated"),
-          no_auth: bool = typer.Option(False, "--no-auth", help="accept requests without a key (loopback only)"),
-          allow_remote_code: bool = typer.Option(False, "--allow-remote-code"),
-          worker_slots: Optional[int] = typer.Option(None, "--worker-slots",
-                                                     help="jobs the embedded worker runs at once (0: no worker)"),
-          device: Optional[str] = typer.Option(None, envvar="LLM_PRUNE_DEVICE")) -> None:
+@with_recipe_flags(SERVE_FLAGS, into="settings")
+def serve(settings: dict = None) -> None:
     """Start the API with an embedded worker."""
     import uvicorn
 
     from service.app import create_app
     from service.settings import LOOPBACK
 
-    settings = _settings(host=host, port=port, data_dir=data_dir, database_url=db,
-                         allowed_model_roots=allowed_model_roots, no_auth=no_auth or None,
-                         allow_remote_code=allow_remote_code or None, worker_slots=worker_slots, device=device)
+    settings = _settings(settings)
     if settings.no_auth and settings.host not in LOOPBACK:
         raise UserError(f"--no-auth is only allowed when binding to localhost, not {settings.host}")
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
 
-def worker(db: Optional[str] = typer.Option(None, "--db", envvar="LLM_PRUNE_DATABASE_URL"),
-           data_dir: Optional[Path] = typer.Option(None, envvar="LLM_PRUNE_DATA_DIR",
-                                                   help="must be the server's data directory"),
-           device: Optional[str] = typer.Option(None, envvar="LLM_PRUNE_DEVICE",
-                                                help="jobs run here, e.g. cuda:1 (one worker per GPU)"),
-           slots: Optional[int] = typer.Option(None, "--slots", help="jobs at once")) -> None:
-    """Run a worker that takes jobs from the shared store."""
+@with_recipe_flags(WORKER_FLAGS, into="settings")
+def worker(settings: dict = None) -> None:
+    """Run a worker that takes jobs from the shared store (give it the server's --db and --data-dir)."""
     from service.worker import Worker
 
-    settings = _settings(database_url=db, data_dir=data_dir, device=device, worker_slots=slots)
+    settings = _settings(settings)
     settings.prepare()
     w = Worker(settings)
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
@@ -72,13 +75,12 @@ def worker(db: Optional[str] = typer.Option(None, "--db", envvar="LLM_PRUNE_DATA
 
 
 @keys_app.command("create")
-def keys_create(name: str = typer.Option("", "--name", help="label for the key"),
-                db: Optional[str] = typer.Option(None, "--db", envvar="LLM_PRUNE_DATABASE_URL"),
-                data_dir: Optional[Path] = typer.Option(None, envvar="LLM_PRUNE_DATA_DIR")) -> None:
+@with_recipe_flags(STORE_FLAGS, into="settings")
+def keys_create(name: str = typer.Option("", "--name", help="label for the key"), settings: dict = None) -> None:
     """Create an API key and print it once (only its hash is stored)."""
     from service.store import Store
 
-    settings = _settings(database_url=db, data_dir=data_dir)
+    settings = _settings(settings)
     settings.prepare()
     key_id, secret = Store(settings.db_url).create_key(name)
     typer.echo(secret)
@@ -128,37 +130,30 @@ def _print_job(job: dict) -> None:
         typer.echo(f"  {stage}: {shown}")
 
 
+SUBMIT_FLAGS = recipe_flags(ALL, exclude=SERVER_DECIDES, names={"data.pool": "--pool", "evaluation.ppl": "--eval-text"})
+
+
 @jobs_app.command("submit")
-def jobs_submit(model: Optional[str] = typer.Option(None, help="hub id, alias or path under the server's roots"),
-                ratio: Optional[float] = typer.Option(None, help="fraction of parameters to remove"),
-                target_params: Optional[int] = typer.Option(None),
-                recipe: Optional[Path] = typer.Option(None, help="recipe YAML/JSON (flags override it)"),
-                pool: Optional[Path] = typer.Option(None, help="recovery pool to upload (.jsonl/.json)"),
-                selection: Optional[str] = typer.Option(None), data_budget: Optional[float] = typer.Option(None),
-                recovery: Optional[str] = typer.Option(None, help="none, lora, perp, ..."),
-                max_steps: Optional[int] = typer.Option(None),
-                eval_text: Optional[Path] = typer.Option(None, help="text to upload for perplexity"),
+@with_recipe_flags(SUBMIT_FLAGS)
+def jobs_submit(recipe: Optional[Path] = typer.Option(None, help="recipe YAML/JSON (flags override it)"),
                 wait: bool = typer.Option(False, "--wait", help="poll with a progress bar until it ends"),
-                as_json: bool = typer.Option(False, "--json")) -> None:
-    """Submit a job; prints its id."""
+                as_json: bool = typer.Option(False, "--json"),
+                recipe_data: dict = None) -> None:
+    """Submit a job (local files the recipe names are uploaded first); prints its id."""
     from llm_prune.recipe import deep_merge, load_recipe_file
 
     body: dict = load_recipe_file(recipe) if recipe else {}
-    body.pop("device", None)  # the worker's device decides
-    flags: dict = {"model": model, "budget": ({"ratio": ratio} if ratio is not None else
-                                              {"target_params": target_params} if target_params else None),
-                   "recovery": {k: v for k, v in (("method", recovery), ("max_steps", max_steps)) if v is not None}
-                   or None,
-                   "data": {k: v for k, v in (("selection", selection), ("budget", data_budget), ("pool", pool))
-                            if v is not None} or None,
-                   "evaluation": {"ppl": str(eval_text)} if eval_text else None}
-    body = deep_merge(body, {k: v for k, v in flags.items() if v is not None})
+    for key in SERVER_DECIDES:
+        body.pop(key, None)  # the worker's device decides
+    body = deep_merge(body, recipe_data)
     if not body.get("model"):
         raise UserError("give --model (or a recipe with `model`)", param="model")
     if not body.get("budget"):
         raise UserError("give --ratio or --target-params (or a recipe with `budget`)", param="budget")
     with _client() as client:
         _upload_named_files(client, body)
+        # Checked here as the server will check it, so a bad flag fails before anything is sent.
+        body = recipe_from_data(body, SUBMIT_FLAGS, JobCreate).model_dump(mode="json", exclude_unset=True)
         job = client.submit(body)
         if wait:
             job = _follow(client, job["id"])

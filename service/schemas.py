@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from llm_prune.recipe import Budget, EvaluationConfig, PruningConfig, RecoveryConfig, Selection
+from llm_prune.recipe import DataConfig, Recipe
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -17,26 +17,40 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class JobData(_Strict):
-    file_id: str = Field(description="id of an uploaded recovery pool (purpose=recovery)")
-    selection: Selection = "paser"
-    budget: float = Field(0.2, gt=0, description="fraction of the pool (<= 1) or a record count (> 1)")
-    token_budget: int | None = Field(None, gt=0)
-    num_clusters: int | None = Field(None, ge=2)
+# The API body is the Recipe, derived from it field by field (a new Recipe field is an API field):
+# files are named by upload id, and the worker's device, not the client, decides where a job runs.
+SERVER_DECIDES = ("device",)
 
 
-class JobCreate(_Strict):
-    model: str = Field(description="hub id, alias (smollm2-135m) or a directory under the allowed model roots")
-    budget: Budget
-    data: JobData | None = None
-    pruning: PruningConfig | None = Field(None, description="`calibration` takes a file id")
-    recovery: RecoveryConfig | None = None
-    evaluation: EvaluationConfig | None = Field(None, description="`ppl` takes a file id (purpose=eval)")
-    trust_remote_code: bool = False
-    metadata: dict[str, Any] = Field(default_factory=dict)
+JobData = create_model(
+    "JobData", __base__=_Strict, __doc__="The Recipe's `data` section with the pool named by an upload id.",
+    file_id=(str, Field(description="id of an uploaded recovery pool (purpose=recovery)")),
+    **{name: (f.annotation, f) for name, f in DataConfig.model_fields.items() if name != "pool"})
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "examples": [{"model": "smollm2-135m", "budget": {"ratio": 0.2}}]})
+_SECTION_NOTES = {"pruning": "`calibration` takes a file id (purpose=eval)",
+                  "evaluation": "`ppl` takes a file id (purpose=eval)"}
+
+
+def _job_fields() -> dict:
+    out: dict = {}
+    for name, f in Recipe.model_fields.items():
+        if name in SERVER_DECIDES:
+            continue
+        if name == "data":
+            out[name] = (JobData | None, Field(None, description=JobData.__doc__))
+        elif f.default_factory is not None and isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+            note = _SECTION_NOTES.get(name)
+            out[name] = (f.annotation | None, Field(None, description=note))
+        else:
+            out[name] = (f.annotation, f)
+    return out
+
+
+JobCreate = create_model(
+    "JobCreate", __base__=_Strict, __doc__="The body of `POST /v1/jobs`: a Recipe with files named by upload id.",
+    **_job_fields())
+JobCreate.model_config["json_schema_extra"] = {"examples": [{"model": "smollm2-135m", "budget": {"ratio": 0.2}}]}
+JobCreate.model_rebuild(force=True)
 
 
 class ErrorBody(BaseModel):

