@@ -45,9 +45,15 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-def _stage(name: str):
-    """A stage method skips when OUT/<name> is done, else starts it afresh and marks it done with
-    what it returns."""
+# Stage directories and the names their events carry.
+EVENT_NAMES = {"baseline": "baseline", "pruned": "prune", "selection": "select", "recovered": "recover",
+               "final": "final"}
+
+
+def _stage(name: str, describe: str):
+    """A stage method skips when OUT/<name> is done, else starts it afresh, announces it with its
+    work (see `llm_prune.workload`), and marks it done with what it returns. Events its code sends
+    through `self.on_event` carry the stage as their parent."""
     def wrap(fn):
         @functools.wraps(fn)
         def run(self, *args):
@@ -55,8 +61,14 @@ def _stage(name: str):
             if _done(path):
                 return _read(path)
             _fresh(path)
+            stage = EVENT_NAMES[name]
+            self.emit(ProgressEvent(stage, kind="stage_start", message=describe.format(r=self.recipe),
+                                    metrics={"work": self.work[stage]}))
+            self.current = stage
             out = fn(self, path, *args)
             _mark(path, out)
+            self.current = None
+            self.emit(ProgressEvent(stage, kind="stage_end"))
             return out
         return run
     return wrap
@@ -64,11 +76,20 @@ def _stage(name: str):
 
 class Job:
     def __init__(self, recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback):
-        self.recipe, self.out, self.on_event = recipe, Path(out_dir), on_event
+        self.recipe, self.out, self.emit = recipe, Path(out_dir), on_event
         self.out.mkdir(parents=True, exist_ok=True)
+        self.current: str | None = None
+        self.work: dict[str, dict[str, float]] = {}
+        self._records: list | None = None
+
+    def on_event(self, event: ProgressEvent) -> None:
+        """What the stages' code reports: a sub-stage of the running stage."""
+        if event.parent is None and self.current is not None:
+            event.parent = self.current
+        self.emit(event)
 
     def event(self, stage: str, kind: str, message: str = "", metrics: dict | None = None) -> None:
-        self.on_event(ProgressEvent(stage, message=message, metrics=metrics or {}, kind=kind))
+        self.emit(ProgressEvent(stage, message=message, metrics=metrics or {}, kind=kind))
 
     # -- helpers -----------------------------------------------------------------------------
     def load(self, spec: str):
@@ -90,6 +111,8 @@ class Job:
         return results
 
     def records(self) -> list:
+        if self._records is not None:
+            return self._records
         from data_selection import load_pool
 
         pool = load_pool(self.recipe.data.pool)
@@ -98,23 +121,22 @@ class Job:
                                                f"(first: {pool.errors[0][0]}: {pool.errors[0][1]})")
         if not pool.records:
             raise UserError(f"recovery pool {self.recipe.data.pool} holds no usable records", param="data.pool")
+        self._records = pool.records
         return pool.records
 
     # -- stages --------------------------------------------------------------------------------
-    @_stage("baseline")
+    @_stage("baseline", "evaluating the dense model")
     def baseline(self, path: Path) -> dict:
-        self.event("baseline", "stage_start", "evaluating the dense model")
         model, tok = self.load(self.recipe.model)
         metrics = self.evaluate("baseline", model, tok)
-        self.event("baseline", "stage_end", metrics=_headline(metrics))
+        self.event("baseline", "metric", metrics=_headline(metrics))
         return metrics
 
-    @_stage("pruned")
+    @_stage("pruned", "pruning {r.model}")
     def prune(self, path: Path) -> dict:
         from llm_prune.prune_stage import prune_to_checkpoint
 
         r = self.recipe
-        self.event("prune", "stage_start", f"pruning {r.model}")
         t0 = time.perf_counter()
         interstage: list[dict] = []
         loaded: list = []  # the tokenizer the recovery between stages needs
@@ -131,7 +153,7 @@ class Job:
                "wall_s": time.perf_counter() - t0, "timings": ckpt.timings, "eval": metrics,
                "interstage_recovery": interstage}
         self._fold_eval(path, metrics, "pruned")
-        self.event("prune", "stage_end", metrics={"params": ckpt.params_after, **_headline(metrics)})
+        self.event("prune", "metric", metrics={"params": ckpt.params_after, **_headline(metrics)})
         return out
 
     def _between_stages(self, tokenizer, log: list[dict]):
@@ -151,7 +173,7 @@ class Job:
             tok = tokenizer()
             cfg = r.recovery.model_copy(update={"max_steps": steps, "keep_adapter": False,
                                                 "method": "lora" if r.recovery.method == "qlora" else r.recovery.method})
-            self.event("prune", "progress", f"recovery between stages {stage} and {stage + 1} ({steps} steps)")
+            self.event("prune", "metric", f"recovery between stages {stage} and {stage + 1} ({steps} steps)")
             result = recover(model, tok, sample, cfg, self.out / "pruned" / f"interstage-{stage}",
                              on_event=self.on_event)
             log.append({"after_stage": stage, **result.metrics})
@@ -159,14 +181,13 @@ class Job:
 
         return between
 
-    @_stage("selection")
+    @_stage("selection", "selecting recovery data ({r.data.selection})")
     def select(self, path: Path) -> dict:
         r = self.recipe
         if not r.data.pool or r.recovery.method == "none":
             return {"skipped": True}
         from data_selection import select_records, write_selection
 
-        self.event("select", "stage_start", f"selecting recovery data ({r.data.selection})")
         t0 = time.perf_counter()
         records = self.records()
         needs_models = r.data.selection in ("paser", "loss")
@@ -177,10 +198,10 @@ class Job:
         write_selection(sel, path)
         out = {"selected": len(sel.records), "pool": len(records), "method": r.data.selection,
                "wall_s": time.perf_counter() - t0}
-        self.event("select", "stage_end", metrics=out)
+        self.event("select", "metric", metrics=out)
         return out
 
-    @_stage("recovered")
+    @_stage("recovered", "recovery training ({r.recovery.method})")
     def recover(self, path: Path) -> dict:
         r = self.recipe
         if r.recovery.method == "none" or not (self.out / "selection" / "selected.jsonl").exists():
@@ -189,7 +210,6 @@ class Job:
         from llm_prune.export import export_checkpoint
         from recovery import recover
 
-        self.event("recover", "stage_start", f"recovery training ({r.recovery.method})")
         model, tok = self.load(str(self.out / "pruned"))
         records = load_pool(self.out / "selection" / "selected.jsonl").records
         teacher = self.load(r.model)[0] if r.recovery.distill_weight > 0 else None
@@ -199,10 +219,10 @@ class Job:
         result = recover(model, tok, records, cfg, path / "work", teacher=teacher, on_event=self.on_event)
         export_checkpoint(result.model, tok, path / "checkpoint",
                           extra_meta={"recipe": r.model_dump(), "base_model": r.model})
-        self.event("recover", "stage_end", metrics=result.metrics)
+        self.event("recover", "metric", metrics=result.metrics)
         return result.metrics
 
-    @_stage("final")
+    @_stage("final", "final evaluation")
     def final(self, path: Path, summary: dict) -> dict:
         from llm_prune.card import model_card
         from llm_prune.families import layer_shapes
@@ -211,7 +231,6 @@ class Job:
         src = self.out / "recovered" / "checkpoint"
         if not (src / "config.json").exists():
             src = self.out / "pruned"
-        self.event("final", "stage_start", "final evaluation")
         for f in src.iterdir():
             if f.is_file() and f.name != DONE:
                 _link_or_copy(f, path / f.name)
@@ -228,7 +247,7 @@ class Job:
         if src.name == "checkpoint":
             self._fold_eval(path, metrics, "recovered")
         out = {"eval": metrics, "path": str(path)}
-        self.event("final", "stage_end", metrics=_headline(metrics))
+        self.event("final", "metric", metrics=_headline(metrics))
         return out
 
     def _fold_eval(self, path: Path, metrics: dict, name: str) -> None:
@@ -236,8 +255,21 @@ class Job:
 
         write_eval_results(path, metrics, name=name)
 
+    def plan_work(self) -> None:
+        """Announce the job's work per stage, and the stages a resumed run finds done."""
+        from llm_prune.workload import stage_work
+
+        r = self.recipe
+        pool = len(self.records()) if r.data.pool and r.recovery.method != "none" else 0
+        work = stage_work(r, pool)
+        self.work = {EVENT_NAMES[s]: phases for s, phases in work.items()}
+        done = [EVENT_NAMES[s] for s in finished_stages(self.out)]
+        self.emit(ProgressEvent("job", kind="plan", message="work per stage (token forward passes)",
+                                metrics={"work": {s: sum(p.values()) for s, p in self.work.items()}, "done": done}))
+
     def run(self) -> dict[str, Any]:
         (self.out / "recipe.json").write_text(self.recipe.model_dump_json(indent=2))
+        self.plan_work()
         summary: dict[str, Any] = {"recipe": self.recipe.model_dump()}
         summary["baseline"] = self.baseline()
         summary["pruned"] = self.prune()

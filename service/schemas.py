@@ -87,8 +87,9 @@ class JobObject(BaseModel):
     model: str
     status: JobStatus
     stage: str | None = None
-    progress: float = Field(description="0 to 1")
-    eta_seconds: float | None = None
+    progress: float = Field(description="fraction of the job's estimated work done, 0 to 1; never decreases")
+    eta_seconds: float | None = Field(None, description="remaining work over the current stage's measured "
+                                      "throughput")
     metrics: dict[str, Any] = Field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: ErrorBody | None = None
@@ -116,6 +117,7 @@ class EventObject(BaseModel):
     created_at: float
     kind: str
     stage: str
+    parent: str | None = Field(None, description="the pipeline stage a sub-stage event belongs to")
     step: int
     total: int | None = None
     message: str = ""

@@ -264,8 +264,6 @@ class Store:
         assert status in TERMINAL
         fields: dict[str, Any] = {"status": status, "finished_at": time.time(), "lease_owner": None,
                                   "lease_expires": None, "result": result, "error": error}
-        if status == "succeeded":
-            fields["progress"] = 1.0
         return self.record(job_id, worker_id, events, **fields)
 
     def release(self, job_id: str, worker_id: str) -> bool:

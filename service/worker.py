@@ -23,37 +23,39 @@ from service.store import JobRow, Store
 
 log = logging.getLogger("llm_prune.worker")
 
-# baseline, pruned, selection, recovered, final (llm_prune.pipeline.STAGES; not imported here so
-# the worker stays light)
-PIPELINE_STAGES = 5
 PROGRESS_EVERY_S = 0.5
 
 
 class JobProgress:
-    """Folds pipeline events into the job's stage, progress 0-1 and metrics, and thins out
-    step events so a long training run does not write a row per step."""
+    """Folds pipeline events into the job's stage, progress and ETA (`WorkTracker`: a fraction of
+    the job's estimated work) and metrics, and thins out step events so a long training run does
+    not write a row per step."""
 
     def __init__(self) -> None:
+        from llm_prune.progress import WorkTracker
+
         self.stage: str | None = None
         self.done: list[str] = []
-        self.fraction = 0.0
+        self.work = WorkTracker()
         self.metrics: dict[str, dict] = {}
         self._last_kept: dict[str, float] = {}
 
     def fold(self, event: dict) -> bool:
         """Update state; returns whether the event is worth storing."""
+        from llm_prune.progress import ProgressEvent
+
         stage, kind = event.get("stage", ""), event.get("kind", "progress")
-        if kind == "stage_start":
-            self.stage, self.fraction = stage, 0.0
-        elif kind == "stage_end":
-            if stage not in self.done:
-                self.done.append(stage)
-            self.fraction = 0.0
-        elif kind == "progress" and event.get("total"):
-            self.stage = stage or self.stage
-            self.fraction = min(1.0, (event.get("step") or 0) / event["total"])
-        if event.get("metrics"):
+        known = {k: event[k] for k in ProgressEvent.__dataclass_fields__ if k in event}
+        self.work.fold(ProgressEvent(**known))
+        top = event.get("parent") is None
+        if kind == "stage_start" and top and stage in self.work.plan:
+            self.stage = stage
+        elif kind == "stage_end" and top and stage in self.work.plan and stage not in self.done:
+            self.done.append(stage)
+        if event.get("metrics") and kind not in ("plan", "stage_start"):
             self.metrics.setdefault(stage or "job", {}).update(event["metrics"])
+        if event.get("parent"):  # stored as parent/stage, the hierarchy the CLI's bars follow
+            event["stage"] = f"{event['parent']}/{stage}"
         if kind != "progress":
             return True
         now = time.monotonic()
@@ -65,12 +67,11 @@ class JobProgress:
 
     @property
     def progress(self) -> float:
-        total = max(PIPELINE_STAGES, len(self.done) + 1)
-        return min(0.99, (len(self.done) + self.fraction) / total)
+        return self.work.progress
 
     def fields(self) -> dict:
         return {"stage": self.stage, "stages_done": len(self.done), "progress": self.progress,
-                "metrics": self.metrics}
+                "metrics": {**self.metrics, "progress": self.work.snapshot()}}
 
 
 class Worker:

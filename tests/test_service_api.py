@@ -4,6 +4,7 @@ The worker is off here; jobs are moved through their states with the store, as a
 import hashlib
 import io
 import json
+import time
 import tarfile
 
 import pytest
@@ -195,8 +196,9 @@ def test_events_pages_and_stream(env):
     store.claim("w", "cpu", 60)
     events = [{"kind": "stage_start", "stage": "train"}] + \
         [{"kind": "progress", "stage": "train", "step": i, "total": 4, "metrics": {"loss": 3.0 - i}} for i in range(4)]
-    store.record(job_id, "w", events, stage="train", progress=0.5)
-    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["eta_seconds"] is not None
+    store.record(job_id, "w", events, stage="train", progress=0.5,
+                 metrics={"progress": {"fraction": 0.5, "eta_s": 30.0, "at": time.time()}})
+    assert 25 < client.get(f"/v1/jobs/{job_id}", headers=alice).json()["eta_seconds"] <= 30
     first = client.get(f"/v1/jobs/{job_id}/events?limit=2", headers=alice).json()
     assert first["has_more"] and [e["kind"] for e in first["data"]] == ["stage_start", "progress"]
     rest = client.get(f"/v1/jobs/{job_id}/events?after={first['last_id']}", headers=alice).json()

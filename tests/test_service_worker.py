@@ -11,20 +11,45 @@ import sys
 import tarfile
 
 from service import artifacts
-from service.worker import PIPELINE_STAGES, JobProgress, _exit_reason
+from service.worker import JobProgress, _exit_reason
 
 
-def test_progress_folds_stages_steps_and_metrics():
+def test_progress_folds_work_and_thins_steps():
     p = JobProgress()
-    assert p.fold({"kind": "stage_start", "stage": "load"})
-    assert p.fold({"kind": "stage_end", "stage": "load"})
-    assert p.progress == 1 / PIPELINE_STAGES
-    p.fold({"kind": "stage_start", "stage": "recover"})
-    kept = [p.fold({"kind": "progress", "stage": "recover", "step": i, "total": 100, "metrics": {"loss": 1 / i}})
-            for i in range(1, 101)]
+    # A resumed job: baseline is done; the plan weighs the stages by their work.
+    assert p.fold({"kind": "plan", "stage": "job", "time": 0.0,
+                   "metrics": {"work": {"baseline": 0, "prune": 100, "recover": 900}, "done": ["baseline"]}})
+    start = p.progress
+    assert 0 < start < 0.05  # the done stage counts, but it had little work
+    p.fold({"kind": "stage_start", "stage": "prune", "time": 1.0, "metrics": {"work": {"score": 100}}})
+    p.fold({"kind": "progress", "stage": "score", "parent": "prune", "step": 10, "total": 10, "time": 2.0})
+    p.fold({"kind": "stage_end", "stage": "prune", "time": 2.0})
+    after_prune = p.progress
+    assert abs(after_prune - (100 + 10 + 10) / (1000 + 30)) < 1e-3
+    p.fold({"kind": "stage_start", "stage": "recover", "time": 10.0, "metrics": {"work": {"train": 900}}})
+    seen = []
+    kept = []
+    for i in range(1, 101):
+        kept.append(p.fold({"kind": "progress", "stage": "train", "parent": "recover", "step": i, "total": 100,
+                            "time": 10.0 + i, "metrics": {"loss": 1 / i}}))
+        seen.append(p.progress)
     assert kept[0] and kept[-1] and sum(kept) < 10  # steps are thinned, the last one always kept
-    assert p.progress == 2 / PIPELINE_STAGES and p.metrics["recover"]["loss"] == 0.01
-    assert p.fields()["stage"] == "recover" and p.fields()["stages_done"] == 1
+    assert seen == sorted(seen) and seen[0] > after_prune and seen[-1] < 1.0  # not done until the stage ends
+    assert p.metrics["train"]["loss"] == 0.01 and p.fields()["stage"] == "recover"
+    snap = p.fields()["metrics"]["progress"]
+    assert snap["eta_s"] == 0 and snap["stage_fraction"] == 1.0
+    p.fold({"kind": "stage_end", "stage": "recover", "time": 111.0})
+    assert p.progress == 1.0 and p.fields()["stages_done"] == 2
+
+
+def test_eta_is_remaining_work_over_current_throughput():
+    p = JobProgress()
+    p.fold({"kind": "plan", "stage": "job", "time": 0.0, "metrics": {"work": {"recover": 1000, "final": 500}}})
+    p.fold({"kind": "stage_start", "stage": "recover", "time": 0.0, "metrics": {"work": {"train": 1000}}})
+    p.fold({"kind": "stage_start", "stage": "train", "parent": "recover", "step": 0, "total": 100, "time": 10.0})
+    p.fold({"kind": "progress", "stage": "train", "parent": "recover", "step": 25, "total": 100, "time": 60.0})
+    # 250 units in 50 s: 5 units/s; 750 + 500 units left.
+    assert abs(p.work.eta_seconds() - 250.0) < 1e-6
     assert p.fold({"kind": "warning", "stage": "recover", "message": "x"})
 
 

@@ -26,21 +26,27 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
 def job_object(row: JobRow) -> JobObject:
-    eta = None
-    if row.status == "running" and row.started_at and 0.01 < row.progress < 1:
-        elapsed = time.time() - row.started_at
-        eta = round(elapsed * (1 - row.progress) / row.progress, 1)
     return JobObject(id=row.id, model=row.model, status=row.status, stage=row.stage, progress=round(row.progress, 4),
-                     eta_seconds=eta, metrics=row.metrics or {}, result=row.result, error=row.error,
+                     eta_seconds=eta_seconds(row), metrics=row.metrics or {}, result=row.result, error=row.error,
                      created_at=int(row.created_at), started_at=int(row.started_at) if row.started_at else None,
                      finished_at=int(row.finished_at) if row.finished_at else None, attempts=row.attempts,
                      device=row.device, cancel_requested=row.cancel_requested, recipe=row.recipe,
                      metadata=(row.recipe or {}).get("metadata", {}))
 
 
+def eta_seconds(row: JobRow) -> float | None:
+    """The worker's estimate (remaining work over the current stage's measured throughput), less
+    the time since it was made."""
+    snap = (row.metrics or {}).get("progress") or {}
+    if row.status != "running" or snap.get("eta_s") is None:
+        return None
+    return round(max(0.0, snap["eta_s"] - (time.time() - snap.get("at", time.time()))), 1)
+
+
 def event_object(row: EventRow) -> EventObject:
-    return EventObject(id=row.id, created_at=row.created_at, kind=row.kind, stage=row.stage, step=row.step,
-                       total=row.total, message=row.message, metrics=row.metrics or {})
+    parent, _, stage = row.stage.rpartition("/")
+    return EventObject(id=row.id, created_at=row.created_at, kind=row.kind, stage=stage, parent=parent or None,
+                       step=row.step, total=row.total, message=row.message, metrics=row.metrics or {})
 
 
 def _job(request: Request, job_id: str, owner: str) -> JobRow:
