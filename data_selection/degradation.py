@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_selection.pool import Record, format_example
+from data_selection.encoding import encode_example
+from llm_prune.errors import UserError
+from data_selection.pool import Record
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 
 
@@ -28,24 +30,6 @@ class SampleScores:
     @property
     def loss_increase(self) -> np.ndarray:
         return self.loss_pruned - self.loss_original
-
-
-def encode(tokenizer, record: Record, max_length: int) -> tuple[list[int], int, int]:
-    """(input ids, index of the first response token, untruncated length). Long prompts lose their
-    beginning so at least half the window is response."""
-    prompt_text, response_text = format_example(tokenizer, record)
-    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    r = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-    total = len(p) + len(r)
-    if not r:
-        r = [tokenizer.eos_token_id]
-    keep_r = min(len(r), max(max_length - len(p), max_length // 2))
-    keep_p = min(len(p), max_length - keep_r)
-    p = p[len(p) - keep_p:] if keep_p else []
-    if not p:  # the first response token needs something to be predicted from
-        p, keep_r = [r[0]], keep_r - 1
-        r = r[1:]
-    return p + r[:keep_r], len(p), total
 
 
 def _body_and_head(model):
@@ -64,8 +48,17 @@ def _response_log_probs(model, ids: torch.Tensor, mask: torch.Tensor, positions:
         yield torch.log_softmax(head(sel).float(), dim=-1)
 
 
+def _encode(tokenizer, record: Record, max_length: int) -> tuple[list[int], int, int]:
+    """(ids, first scored position, untruncated length): recovery's encoding of the record. The
+    first token has nothing before it to be predicted from, so scoring starts at position 1 at least."""
+    enc = encode_example(tokenizer, record, max_length)
+    if enc is None:
+        raise UserError(f"record {record.source_id} has no response tokens", param="pool")
+    return enc.input_ids, max(1, enc.response_start), enc.untruncated
+
+
 @torch.no_grad()
-def score_records(records: list[Record], original, pruned, *, batch_tokens: int = 4096, max_length: int = 512,
+def score_records(records: list[Record], original, pruned, *, batch_tokens: int = 4096, max_length: int = 256,
                   chunk: int = 512, on_event: ProgressCallback = null_callback,
                   stage: str = "score") -> SampleScores:
     """Score records with both models. `original`/`pruned` are (model, tokenizer) pairs sharing the
@@ -74,7 +67,7 @@ def score_records(records: list[Record], original, pruned, *, batch_tokens: int 
     model_p, _ = pruned
     device = next(model_o.parameters()).device
     device_p = next(model_p.parameters()).device
-    encoded = [encode(tok, r, max_length) for r in records]
+    encoded = [_encode(tok, r, max_length) for r in records]
     n = len(records)
     jsd = np.zeros(n)
     loss_o = np.zeros(n)

@@ -36,7 +36,7 @@ class PaserConfig:
     candidate_factor: float = 2.0  # sampled mode: candidates scored per allocated record
     conflict_filter: bool = True
     batch_tokens: int = 4096
-    max_length: int = 512
+    max_length: int = 256  # tokens scored per record: the recovery cutoff (`RecoveryConfig.cutoff_len`)
 
     def __post_init__(self):
         if self.sample_per_cluster is not None and self.sample_per_cluster < 1:

@@ -1,7 +1,7 @@
 """Recovery examples: prompt/response records -> token ids with the loss on response tokens only.
 
-Templating (the model's chat template when its tokenizer has one, else Alpaca-style) is
-`data_selection.pool.format_example`, shared with data selection so both see the same text.
+Encoding (template, BOS, truncation) is `data_selection.encoding.encode_example`, shared with
+PASER's scoring so selection measures the tokens training sees.
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from data_selection.pool import Record, format_example
-
-IGNORE_INDEX = -100  # labels the loss skips (prompt and padding)
+from data_selection.encoding import IGNORE_INDEX, encode_example
+from data_selection.pool import Record
 
 
 def as_record(record: Any) -> Record:
@@ -29,25 +28,12 @@ def as_record(record: Any) -> Record:
 
 
 def tokenize_example(tokenizer, record: Any, cutoff_len: int) -> dict[str, list[int]] | None:
-    """Token ids and labels for one record, or None when its response is empty.
-
-    Long examples keep the end of the prompt (where the question and the answer header are) and the
-    start of the response: the prompt gets at least half of `cutoff_len` when both do not fit."""
+    """Token ids and labels (prompt masked) for one record, or None when its response is empty."""
     record = as_record(record)
     if not record.response.strip():
         return None  # nothing to learn but an immediate stop
-    prompt_text, response_text = format_example(tokenizer, record)
-    templated = bool(getattr(tokenizer, "chat_template", None))
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=not templated)["input_ids"]
-    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
-    if not response_ids:
-        return None
-    if len(prompt_ids) + len(response_ids) > cutoff_len:
-        prompt_budget = max(cutoff_len - len(response_ids), cutoff_len // 2)
-        prompt_ids = prompt_ids[-prompt_budget:] if prompt_budget > 0 else []
-        response_ids = response_ids[:cutoff_len - len(prompt_ids)]  # keeps >= cutoff_len // 2 tokens
-    return {"input_ids": prompt_ids + response_ids,
-            "labels": [IGNORE_INDEX] * len(prompt_ids) + list(response_ids)}
+    enc = encode_example(tokenizer, record, cutoff_len)
+    return None if enc is None else {"input_ids": enc.input_ids, "labels": enc.labels}
 
 
 @dataclass

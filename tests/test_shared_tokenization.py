@@ -1,0 +1,62 @@
+"""PASER scores exactly the tokens recovery trains on: the same template, BOS and truncation, seen
+at the models' inputs while each one runs."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data_selection.degradation import _encode, score_records
+from data_selection.pool import Record
+from llm_prune.recipe import RecoveryConfig
+from recovery import recover
+
+RECORDS = [Record(prompt=f"What is {i} plus {i}?", response=f"It is {2 * i}.", source_id=str(i)) for i in range(3)]
+RECORDS.append(Record(prompt="Summarise: " + "the long river runs to the sea " * 20,
+                      response="A river reaches the sea " * 12, source_id="long"))
+CUTOFF = 128
+CHAT = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def _capture(module, seen, pad_id):
+    def hook(_, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        labels = kwargs.get("labels")
+        for row in range(ids.shape[0]):
+            n = int(mask[row].sum()) if mask is not None else int((ids[row] != pad_id).sum())
+            first = None if labels is None else int((labels[row, :n] != -100).nonzero()[0])
+            seen.add((tuple(ids[row, :n].tolist()), first))
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("template", [None, CHAT], ids=["bos-alpaca", "chat-template"])
+def test_paser_scores_the_tokens_recovery_trains_on(tiny_llama, tmp_path, template):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = template
+    if template is None:  # a tokenizer that adds BOS itself, as Llama's do
+        from tokenizers import processors
+
+        tok._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    scored: set = set()
+    handle = _capture(model.model, scored, tok.pad_token_id)
+    score_records(RECORDS, (model, tok), (model, tok), max_length=CUTOFF, batch_tokens=64)
+    handle.remove()
+    # Where PASER's JSD starts in each sequence: the first response token.
+    scored = {(ids, _encode(tok, r, CUTOFF)[1]) for r in RECORDS for ids, _ in scored
+              if list(ids) == _encode(tok, r, CUTOFF)[0]}
+
+    trained: set = set()
+    handle = _capture(model, trained, tok.pad_token_id)
+    cfg = RecoveryConfig(method="lora", max_steps=len(RECORDS), micro_batch_size=1, cutoff_len=CUTOFF,
+                         eval_fraction=0.0, lora_dropout=0.0, warmup_ratio=0.0)
+    recover(model, tok, RECORDS, cfg, tmp_path)
+    handle.remove()
+
+    assert len(scored) == len(RECORDS) and scored == trained
+    # BOS (from the tokenizer, or written by the template) starts every record that was not cut ...
+    assert {ids[0] for ids, _ in trained if len(ids) < CUTOFF} == {tok.bos_token_id}
+    assert max(len(ids) for ids, _ in trained) == CUTOFF  # ... and the long one is cut the same way
