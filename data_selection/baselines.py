@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from data_selection.degradation import score_records
-from data_selection.selection import PlotData, Selection, SelectionContext, take_in_order
+from data_selection.context import PlotData, Selection, SelectionContext, take_in_order
 
 
 def _finish(ctx: SelectionContext, chosen: list[int], report: dict, plot: PlotData | None = None) -> Selection:

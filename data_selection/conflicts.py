@@ -91,11 +91,3 @@ class ConceptGraph:
         """The question's unigrams, and what the answer adds to them (its information)."""
         key = frozenset(c for c in q if " " not in c)
         return key, {c for c in a if " " not in c and c not in key}
-
-    def offer(self, record: Record) -> bool:
-        """Accept (and add) the record if consistent; count it as rejected otherwise."""
-        if self.check(record) is not None:
-            self.rejected += 1
-            return False
-        self.add(record)
-        return True

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from data_selection.encoding import encode_example
-from llm_prune.errors import UserError
 from data_selection.pool import Record
+from llm_prune.errors import UserError
+from llm_prune.lm_loss import decoder_hidden, log_probs
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 
 
@@ -30,22 +31,6 @@ class SampleScores:
     @property
     def loss_increase(self) -> np.ndarray:
         return self.loss_pruned - self.loss_original
-
-
-def _body_and_head(model):
-    body = getattr(model, model.base_model_prefix)
-    return body, model.get_output_embeddings()
-
-
-def _response_log_probs(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, chunk: int):
-    """Log-probabilities (fp32) at the flat `positions` of the batch, chunk by chunk."""
-    body, head = _body_and_head(model)
-    hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    positions = positions.to(flat.device)  # a device-mapped model ends on its last device
-    for start in range(0, positions.numel(), chunk):
-        sel = flat[positions[start:start + chunk]]
-        yield torch.log_softmax(head(sel).float(), dim=-1)
 
 
 def _encode(tokenizer, record: Record, max_length: int) -> tuple[list[int], int, int]:
@@ -96,8 +81,9 @@ def score_records(records: list[Record], original, pruned, *, batch_tokens: int 
         targets = torch.tensor(tgt)
         owners = torch.tensor(owner)
         sums = torch.zeros((3, len(batch)), dtype=torch.float64)
-        pairs = zip(_response_log_probs(model_o, ids.to(device), mask.to(device), positions, chunk),
-                    _response_log_probs(model_p, ids.to(device_p), mask.to(device_p), positions, chunk))
+        hidden_o = decoder_hidden(model_o, ids.to(device), mask.to(device))
+        hidden_p = decoder_hidden(model_p, ids.to(device_p), mask.to(device_p))
+        pairs = zip(log_probs(model_o, hidden_o, positions, chunk), log_probs(model_p, hidden_p, positions, chunk))
         for c, (lo, lp) in enumerate(pairs):
             lp = lp.to(lo.device)
             sl = slice(c * chunk, c * chunk + lo.shape[0])

@@ -21,7 +21,7 @@ from data_selection.cluster import cluster_embeddings
 from data_selection.conflicts import ConceptGraph
 from data_selection.degradation import score_records
 from data_selection.embed import embed_texts
-from data_selection.selection import PlotData, Selection, SelectionContext
+from data_selection.context import PlotData, Selection, SelectionContext
 from llm_prune.errors import UserError
 from llm_prune.progress import ProgressEvent
 

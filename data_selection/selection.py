@@ -5,95 +5,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from data_selection.allocate import resolve_budget
-from data_selection.pool import Record, format_example
+from data_selection.context import Selection, SelectionContext
+from data_selection.pool import Record
 from llm_prune.errors import UserError
 from llm_prune.progress import ProgressCallback, null_callback
 
 METHODS = ("paser", "random", "all", "loss")
-
-
-@dataclass
-class PlotData:
-    """What report.png draws: a 2-D projection coloured by cluster and per-cluster bars, or a
-    score histogram for methods without clusters."""
-
-    coords: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    selected: np.ndarray | None = None  # indices into the pool
-    cds: list[float] = field(default_factory=list)
-    allocation: list[int] = field(default_factory=list)
-    scores: np.ndarray | None = None
-    score_name: str = ""
-
-
-@dataclass
-class Selection:
-    records: list[Record]
-    indices: list[int]
-    report: dict[str, Any]
-    plot: PlotData = field(default_factory=PlotData)
-
-
-@dataclass
-class SelectionContext:
-    """What every method may use; models are (model, tokenizer) pairs or None."""
-
-    records: list[Record]
-    budget: int
-    original: tuple | None
-    pruned: tuple | None
-    token_budget: int | None
-    seed: int
-    on_event: ProgressCallback
-
-    def require_models(self, method: str) -> None:
-        if self.original is None or self.pruned is None:
-            raise UserError(f"method '{method}' compares the original and the pruned model: "
-                            f"give both --original and --pruned", param="original")
-
-    def tokenizer(self):
-        for pair in (self.original, self.pruned):
-            if pair is not None:
-                return pair[1]
-        return None
-
-    def token_counts(self, indices=None) -> np.ndarray:
-        """Training tokens (prompt + response, as formatted) per record."""
-        tok = self.tokenizer()
-        if tok is None:
-            raise UserError("a token budget needs a tokenizer: give --original", param="token_budget")
-        idx = range(len(self.records)) if indices is None else indices
-        out = []
-        for i in idx:
-            prompt, response = format_example(tok, self.records[i])
-            out.append(len(tok(prompt + response, add_special_tokens=False)["input_ids"]))
-        return np.asarray(out, dtype=np.int64)
-
-
-def take_in_order(order, count: int, tokens: np.ndarray | None, token_budget: int | None) -> tuple[list[int], int]:
-    """The first `count` of `order` that fit the token budget (a record that does not fit is
-    skipped, later smaller ones may still fit). Returns (chosen, skipped)."""
-    chosen, used, skipped = [], 0, 0
-    smallest = int(tokens.min()) if tokens is not None and len(tokens) else 0
-    for i in order:
-        if len(chosen) >= count:
-            break
-        if token_budget is not None:
-            if used + tokens[i] > token_budget:
-                skipped += 1
-                if token_budget - used < smallest:
-                    break
-                continue
-            used += int(tokens[i])
-        chosen.append(int(i))
-    return chosen, skipped
 
 
 def select_records(records: list[Record], *, method: str = "paser", budget: float = 0.2, original=None,

@@ -1,5 +1,5 @@
-"""Export a (pruned) model as a Hugging Face directory: safetensors, config, tokenizer, generation
-config and a model card.
+"""Export a (pruned) model as a Hugging Face directory: safetensors, config, tokenizer and generation
+config (the model card is `llm_prune.card`, written by the stage that knows the numbers).
 
 Equal widths in every layer: a stock config, loads with plain `from_pretrained`. Widths that differ
 per layer: config.json carries `per_layer_config` plus an `auto_map` to a small modeling file
@@ -86,8 +86,7 @@ def checkpoint_config(model: nn.Module) -> tuple[dict, bool]:
     return data, True
 
 
-def export_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, card: str | None = None,
-                      extra_meta: dict | None = None) -> dict:
+def export_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, extra_meta: dict | None = None) -> dict:
     """Write the HF directory; returns {"path", "needs_remote_code", "bytes"}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,8 +103,6 @@ def export_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, card:
         tokenizer.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
-    if card is not None:
-        (out / "README.md").write_text(card)
     return {"path": str(out), "needs_remote_code": remote, "bytes": dir_bytes(out)}
 
 

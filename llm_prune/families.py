@@ -1,6 +1,7 @@
 """Family adapters: the one place that knows where a model family keeps its decoder layers,
-projections, norms and GQA layout. Llama, Mistral, Qwen2 and Qwen3 share one layout; a new
-family is a new `Family` entry, nothing else changes."""
+projections, norms and GQA layout. Llama, Mistral, Qwen2 and Qwen3 share one layout. A new family
+is a new `Family` entry here for pruning, plus its transformers classes in `export._CLASSES` so
+checkpoints with per-layer widths can be written and loaded."""
 
 from __future__ import annotations
 

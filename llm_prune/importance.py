@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
 from llm_prune.families import Family, family_for, head_dim
+from llm_prune.lm_loss import causal_lm_loss
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 
 GRADIENT_METHODS = ("taylor", "vectorwise", "second_order")
@@ -203,25 +203,3 @@ def _zero_dropout(model: nn.Module) -> list[tuple[nn.Module, str, float]]:
             saved.append((module, attr, value))
             setattr(module, attr, 0.0)
     return saved
-
-
-def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
-    """Mean next-token loss with the LM head applied in checkpointed chunks of tokens, so the
-    [tokens x vocab] logits (the largest activation of a small model) never exist all at once."""
-    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-    head = model.get_output_embeddings()
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    labels = input_ids[:, 1:].reshape(-1)
-
-    def chunk_loss(h_part: torch.Tensor, y_part: torch.Tensor) -> torch.Tensor:
-        logits = head(h_part).float()
-        return torch.nn.functional.cross_entropy(logits, y_part, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk_tokens):
-        part = (h[start:start + chunk_tokens], labels[start:start + chunk_tokens])
-        if torch.is_grad_enabled():
-            total = total + torch.utils.checkpoint.checkpoint(chunk_loss, *part, use_reentrant=False)
-        else:
-            total = total + chunk_loss(*part)
-    return total / labels.numel()

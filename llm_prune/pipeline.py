@@ -20,6 +20,7 @@ from typing import Any
 from llm_prune.errors import UserError
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 from llm_prune.recipe import Recipe
+from llm_prune.workload import adapt_accel_steps, budget_count
 
 STAGES = ("baseline", "pruned", "selection", "recovered", "final")
 DONE = ".done"
@@ -166,8 +167,8 @@ class Job:
 
         records = self.records()
         rng = random.Random(r.recovery.seed)
-        sample = rng.sample(records, min(len(records), _budget_count(r.data.budget, len(records))))
-        steps, _ = _adapt_accel_steps(r)
+        sample = rng.sample(records, min(len(records), budget_count(r.data.budget, len(records))))
+        steps, _ = adapt_accel_steps(r)
 
         def between(model, stage: int):
             tok = tokenizer()
@@ -215,7 +216,7 @@ class Job:
         teacher = self.load(r.model)[0] if r.recovery.distill_weight > 0 else None
         cfg = r.recovery
         if r.pruning.stages > 1 and r.data.pool and cfg.epochs is None:
-            cfg = cfg.model_copy(update={"max_steps": _adapt_accel_steps(r)[1]})  # the stages before spent theirs
+            cfg = cfg.model_copy(update={"max_steps": adapt_accel_steps(r)[1]})  # the stages before spent theirs
         result = recover(model, tok, records, cfg, path / "work", teacher=teacher, on_event=self.on_event)
         export_checkpoint(result.model, tok, path / "checkpoint",
                           extra_meta={"recipe": r.model_dump(), "base_model": r.model})
@@ -307,17 +308,6 @@ def finished_stages(out_dir: str | Path) -> list[str]:
     return [s for s in STAGES if _done(Path(out_dir) / s)]
 
 
-def _adapt_accel_steps(r) -> tuple[int, int]:
-    """Adapt-Accel: max_steps is the whole budget. Each of the T-1 runs between pruning stages gets
-    an equal share; the recovery after data selection gets the rest."""
-    per_stage = max(1, r.recovery.max_steps // r.pruning.stages)
-    return per_stage, max(1, r.recovery.max_steps - (r.pruning.stages - 1) * per_stage)
-
-
-def _budget_count(budget: float, n: int) -> int:
-    return max(1, int(round(budget * n))) if budget <= 1 else min(n, int(budget))
-
-
 def _headline(results: dict) -> dict:
     out = {}
     if "params" in results:
@@ -330,8 +320,16 @@ def _headline(results: dict) -> dict:
     return out
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    """Weights are hard-linked (never written again); every other file is copied, because the
+    final stage rewrites the card and the results, which must not change the source's through a link."""
+    if src.suffix in WEIGHT_SUFFIXES:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copy2(src, dst)

@@ -17,6 +17,17 @@ FULL_TASK_ITEMS = 2000  # a task without --limit (the sets run from 500 to 10k i
 SPEED_UNITS = 8192.0
 
 
+def adapt_accel_steps(r) -> tuple[int, int]:
+    """Adapt-Accel: max_steps is the whole budget. Each of the T-1 runs between pruning stages gets
+    an equal share; the recovery after data selection gets the rest."""
+    per_stage = max(1, r.recovery.max_steps // r.pruning.stages)
+    return per_stage, max(1, r.recovery.max_steps - (r.pruning.stages - 1) * per_stage)
+
+
+def budget_count(budget: float, n: int) -> int:
+    return max(1, int(round(budget * n))) if budget <= 1 else min(n, int(budget))
+
+
 def evaluation_work(recipe: Recipe) -> dict[str, float]:
     ev, work = recipe.evaluation, {}
     if ev.ppl:
@@ -40,14 +51,12 @@ def training_work(recipe: Recipe, steps: int) -> float:
 
 def _steps(recipe: Recipe, pool_records: int) -> tuple[int, int]:
     """(steps of each recovery between pruning stages, steps of the recovery stage)."""
-    from llm_prune.pipeline import _adapt_accel_steps, _budget_count
-
     r = recipe
     if r.recovery.epochs is not None:  # epochs over the selected records
-        seqs = _budget_count(r.data.budget, max(pool_records, 1)) * r.recovery.epochs
+        seqs = budget_count(r.data.budget, max(pool_records, 1)) * r.recovery.epochs
         return 0, int(seqs / (r.recovery.micro_batch_size * r.recovery.gradient_accumulation)) + 1
     if r.pruning.stages > 1 and r.data.pool:
-        return _adapt_accel_steps(r)
+        return adapt_accel_steps(r)
     return 0, r.recovery.max_steps
 
 

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm_prune.errors import NotFoundError, UserError
 from service.auth import AuthError
-from service.errors import ConflictError
+from service.errors import ConflictError, PayloadTooLarge
 from service.schemas import ErrorResponse
 from service.settings import Settings
 from service.store import LimitExceeded, Store
@@ -52,7 +52,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UserError)
     async def _user_error(_request: Request, exc: UserError):
-        status = 404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ConflictError) else 400
+        status = (404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ConflictError)
+                  else 413 if isinstance(exc, PayloadTooLarge) else 400)
         return error_response(status, exc.message, exc.param, exc.code)
 
     @app.exception_handler(AuthError)

@@ -146,10 +146,10 @@ def test_conflict_graph_rejects_contradictions_only():
                 Record("What is the capital of France?", "It is Paris.", "d"),
                 Record("Write a story about France", "Once upon a time " + "in a land far away, " * 10, "e")]
     for rec in accepted:
-        assert graph.offer(rec), rec
-    assert not graph.offer(Record("What is the capital of France?", "The capital of France is Lyon.", "x"))
-    assert not graph.offer(Record("Is the Earth flat?", "Yes, the Earth is flat.", "y"))
-    assert graph.rejected == 2
+        assert graph.check(rec) is None, rec
+        graph.add(rec)
+    assert graph.check(Record("What is the capital of France?", "The capital of France is Lyon.", "x"))
+    assert graph.check(Record("Is the Earth flat?", "Yes, the Earth is flat.", "y"))
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):

@@ -16,6 +16,7 @@ import torch
 
 from llm_prune.errors import UserError
 from llm_prune.evaluate.scoring import model_device
+from llm_prune.lm_loss import next_token_nll
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 
 CONVENTION = "non-overlapping windows, exp(mean token loss) (LLM-Pruner)"
@@ -84,10 +85,7 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, max_windows: int
     with torch.inference_mode():
         for start in range(0, n_windows, batch):
             chunk = windows[start:start + batch].to(device)
-            logits = model(input_ids=chunk, use_cache=False).logits
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)).float(), chunk[:, 1:].reshape(-1), reduction="sum")
-            total_nll += float(nll)
+            total_nll += float(next_token_nll(model, chunk))
             done = min(start + batch, n_windows)
             scored = done * (seq_len - 1)
             on_event(ProgressEvent(stage=stage, step=done, total=n_windows,

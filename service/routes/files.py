@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from llm_prune.errors import NotFoundError, UserError
 from service.auth import current_owner
-from service.errors import ConflictError
+from service.errors import ConflictError, PayloadTooLarge
 from service.schemas import Deleted, FileList, FileObject
 from service.store import FileRow, new_id
 from service.uploads import validate_upload
@@ -30,7 +30,8 @@ def _save(upload: UploadFile, target: Path, limit: int) -> tuple[int, str]:
         while block := upload.file.read(1024 * 1024):
             size += len(block)
             if size > limit:
-                raise UserError(f"upload exceeds the limit of {limit} bytes", param="file", code="file_too_large")
+                raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes", param="file",
+                                      code="file_too_large")
             h.update(block)
             out.write(block)
     return size, h.hexdigest()
@@ -52,12 +53,8 @@ async def upload_file(request: Request, file: UploadFile = File(...), purpose: s
         if size == 0:
             raise UserError(f"{filename}: the file is empty", param="file")
         records, malformed = await run_in_threadpool(validate_upload, target, filename, purpose)
-    except UserError as exc:
+    except UserError:
         shutil.rmtree(folder, ignore_errors=True)
-        if exc.code == "file_too_large":
-            from service.app import error_response
-
-            return error_response(413, exc.message, exc.param, exc.code)
         raise
     row = store.add_file(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size, sha256=digest,
                          records=records, malformed=malformed, path=str(target))
