@@ -107,10 +107,13 @@ def _follow(client, job_id: str) -> dict:
     """Progress bar while polling; returns the finished job."""
     from tqdm.auto import tqdm
 
-    with tqdm(total=100, desc="queued", unit="%", bar_format="{desc:<22}{percentage:3.0f}%|{bar}| {elapsed}") as bar:
+    fmt = "{desc:<22}{percentage:3.0f}%|{bar}| {elapsed}{postfix}"
+    with tqdm(total=100, desc="queued", unit="%", bar_format=fmt) as bar:
         while True:
             job = client.job(job_id)
             bar.set_description_str(f"{job['status']}:{job.get('stage') or '-'}"[:22])
+            bar.set_postfix_str(f"eta {job['eta_seconds']:.0f} s" if job.get("eta_seconds") is not None else "",
+                                refresh=False)
             bar.n = round(job["progress"] * 100)
             bar.refresh()
             if job["status"] in TERMINAL:
@@ -126,6 +129,8 @@ def _print_job(job: dict) -> None:
     if job.get("error"):
         typer.echo(f"error: {job['error']['message']}")
     for stage, metrics in (job.get("metrics") or {}).items():
+        if stage == "progress":  # shown above as progress and eta
+            continue
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         typer.echo(f"  {stage}: {shown}")
 
@@ -209,6 +214,8 @@ def jobs_status(job_id: str, wait: bool = typer.Option(False, "--wait"),
 def jobs_events(job_id: str, follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends"),
                 after: Optional[int] = typer.Option(None), limit: int = typer.Option(100)) -> None:
     """Stage changes, training steps, eval results and warnings."""
+    from tqdm.auto import tqdm
+
     from llm_prune.progress import ProgressEvent, TqdmRenderer
 
     with _client() as client:
@@ -222,18 +229,19 @@ def jobs_events(job_id: str, follow: bool = typer.Option(False, "--follow", "-f"
                 render.close()
                 typer.echo(f"job {job_id} {e['end']}")
                 return
-            if e["kind"] != "progress":
-                render.close() if e["kind"] == "stage_end" else None
-                typer.echo(_event_line(e))
+            if e["kind"] not in ("progress", "warning") and not e.get("parent"):
+                tqdm.write(_event_line(e))  # stage changes of the job; the renderer draws one bar per stage
             render(ProgressEvent(stage=e["stage"], step=e["step"], total=e["total"], message=e["message"],
-                                 metrics=e["metrics"], kind=e["kind"], time=e["created_at"]))
+                                 metrics=e["metrics"], kind=e["kind"], time=e["created_at"],
+                                 parent=e.get("parent")))
 
 
 def _event_line(e: dict) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(e["created_at"]))
     step = f" {e['step']}/{e['total']}" if e.get("total") else ""
     metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in e["metrics"].items())
-    return f"{when} {e['kind']:<11} {e['stage']}{step} {e['message']} {metrics}".rstrip()
+    stage = f"{e['parent']}/{e['stage']}" if e.get("parent") else e["stage"]
+    return f"{when} {e['kind']:<11} {stage}{step} {e['message']} {metrics}".rstrip()
 
 
 @jobs_app.command("cancel")

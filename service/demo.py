@@ -67,12 +67,13 @@ def follow(client: Client, job_id: str) -> None:
     for e in client.stream_events(job_id):
         if "end" in e:
             break
-        if e["kind"] in ("stage_start", "stage_end", "warning", "metric"):
+        if e["kind"] in ("stage_start", "stage_end", "warning", "metric") and not e.get("parent"):
             metrics = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in e["metrics"].items() if k != "pid")
             tqdm.write(f"[{time.time() - t0:6.0f}s] {e['kind']:<11} {e['stage']:<10} {e['message']} {metrics}".rstrip())
         render(ProgressEvent(stage=e["stage"], step=e["step"], total=e["total"], message=e["message"],
-                             metrics=e["metrics"], kind=e["kind"], time=e["created_at"]))
+                             metrics=e["metrics"], kind=e["kind"], time=e["created_at"],
+                                 parent=e.get("parent")))
     render.close()
 
 
