@@ -21,7 +21,7 @@ from pydantic_core import PydanticUndefined
 from llm_prune.errors import UserError
 from llm_prune.recipe import CLI_NAMES, Recipe
 
-ALL = ("model", "budget", "pruning", "data", "recovery", "evaluation", "device", "trust_remote_code", "metadata")
+ALL = tuple(Recipe.model_fields)  # every section and top-level field, including ones added later
 
 
 @dataclass(frozen=True)
