@@ -27,9 +27,14 @@ def log_probs(model: nn.Module, hidden: torch.Tensor, positions: torch.Tensor,
 
 def next_token_nll(model: nn.Module, input_ids: torch.Tensor, chunk_tokens: int = 256) -> torch.Tensor:
     """Summed next-token loss over `input_ids` (no padding). With gradients on, each chunk of the
-    head is checkpointed, so backward recomputes its logits instead of keeping them."""
+    head is checkpointed, so backward recomputes its logits instead of keeping them. A model that
+    does not expose its decoder and head separately runs whole."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if head is None or not hasattr(model, "get_decoder"):
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                 input_ids[:, 1:].reshape(-1).to(logits.device), reduction="sum")
     hidden = decoder_hidden(model, input_ids)
-    head = model.get_output_embeddings()
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     labels = input_ids[:, 1:].reshape(-1).to(h.device)
 
