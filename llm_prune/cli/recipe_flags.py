@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -104,7 +105,7 @@ def _switch(name: str) -> str:
 
 
 def _strip_optional(ann: Any) -> Any:
-    if typing.get_origin(ann) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if typing.get_origin(ann) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(ann) if a is not type(None)]
         if len(args) == 1:
             return args[0]
