@@ -5,7 +5,6 @@ the models, so a field added later is covered with no change here."""
 import typing
 
 import pytest
-from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 from typer.testing import CliRunner
 
