@@ -194,3 +194,13 @@ def test_every_setting_is_a_serve_flag_and_a_variable(monkeypatch):
     from_env = Settings()
     for (name,), value in values:
         assert str(getattr(from_env, name)) == str(value), name
+
+
+def test_deprecated_flags_still_work_and_say_so(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(10)))
+    result = CliRunner().invoke(cli_app, ["select", str(pool), "-o", str(tmp_path / "sel"), "--method", "random",
+                                          "--budget", "4", "--max-length", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "--max-length is deprecated; use --cutoff-len" in result.stderr
+    assert sum(1 for _ in (tmp_path / "sel" / "selected.jsonl").open()) == 4
