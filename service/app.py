@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llm_prune.errors import NotFoundError, UserError
-from service.auth import AuthError
-from service.errors import ConflictError, PayloadTooLarge
+from service.errors import ConflictError, PayloadTooLarge, RangeError
+from service.guard import RequestGuard
 from service.schemas import ErrorResponse
 from service.settings import Settings
 from service.store import LimitExceeded, Store
@@ -22,8 +22,8 @@ from service.store import LimitExceeded, Store
 log = logging.getLogger("llm_prune.service")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               409: "conflict_error", 413: "invalid_request_error", 416: "invalid_request_error",
-               422: "invalid_request_error", 429: "rate_limit_error"}
+               405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+               416: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -53,12 +53,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UserError)
     async def _user_error(_request: Request, exc: UserError):
         status = (404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ConflictError)
-                  else 413 if isinstance(exc, PayloadTooLarge) else 400)
-        return error_response(status, exc.message, exc.param, exc.code)
-
-    @app.exception_handler(AuthError)
-    async def _auth_error(_request: Request, exc: AuthError):
-        return error_response(401, exc.message, None, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                  else 413 if isinstance(exc, PayloadTooLarge) else 416 if isinstance(exc, RangeError) else 400)
+        headers = {"Content-Range": f"bytes */{exc.size}"} if isinstance(exc, RangeError) and exc.size else None
+        return error_response(status, exc.message, exc.param, exc.code, headers=headers)
 
     @app.exception_handler(LimitExceeded)
     async def _limit(_request: Request, exc: LimitExceeded):
@@ -72,29 +69,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(exc.status_code, detail, None, None, headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, detail, getattr(exc, "param", None), getattr(exc, "code", None),
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception):
         log.exception("unhandled error")
         return error_response(500, "internal server error", None, "internal_error")
-
-
-class UploadLimit:
-    """Refuses an upload whose declared size is over the limit before its body is read (pure ASGI,
-    so streamed responses pass through untouched)."""
-
-    def __init__(self, app, path: str, limit: int):
-        self.app, self.path, self.limit = app, path, limit
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == self.path:
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit + 64 * 1024:  # multipart framing
-                response = error_response(413, f"upload is {int(length)} bytes; the limit is {self.limit} bytes",
-                                          "file", "file_too_large")
-                return await response(scope, receive, send)
-        return await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, embedded_worker: bool | None = None) -> FastAPI:
@@ -126,12 +107,12 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
 
     app = FastAPI(title="llm-prune", version="0.1.0", lifespan=lifespan,
                   description="Structured pruning, recovery-data selection and retraining of LLMs as jobs.",
-                  responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 429)})
+                  responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429)})
     app.state.settings = settings
     app.state.store = store
     _install_error_handlers(app)
 
-    app.add_middleware(UploadLimit, path="/v1/files", limit=settings.max_upload_bytes)
+    app.add_middleware(RequestGuard, settings=settings, store=store, error_response=error_response)
     app.include_router(health.router)
     app.include_router(files.router)
     app.include_router(jobs.router)

@@ -1,6 +1,8 @@
 """Published checkpoints of a job: file manifests with sha256, and the whole directory as a
 streamed, byte-reproducible `.tar` (fixed order, mtime and owner), so its sha256 is known before
-the download starts and a client can check what it got."""
+the download starts, a client can check what it got, and any byte range of it can be served
+(a broken download resumes with `Range`). A checkpoint is published once its stage is finished
+(the pipeline's `.done` marker), while the job may still run."""
 
 from __future__ import annotations
 
@@ -53,36 +55,56 @@ def _tar_header(name: str, size: int) -> bytes:
     return info.tobuf(format=tarfile.PAX_FORMAT)
 
 
-def stream_tar(root: Path, prefix: str, files: list[str]) -> Iterator[bytes]:
-    """Yield a POSIX tar of `files` (relative to root) under `prefix/`, one chunk at a time."""
+def _tar_segments(root: Path, prefix: str, files: list[str]) -> Iterator[tuple[int, bytes | Path]]:
+    """The archive as (length, bytes or file) pieces in order; their lengths are known without
+    reading any file, so a byte range maps to pieces (and a seek) at once."""
     written = 0
     for rel in files:
         path = root / rel
         size = path.stat().st_size
         header = _tar_header(f"{prefix}/{rel}", size)
-        written += len(header)
-        yield header
-        with open(path, "rb") as fh:
-            remaining = size
-            while remaining > 0:
-                block = fh.read(min(CHUNK, remaining))
-                if not block:
-                    raise OSError(f"{path} shrank while being archived")
-                remaining -= len(block)
-                yield block
+        yield len(header), header
+        yield size, path
         pad = (-size) % tarfile.BLOCKSIZE
-        written += size + pad
+        written += len(header) + size + pad
         if pad:
-            yield b"\0" * pad
+            yield pad, b"\0" * pad
     end = 2 * tarfile.BLOCKSIZE
     end += (-(written + end)) % tarfile.RECORDSIZE
-    yield b"\0" * end
+    yield end, b"\0" * end
+
+
+def stream_tar(root: Path, prefix: str, files: list[str], start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """Yield a POSIX tar of `files` (relative to root) under `prefix/`, one chunk at a time; with
+    `start`/`end` (inclusive) only those bytes of it, for `Range` requests and resumed downloads."""
+    offset = 0
+    for length, piece in _tar_segments(root, prefix, files):
+        lo, hi = max(start, offset), min(offset + length, end + 1 if end is not None else offset + length)
+        offset += length
+        if lo >= hi:
+            if end is not None and offset > end:
+                return
+            continue
+        skip, want = lo - (offset - length), hi - lo
+        if isinstance(piece, bytes):
+            yield piece[skip:skip + want]
+            continue
+        with open(piece, "rb") as fh:
+            fh.seek(skip)
+            while want > 0:
+                block = fh.read(min(CHUNK, want))
+                if not block:
+                    raise OSError(f"{piece} shrank while being archived")
+                want -= len(block)
+                yield block
 
 
 def build_manifest(job_dir: Path, name: str) -> dict | None:
     """Manifest of one checkpoint, cached in job_dir/manifests/; None if it was not published."""
     root = checkpoint_dir(job_dir, name)
-    if not (root / "config.json").exists():
+    # Only a finished stage: while it is being written its files are incomplete, and the
+    # manifest is cached for good.
+    if not (root / ".done").exists() or not (root / "config.json").exists():
         return None
     cache = job_dir / "manifests" / f"{name}.json"
     if cache.exists():

@@ -1,4 +1,4 @@
-"""Service commands: `serve`, `worker`, `keys create`, and `jobs submit|list|status|events|cancel|
+"""Service commands: `serve`, `worker`, `keys create|list|revoke`, and `jobs submit|list|status|events|cancel|
 delete|download` (a client of a running server)."""
 
 from __future__ import annotations
@@ -85,6 +85,44 @@ def keys_create(name: str = typer.Option("", "--name", help="label for the key")
     key_id, secret = Store(settings.db_url).create_key(name)
     typer.echo(secret)
     typer.echo(f"created {key_id}{' (' + name + ')' if name else ''}; this key is not shown again", err=True)
+
+
+@keys_app.command("list")
+@with_recipe_flags(STORE_FLAGS, into="settings")
+def keys_list(as_json: bool = typer.Option(False, "--json"), settings: dict = None) -> None:
+    """API keys: id, name and creation time (the secrets are not stored)."""
+    from service.store import Store
+
+    settings = _settings(settings)
+    settings.prepare()
+    store = Store(settings.db_url)
+    try:
+        keys = [{"id": k.id, "name": k.name, "created_at": int(k.created_at)} for k in store.list_keys()]
+    finally:
+        store.close()
+    if as_json:
+        return emit_json(keys)
+    rows = [[k["id"], k["name"] or "-", time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created_at"]))]
+            for k in keys]
+    typer.echo(table(rows, ["id", "name", "created"]))
+
+
+@keys_app.command("revoke")
+@with_recipe_flags(STORE_FLAGS, into="settings")
+def keys_revoke(key_id: str = typer.Argument(..., help="key id, as `keys list` shows it"),
+                settings: dict = None) -> None:
+    """Revoke a key: requests with it get 401 at once; its jobs keep running to their end."""
+    from service.store import Store
+
+    settings = _settings(settings)
+    settings.prepare()
+    store = Store(settings.db_url)
+    try:
+        if not store.revoke_key(key_id):
+            raise UserError(f"no API key with id '{key_id}' (see `llm-prune keys list`)", param="key_id")
+    finally:
+        store.close()
+    typer.echo(f"revoked {key_id}")
 
 
 # --- client ---------------------------------------------------------------------------------
@@ -249,6 +287,13 @@ def jobs_cancel(job_id: str) -> None:
     """Stop a job (a running one is signalled and stops within seconds)."""
     with _client() as client:
         _print_job(client.cancel(job_id))
+
+
+@jobs_app.command("retry")
+def jobs_retry(job_id: str) -> None:
+    """Queue a failed job again; it resumes after its last finished stage."""
+    with _client() as client:
+        _print_job(client.retry(job_id))
 
 
 @jobs_app.command("delete")

@@ -64,6 +64,9 @@ class Client:
     def cancel(self, job_id: str) -> dict:
         return self._call("POST", f"/v1/jobs/{job_id}/cancel")
 
+    def retry(self, job_id: str) -> dict:
+        return self._call("POST", f"/v1/jobs/{job_id}/retry")
+
     def delete(self, job_id: str) -> dict:
         return self._call("DELETE", f"/v1/jobs/{job_id}")
 
@@ -105,19 +108,31 @@ class Client:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tar_path = out / f"{job_id}-{name}.tar"
-        h = hashlib.sha256()
-        with self.http.stream("GET", ckpt["archive_url"], timeout=None) as r:
+        # A broken download leaves the .part file; the next call resumes it with a Range request
+        # (If-Range: a changed archive is sent whole instead).
+        part = tar_path.with_name(tar_path.name + ".part")
+        have = part.stat().st_size if part.exists() and part.stat().st_size < ckpt["archive_bytes"] else 0
+        headers = {"Range": f"bytes={have}-", "If-Range": f'"{ckpt["archive_sha256"]}"'} if have else {}
+        with self.http.stream("GET", ckpt["archive_url"], headers=headers, timeout=None) as r:
             if r.status_code >= 400:
                 r.read()
                 _raise_for_error(r)
-            with open(tar_path, "wb") as fh:
+            resumed = r.status_code == 206
+            with open(part, "ab" if resumed else "wb") as fh:
+                if progress is not None and resumed:
+                    progress(have, ckpt["archive_bytes"])
                 for chunk in r.iter_bytes(1024 * 1024):
-                    h.update(chunk)
                     fh.write(chunk)
                     if progress is not None:
                         progress(len(chunk), ckpt["archive_bytes"])
+        h = hashlib.sha256()
+        with open(part, "rb") as fh:
+            for block in iter(lambda: fh.read(1024 * 1024), b""):
+                h.update(block)
         if h.hexdigest() != ckpt["archive_sha256"]:
+            part.unlink()
             raise UserError(f"download of {name} is corrupt (sha256 mismatch); try again")
+        part.replace(tar_path)
         with tarfile.open(tar_path) as tar:
             tar.extractall(out, filter="data")
         tar_path.unlink()

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="largest accepted upload")
+    max_json_bytes: int = Field(1024**2, gt=0, description="largest JSON request body; counted as it streams in")
+    max_metadata_bytes: int = Field(16 * 1024, ge=0, description="largest job `metadata`, as compact JSON")
     max_active_jobs_per_key: int = Field(4, ge=1, description="queued or running jobs one key may have")
     max_attempts: int = Field(3, ge=1, description="runs of a job before a lost worker fails it")
     lease_seconds: float = Field(30.0, gt=0, description="a job whose worker stops renewing for this long "

@@ -2,7 +2,9 @@
 
 SQLite file by default (zero set-up), PostgreSQL by URL. Every state change is one short
 transaction; a job is claimed with a conditional UPDATE (status still `queued`), so several
-workers can share one database without row locks that SQLite lacks.
+workers can share one database without row locks that SQLite lacks. Admission (count a key's
+active jobs, then insert) holds the database's write lock on SQLite (`BEGIN IMMEDIATE`) and a
+per-key advisory lock on PostgreSQL, so the per-key limit holds under any concurrency.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
-from sqlalchemy import (JSON, BigInteger, Boolean, Float, Integer, String, Text, create_engine, delete, event,
-                        func, select, update)
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy import (JSON, BigInteger, Boolean, Float, Integer, String, Text, case, create_engine, delete,
+                        event, func, select, update)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -139,6 +142,15 @@ class Store:
         with self.session() as s:
             return s.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(secret)))
 
+    def list_keys(self) -> list[ApiKey]:
+        with self.session() as s:
+            return list(s.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+    def revoke_key(self, key_id: str) -> bool:
+        """The key stops working at once; its jobs and files stay (and stay unreachable by others)."""
+        with self.session.begin() as s:
+            return s.execute(delete(ApiKey).where(ApiKey.id == key_id)).rowcount > 0
+
     # --- files ----------------------------------------------------------------------------
     def add_file(self, **fields: Any) -> FileRow:
         row = FileRow(created_at=time.time(), **fields)
@@ -165,15 +177,50 @@ class Store:
         row = JobRow(id=job_id or new_id("job"), owner=owner, status="queued", model=model, request=request,
                      recipe=recipe, metrics={}, created_at=now, updated_at=now, max_attempts=max_attempts,
                      attempts=0, progress=0.0, stages_done=0, cancel_requested=False)
-        with self.session.begin() as s:
+        with self._admission(owner) as s:
             if max_active is not None:
-                active = s.scalar(select(func.count()).select_from(JobRow)
-                                  .where(JobRow.owner == owner, JobRow.status.in_(ACTIVE)))
-                if active >= max_active:
-                    raise LimitExceeded(f"{active} jobs are already queued or running for this key "
-                                        f"(limit {max_active}); wait for one to finish or cancel one")
+                self._check_active(s, owner, max_active)
             s.add(row)
         return row
+
+    @contextmanager
+    def _admission(self, owner: str) -> Iterator[Session]:
+        """A transaction in which counting `owner`'s active jobs and adding one is atomic: SQLite
+        takes its write lock up front (BEGIN IMMEDIATE); PostgreSQL takes a per-key advisory lock
+        (a key may have no row to lock: no-auth mode, or a key revoked meanwhile)."""
+        with self.engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            elif conn.dialect.name == "postgresql":
+                conn.execute(select(func.pg_advisory_xact_lock(func.hashtextextended(owner, 0))))
+            with Session(bind=conn, expire_on_commit=False) as s:
+                yield s
+                s.flush()
+            conn.commit()
+
+    @staticmethod
+    def _check_active(s: Session, owner: str, max_active: int) -> None:
+        active = s.scalar(select(func.count()).select_from(JobRow)
+                          .where(JobRow.owner == owner, JobRow.status.in_(ACTIVE)))
+        if active >= max_active:
+            raise LimitExceeded(f"{active} jobs are already queued or running for this key "
+                                f"(limit {max_active}); wait for one to finish or cancel one")
+
+    def retry_job(self, owner: str, job_id: str, max_active: int | None = None) -> JobRow | None:
+        """Queue a failed job again; it resumes after its last finished stage with a fresh attempt
+        budget. None if the job is not (or no longer) failed."""
+        now = time.time()
+        with self._admission(owner) as s:
+            if max_active is not None:
+                self._check_active(s, owner, max_active)
+            won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.owner == owner,
+                                                 JobRow.status == "failed")
+                            .values(status="queued", attempts=0, error=None, finished_at=None, updated_at=now,
+                                    cancel_requested=False)).rowcount > 0
+            if won:
+                s.add(EventRow(job_id=job_id, created_at=now, kind="warning", stage="job", metrics={},
+                               message="retry requested; the job resumes after its last finished stage"))
+        return self.get_job(job_id, owner) if won else None
 
     def get_job(self, job_id: str, owner: str | None = None) -> JobRow | None:
         q = select(JobRow).where(JobRow.id == job_id)
@@ -182,14 +229,15 @@ class Store:
         with self.session() as s:
             return s.scalar(q)
 
-    def list_jobs(self, owner: str, after: str | None = None, limit: int = 20) -> tuple[list[JobRow], bool]:
-        """Newest first; `after` is the id of the last job of the previous page."""
+    def list_jobs(self, owner: str, after: str | None = None, limit: int = 20) -> tuple[list[JobRow], bool] | None:
+        """Newest first; `after` is the id of the last job of the previous page. None when `after`
+        is not a job of this owner."""
         with self.session() as s:
             q = select(JobRow).where(JobRow.owner == owner)
-            if after:
+            if after is not None:
                 cursor = s.scalar(select(JobRow.seq).where(JobRow.id == after, JobRow.owner == owner))
                 if cursor is None:
-                    return [], False
+                    return None
                 q = q.where(JobRow.seq < cursor)
             rows = list(s.scalars(q.order_by(JobRow.seq.desc()).limit(limit + 1)))
         return rows[:limit], len(rows) > limit
@@ -198,15 +246,20 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(JobRow).where(JobRow.owner == owner, JobRow.status.in_(ACTIVE))))
 
-    def request_cancel(self, owner: str, job_id: str) -> JobRow | None:
-        """A queued job is cancelled at once; a running one is flagged for its worker to stop."""
+    def request_cancel(self, owner: str, job_id: str) -> tuple[JobRow | None, bool]:
+        """A queued job is cancelled at once; a running one is flagged for its worker to stop (and
+        ends `cancelled` even if its last stage completes meanwhile, see `finish`). Returns (job,
+        whether the request took effect): False for a job that already ended."""
         now = time.time()
         with self.session.begin() as s:
-            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.owner == owner, JobRow.status == "queued")
-                      .values(status="cancelled", finished_at=now, updated_at=now))
-            s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.owner == owner, JobRow.status == "running")
-                      .values(cancel_requested=True, updated_at=now))
-        return self.get_job(job_id, owner)
+            hit = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.owner == owner,
+                                                 JobRow.status == "queued")
+                            .values(status="cancelled", finished_at=now, updated_at=now)).rowcount
+            hit += s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.owner == owner,
+                                                  JobRow.status == "running")
+                             .values(cancel_requested=True, updated_at=now)).rowcount
+        row = self.get_job(job_id, owner)
+        return row, bool(hit) or (row is not None and row.status == "cancelled")
 
     def delete_job(self, owner: str, job_id: str) -> bool:
         with self.session.begin() as s:
@@ -264,7 +317,37 @@ class Store:
         assert status in TERMINAL
         fields: dict[str, Any] = {"status": status, "finished_at": time.time(), "lease_owner": None,
                                   "lease_expires": None, "result": result, "error": error}
+        if status == "succeeded":
+            # A cancel accepted while the last stage was completing still wins: the client was told
+            # it would stop, so the job ends `cancelled` (its published checkpoints stay listed).
+            fields["status"] = case((JobRow.cancel_requested, "cancelled"), else_="succeeded")
         return self.record(job_id, worker_id, events, **fields)
+
+    def requeue(self, job_id: str, worker_id: str, reason: str) -> str | None:
+        """The job's process died (signal, OOM): queue it again to resume, or fail it once its
+        attempts are used up; the reason goes to its events. Returns the new status (None if the
+        lease was no longer ours)."""
+        job = self.get_job(job_id)
+        if job is None:
+            return None
+        now = time.time()
+        if job.attempts >= job.max_attempts:
+            status = "failed"
+            message = f"{reason}; gave up after {job.attempts} attempts"
+            fields: dict[str, Any] = {"finished_at": now, "error": {"message": message, "type": "server_error",
+                                                                    "param": None, "code": "job_process_died"}}
+        else:
+            status, fields = "queued", {}
+            message = f"{reason}; retrying (attempt {job.attempts} of {job.max_attempts} used)"
+        with self.session.begin() as s:
+            won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker_id,
+                                                 JobRow.status == "running")
+                            .values(status=status, lease_owner=None, lease_expires=None, updated_at=now,
+                                    **fields)).rowcount > 0
+            if won:
+                s.add(EventRow(job_id=job_id, created_at=now, kind="warning", stage=job.stage or "job",
+                               message=message, metrics={"status": status}))
+        return status if won else None
 
     def release(self, job_id: str, worker_id: str) -> bool:
         """A worker shutting down hands its job back; the attempt does not count."""

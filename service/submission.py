@@ -3,11 +3,13 @@ models inside the operator's roots, and validate through `llm_prune.recipe.parse
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from pathlib import Path
 
 from llm_prune.errors import UserError
-from llm_prune.models import ALIASES, resolve_source
+from llm_prune.models import ALIASES, ModelSource, load_config, resolve_source
 from llm_prune.recipe import Recipe, parse_recipe
 from service.schemas import JobCreate
 from service.settings import Settings
@@ -22,25 +24,71 @@ def looks_like_path(spec: str) -> bool:
         os.path.exists(spec)
 
 
-def check_model(spec: str, settings: Settings) -> None:
-    """Aliases and hub ids pass; a local path must resolve (symlinks and `..` included) inside
-    one of the allowed model roots."""
+def check_model(spec: str, settings: Settings) -> ModelSource:
+    """Aliases and hub ids pass (a hub id must be in the local cache when the server is offline);
+    a local path must resolve (symlinks and `..` included) inside one of the allowed model roots
+    and hold a model. Every refusal of a path reads the same, so answers do not tell which
+    folders exist on the server."""
     spec = spec.strip()
-    if spec.lower() in ALIASES:
-        resolve_source(spec)
-        return
-    if not looks_like_path(spec):
-        resolve_source(spec)  # rejects malformed ids; hub ids are fetched by the worker
-        return
+    if spec.lower() in ALIASES or not looks_like_path(spec):
+        source = resolve_source(spec)  # rejects malformed ids
+        if not source.is_local and _hub_offline():
+            load_config(source)  # offline: the config must be cached, else the job could never start
+        return source
+    refused = UserError(f"model path {spec} is not a model directory or .gguf file inside the server's allowed "
+                        "model roots", param="model", code="model_not_allowed")
     if not os.path.isabs(os.path.expanduser(spec)):
-        raise UserError(f"model path must be absolute: {spec}", param="model", code="model_not_allowed")
+        raise refused
     real = Path(spec).expanduser().resolve()
-    roots = settings.model_roots
-    if not any(real == root or real.is_relative_to(root) for root in roots):
-        where = ", ".join(str(r) for r in roots) or "none configured (LLM_PRUNE_ALLOWED_MODEL_ROOTS)"
-        raise UserError(f"model path {spec} is outside the allowed model roots ({where})", param="model",
-                        code="model_not_allowed")
-    resolve_source(str(real))
+    if not any(real == root or real.is_relative_to(root) for root in settings.model_roots):
+        raise refused
+    try:
+        return resolve_source(str(real))
+    except UserError:
+        raise refused from None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_params(path: str, gguf_file: str | None, is_local: bool) -> int:
+    """Parameter count of a model from its config alone (weights on the meta device)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llm_prune.plan import count_params
+
+    config = load_config(ModelSource(path, path, gguf_file, is_local))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return count_params(model)
+
+
+def check_budget(body: JobCreate, source: ModelSource) -> None:
+    """A `target_params` at or above the model's size can never be met: refuse it now."""
+    target = body.budget.target_params
+    if target is None:
+        return
+    try:
+        total = _dense_params(source.path, source.gguf_file, source.is_local)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - a config only the job can read (remote code): it checks then
+        return
+    if target >= total:
+        raise UserError(f"budget.target_params {target:,} is not below the model's {total:,} parameters",
+                        param="budget.target_params")
+
+
+def check_metadata(metadata: dict, limit: int) -> None:
+    size = len(json.dumps(metadata, separators=(",", ":"), default=str).encode())
+    if size > limit:
+        raise UserError(f"metadata is {size} bytes as JSON; the limit is {limit}", param="metadata",
+                        code="metadata_too_large")
 
 
 def _file_path(store: Store, owner: str, file_id: str, param: str, purpose: str) -> str:
@@ -60,7 +108,9 @@ def build_recipe(body: JobCreate, owner: str, store: Store, settings: Settings) 
     if body.trust_remote_code and not settings.allow_remote_code:
         raise UserError("trust_remote_code is disabled on this server", param="trust_remote_code",
                         code="remote_code_not_allowed")
-    check_model(body.model, settings)
+    check_metadata(body.metadata, settings.max_metadata_bytes)
+    source = check_model(body.model, settings)
+    check_budget(body, source)
     recipe = body.model_dump(exclude_none=True, exclude={"data"})
     recipe["budget"] = body.budget.model_dump(exclude_none=True)
     if body.data is not None:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -150,8 +151,12 @@ class Worker:
                 self._terminate(spare)
         proc = proc or self._spawn(job_dir)
         self._children[job.id] = proc
-        start = {"kind": "stage_start", "stage": "job", "time": time.time(), "metrics": {"pid": proc.pid},
-                 "message": f"attempt {job.attempts} on {self.id} ({self.settings.device})"}
+        # Who runs the job stays on the server (fault tests and operators read it); the API shows
+        # the attempt and the device only.
+        (job_dir / "process.json").write_text(json.dumps({"pid": proc.pid, "worker": self.id,
+                                                          "attempt": job.attempts}))
+        start = {"kind": "stage_start", "stage": "job", "time": time.time(),
+                 "message": f"attempt {job.attempts} of {job.max_attempts} ({self.settings.device})"}
         self.store.record(job.id, self.id, [start])
         lines: queue.Queue = queue.Queue()
         reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
@@ -203,6 +208,7 @@ class Worker:
             except queue.Empty:
                 break
             kind = msg.pop("type", None)
+            msg = scrub(msg, self.settings.data_dir)
             if kind == "event":
                 if tracker.fold(msg):
                     keep.append(msg)
@@ -211,14 +217,20 @@ class Worker:
         if keep:
             self.store.record(job_id, self.id, keep, **tracker.fields())
 
-    def _finish(self, job: JobRow, job_dir: Path, code: int, outcome: dict) -> str:
+    def _finish(self, job: JobRow, job_dir: Path, code: int, outcome: dict) -> str | None:
         fields = {"events": [{"kind": "stage_end", "stage": "job", "time": time.time()}]}
+        if not outcome.get("cancelled") and "result" not in outcome and "error" not in outcome:
+            # Killed (OOM killer, a signal) or gone without a report: nothing says the job itself
+            # is at fault, and it resumes after its last finished stage. Retry within max_attempts.
+            return self.store.requeue(job.id, self.id, _exit_reason(code))
         if outcome.get("cancelled"):
             status = "cancelled"
         elif code == 0 and "result" in outcome:
             status = "succeeded"
             artifacts.manifests(job_dir)  # hash once now, so listing and downloads start at once
-            fields["result"] = outcome["result"].get("summary")
+            summary = dict(outcome["result"].get("summary") or {})
+            summary.pop("recipe", None)  # the job object shows it, with file ids
+            fields["result"] = summary
         else:
             status = "failed"
             err = outcome.get("error")
@@ -248,6 +260,21 @@ class Worker:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def scrub(value, data_dir: Path):
+    """Server paths out of what the API shows: a path under the data directory becomes its name
+    relative to the job's run directory (`pruned`, `final/config.json`), or is dropped."""
+    root = str(data_dir)
+    if isinstance(value, str):
+        if root not in value:
+            return value
+        return re.sub(re.escape(root) + r"/jobs/[^/\s'\"]+/run/?", "", value).replace(root, "<data>")
+    if isinstance(value, dict):
+        return {k: scrub(v, data_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, data_dir) for v in value]
+    return value
 
 
 def _read_lines(stream, out: queue.Queue) -> None:

@@ -111,12 +111,12 @@ def test_submit_minimal_and_full(env, tiny_llama):
             "recovery": {"method": "lora", "max_steps": 3}, "evaluation": {"ppl": text["id"]},
             "metadata": {"team": "nlp"}}
     job = client.post("/v1/jobs", headers=alice, json=body).json()
-    assert job["recipe"]["data"]["pool"].endswith("pool.jsonl")
+    assert job["recipe"]["data"]["file_id"] == pool["id"] and "pool" not in job["recipe"]["data"]
     _err(client.delete(f"/v1/files/{pool['id']}", headers=alice), 409, code="file_in_use")
     client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
     assert client.delete(f"/v1/files/{text['id']}", headers=alice).json()["deleted"]
-    assert job["recipe"]["evaluation"]["ppl"].endswith("eval.txt")
-    assert job["metadata"] == {"team": "nlp"}
+    assert job["recipe"]["evaluation"]["ppl"] == text["id"]  # ids, never server paths
+    assert job["metadata"] == {"team": "nlp"} and "metadata" not in job["recipe"]
 
 
 @pytest.mark.parametrize("body,param,code", [
@@ -182,8 +182,14 @@ def test_cancel_and_delete(env):
     job = client.post(f"/v1/jobs/{running['id']}/cancel", headers=alice).json()
     assert job["status"] == "running" and job["cancel_requested"]
     _err(client.delete(f"/v1/jobs/{running['id']}", headers=alice), 409, code="job_running")
-    store.finish(running["id"], "w", "succeeded")
-    _err(client.post(f"/v1/jobs/{running['id']}/cancel", headers=alice), 409, code="job_not_cancellable")
+    store.finish(running["id"], "w", "succeeded")  # its last stage completed as the cancel came in
+    late = client.get(f"/v1/jobs/{running['id']}", headers=alice).json()
+    assert late["status"] == "cancelled" and late["cancel_requested"]  # the accepted cancel wins
+    done = client.post("/v1/jobs", headers=alice, json=MIN).json()
+    store.claim("w", "cpu", 60)
+    store.finish(done["id"], "w", "succeeded")
+    _err(client.post(f"/v1/jobs/{done['id']}/cancel", headers=alice), 409, code="job_not_cancellable")
+    assert client.get(f"/v1/jobs/{done['id']}", headers=alice).json()["status"] == "succeeded"
     settings.job_dir(running["id"]).mkdir(parents=True)
     assert client.delete(f"/v1/jobs/{running['id']}", headers=alice).json()["deleted"]
     assert not settings.job_dir(running["id"]).exists()
@@ -320,7 +326,8 @@ def test_cli_submit_uploads_named_files(env, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     recipe = json.loads(result.stdout)["recipe"]
     assert recipe["budget"]["ratio"] == 0.3 and recipe["data"]["selection"] == "random"
-    assert recipe["data"]["pool"].endswith("pool.jsonl") and recipe["evaluation"]["ppl"].endswith("held.txt")
+    files = {f["filename"]: f["id"] for f in client.get("/v1/files").json()["data"]}
+    assert recipe["data"]["file_id"] == files["pool.jsonl"] and recipe["evaluation"]["ppl"] == files["held.txt"]
     assert recipe["evaluation"]["seq_len"] == 64
     assert len(client.get("/v1/files").json()["data"]) == 2
     missing = CliRunner().invoke(cli_app(), ["jobs", "submit", "--model", "smollm2-135m", "--ratio", "0.2",

@@ -60,7 +60,7 @@ def test_list_pagination_and_owner_isolation(store):
     page2, more2 = store.list_jobs("k1", after=page[-1].id, limit=10)
     assert [j.id for j in page2] == ids[::-1][2:] and not more2
     assert store.get_job(ids[0], "k2") is None
-    assert store.list_jobs("k2", after=ids[0]) == ([], False)  # another key's cursor reveals nothing
+    assert store.list_jobs("k2", after=ids[0]) is None  # another key's cursor is unknown, as a bogus one
 
 
 def test_active_job_limit(store):
@@ -109,13 +109,13 @@ def test_events_and_progress_only_from_lease_holder(store):
 
 def test_cancel_queued_and_running(store):
     queued = _job(store)
-    assert store.request_cancel("k1", queued.id).status == "cancelled"
+    assert store.request_cancel("k1", queued.id)[0].status == "cancelled"
     running = _job(store)
     store.claim("w1", "cpu", 30)
-    row = store.request_cancel("k1", running.id)
-    assert row.status == "running" and row.cancel_requested
+    row, accepted = store.request_cancel("k1", running.id)
+    assert accepted and row.status == "running" and row.cancel_requested
     assert store.heartbeat(running.id, "w1", 30) == (True, True)
-    assert store.request_cancel("k2", running.id) is None
+    assert store.request_cancel("k2", running.id) == (None, False)
 
 
 def test_expired_lease_requeues_then_fails_at_retry_limit(store):
@@ -141,3 +141,41 @@ def test_release_and_delete(store):
     row = store.get_job(job.id)
     assert row.status == "queued" and row.attempts == 0
     assert store.delete_job("k1", job.id) and store.get_job(job.id) is None
+
+
+def test_active_job_limit_holds_under_concurrent_submissions(store):
+    """20 trials of 20 simultaneous submissions for one key with limit 4: exactly 4 get in."""
+    limit, callers = 4, 20
+    for trial in range(20):
+        owner, accepted, refused = f"race{trial}", [], []
+        start = threading.Barrier(callers)
+
+        def submit():
+            start.wait()
+            try:
+                _job(store, owner=owner, max_active=limit)
+                accepted.append(1)
+            except LimitExceeded:
+                refused.append(1)
+
+        threads = [threading.Thread(target=submit) for _ in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert (len(accepted), len(refused)) == (limit, callers - limit), f"trial {trial}"
+        assert len(store.active_jobs(owner)) == limit
+
+
+def test_cancel_accepted_while_finishing_ends_cancelled(store):
+    job = _job(store)
+    store.claim("w1", "cpu", 30)
+    assert store.request_cancel("k1", job.id)[1]
+    assert store.finish(job.id, "w1", "succeeded", result={"ok": 1})  # the last stage completed meanwhile
+    assert store.get_job(job.id).status == "cancelled"
+    assert store.request_cancel("k1", job.id)[1]  # cancelling a cancelled job is a no-op, not a conflict
+    done = _job(store)
+    store.claim("w1", "cpu", 30)
+    store.finish(done.id, "w1", "succeeded")
+    row, accepted = store.request_cancel("k1", done.id)
+    assert not accepted and row.status == "succeeded" and not row.cancel_requested

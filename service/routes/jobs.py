@@ -8,21 +8,25 @@ import json
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
-from llm_prune.errors import NotFoundError
+from llm_prune.errors import NotFoundError, UserError
 from service import artifacts
 from service.auth import current_owner
 from service.errors import ConflictError
-from service.schemas import (Checkpoint, CheckpointFile, CheckpointList, Deleted, EventList, EventObject,
-                             JobCreate, JobList, JobObject)
+from service.ranges import file_chunks, ranged_response
+from service.schemas import (Checkpoint, CheckpointFile, CheckpointList, Deleted, ErrorResponse, EventList,
+                             EventObject, JobCreate, JobList, JobObject)
 from service.store import TERMINAL, EventRow, JobRow
 from service.submission import build_recipe
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+MAX_EVENT_ID = 2**63 - 1  # the largest id the databases store (SQLite INTEGER, PostgreSQL BIGINT)
 
 
 def job_object(row: JobRow) -> JobObject:
@@ -30,7 +34,8 @@ def job_object(row: JobRow) -> JobObject:
                      eta_seconds=eta_seconds(row), metrics=row.metrics or {}, result=row.result, error=row.error,
                      created_at=int(row.created_at), started_at=int(row.started_at) if row.started_at else None,
                      finished_at=int(row.finished_at) if row.finished_at else None, attempts=row.attempts,
-                     device=row.device, cancel_requested=row.cancel_requested, recipe=row.recipe,
+                     device=row.device, cancel_requested=row.cancel_requested,
+                     recipe=public_recipe(row.recipe or {}, row.request or {}),
                      metadata=(row.recipe or {}).get("metadata", {}))
 
 
@@ -41,6 +46,22 @@ def eta_seconds(row: JobRow) -> float | None:
     if row.status != "running" or snap.get("eta_s") is None:
         return None
     return round(max(0.0, snap["eta_s"] - (time.time() - snap.get("at", time.time()))), 1)
+
+
+# Recipe fields that hold a server path of an upload, and where the request named its file id.
+FILE_FIELDS = ((("data", "pool"), ("data", "file_id")), (("evaluation", "ppl"), ("evaluation", "ppl")),
+               (("pruning", "calibration"), ("pruning", "calibration")))
+
+
+def public_recipe(recipe: dict, request: dict) -> dict:
+    """The job's recipe as a client may see it: uploads named by file id, not by their path on
+    the server; `metadata` is shown once, beside it."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in recipe.items() if k != "metadata"}
+    for (section, key), (req_section, req_key) in FILE_FIELDS:
+        if isinstance(out.get(section), dict) and key in out[section]:
+            del out[section][key]
+            out[section][req_key] = (request.get(req_section) or {}).get(req_key)
+    return out
 
 
 def event_object(row: EventRow) -> EventObject:
@@ -67,9 +88,12 @@ def create_job(body: JobCreate, request: Request, owner: str = Depends(current_o
 
 
 @router.get("", response_model=JobList)
-def list_jobs(request: Request, after: str | None = None, limit: int = Query(20, ge=1, le=100),
-              owner: str = Depends(current_owner)) -> JobList:
-    rows, has_more = request.app.state.store.list_jobs(owner, after, limit)
+def list_jobs(request: Request, after: str | None = Query(None, max_length=64, description="last id of the previous page"),
+              limit: int = Query(20, ge=1, le=100), owner: str = Depends(current_owner)) -> JobList:
+    page = request.app.state.store.list_jobs(owner, after, limit)
+    if page is None:
+        raise UserError(f"after: no job with id '{after}' to continue from", param="after", code="invalid_cursor")
+    rows, has_more = page
     return JobList(data=[job_object(r) for r in rows], has_more=has_more,
                    first_id=rows[0].id if rows else None, last_id=rows[-1].id if rows else None)
 
@@ -81,11 +105,28 @@ def get_job(job_id: str, request: Request, owner: str = Depends(current_owner)) 
 
 @router.post("/{job_id}/cancel", response_model=JobObject)
 def cancel_job(job_id: str, request: Request, owner: str = Depends(current_owner)) -> JobObject:
-    row = _job(request, job_id, owner)
-    if row.status in ("succeeded", "failed"):
+    _job(request, job_id, owner)
+    row, accepted = request.app.state.store.request_cancel(owner, job_id)
+    if row is None:
+        raise NotFoundError(f"no job with id '{job_id}'", param="job_id")
+    if not accepted:  # decided in the same transaction as the update: no window for a late finish
         raise ConflictError(f"job {job_id} already {row.status}; nothing to cancel", param="job_id",
-                        code="job_not_cancellable")
-    return job_object(request.app.state.store.request_cancel(owner, job_id))
+                            code="job_not_cancellable")
+    return job_object(row)
+
+
+@router.post("/{job_id}/retry", response_model=JobObject)
+def retry_job(job_id: str, request: Request, owner: str = Depends(current_owner)) -> JobObject:
+    """Queue a failed job again; it resumes after its last finished stage."""
+    settings, store = request.app.state.settings, request.app.state.store
+    row = _job(request, job_id, owner)
+    if row.status != "failed":
+        raise ConflictError(f"job {job_id} is {row.status}; only a failed job can be retried", param="job_id",
+                            code="job_not_retryable")
+    retried = store.retry_job(owner, job_id, settings.max_active_jobs_per_key)
+    if retried is None:
+        raise ConflictError(f"job {job_id} is no longer failed", param="job_id", code="job_not_retryable")
+    return job_object(retried)
 
 
 @router.delete("/{job_id}", response_model=Deleted)
@@ -100,7 +141,8 @@ def delete_job(job_id: str, request: Request, owner: str = Depends(current_owner
 
 @router.get("/{job_id}/events", response_model=EventList,
             responses={200: {"content": {"text/event-stream": {}}}})
-async def job_events(job_id: str, request: Request, after: int | None = None,
+async def job_events(job_id: str, request: Request,
+                     after: int | None = Query(None, ge=0, le=MAX_EVENT_ID, description="last event id seen"),
                      limit: int = Query(100, ge=1, le=1000), stream: bool = False,
                      owner: str = Depends(current_owner)):
     store = request.app.state.store
@@ -110,9 +152,18 @@ async def job_events(job_id: str, request: Request, after: int | None = None,
         return EventList(data=[event_object(r) for r in rows], has_more=has_more,
                          last_id=rows[-1].id if rows else None)
     last = request.headers.get("last-event-id")
-    cursor = int(last) if last and last.isdigit() else after
+    cursor = _event_cursor(last) if last is not None else after
     return StreamingResponse(_sse(request, job_id, cursor), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _event_cursor(value: str) -> int:
+    """`Last-Event-ID` (a reconnecting SSE client sends it): an event id, checked like `after`."""
+    value = value.strip()
+    if not value.isdigit() or len(value) > 19 or int(value) > MAX_EVENT_ID:
+        raise UserError(f"Last-Event-ID must be an event id (0 to {MAX_EVENT_ID}), got {value[:40]!r}",
+                        param="Last-Event-ID", code="invalid_cursor")
+    return int(value)
 
 
 async def _sse(request: Request, job_id: str, cursor: int | None):
@@ -139,16 +190,13 @@ async def _sse(request: Request, job_id: str, cursor: int | None):
         idle += 0.5
 
 
-def _checkpoint(request: Request, job_id: str, owner: str, name: str) -> tuple[JobRow, dict]:
-    row = _job(request, job_id, owner)
-    if row.status != "succeeded":
-        raise NotFoundError(f"job {job_id} is {row.status}; checkpoints are published when it succeeds",
-                            param="checkpoint")
+def _checkpoint(request: Request, job_id: str, owner: str, name: str) -> dict:
+    _job(request, job_id, owner)
     manifest = artifacts.build_manifest(request.app.state.settings.job_dir(job_id), name) \
         if name in artifacts.CHECKPOINTS else None
     if manifest is None:
-        raise NotFoundError(f"job {job_id} has no checkpoint '{name}'", param="checkpoint")
-    return row, manifest
+        raise NotFoundError(f"job {job_id} has no checkpoint '{name}' (yet)", param="checkpoint")
+    return manifest
 
 
 def checkpoint_object(job_id: str, m: dict) -> Checkpoint:
@@ -160,32 +208,38 @@ def checkpoint_object(job_id: str, m: dict) -> Checkpoint:
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
 def list_checkpoints(job_id: str, request: Request, owner: str = Depends(current_owner)) -> CheckpointList:
-    row = _job(request, job_id, owner)
-    if row.status != "succeeded":
-        return CheckpointList(data=[])
+    """Checkpoints of the stages finished so far: `pruned` is published while recovery still runs."""
+    _job(request, job_id, owner)
     found = artifacts.manifests(request.app.state.settings.job_dir(job_id))
     return CheckpointList(data=[checkpoint_object(job_id, m) for m in found])
 
 
-@router.get("/{job_id}/checkpoints/{name}/files/{path:path}", response_class=FileResponse)
+@router.get("/{job_id}/checkpoints/{name}/files/{path:path}", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "the range"},
+                       416: {"model": ErrorResponse}})
 def download_file(job_id: str, name: str, path: str, request: Request, owner: str = Depends(current_owner)):
-    """One checkpoint file; honours `Range: bytes=a-b` (206 Partial Content)."""
-    _, manifest = _checkpoint(request, job_id, owner, name)
+    """One checkpoint file; honours `Range: bytes=a-b` (206 Partial Content) and `If-Range`."""
+    manifest = _checkpoint(request, job_id, owner, name)
     entry = next((f for f in manifest["files"] if f["name"] == path), None)
     if entry is None:  # only names from the manifest: no path escapes
         raise NotFoundError(f"checkpoint '{name}' has no file '{path}'", param="path")
     root = artifacts.checkpoint_dir(request.app.state.settings.job_dir(job_id), name)
-    return FileResponse(root / path, filename=Path(path).name, headers={"X-Content-SHA256": entry["sha256"]},
-                        content_disposition_type="attachment")
+    disposition = f'attachment; filename="{quote(Path(path).name)}"'
+    return ranged_response(request.headers, entry["bytes"], entry["sha256"], file_chunks(root / path),
+                           "application/octet-stream",
+                           {"X-Content-SHA256": entry["sha256"], "Content-Disposition": disposition})
 
 
 @router.get("/{job_id}/checkpoints/{name}/archive", response_class=StreamingResponse,
-            responses={200: {"content": {"application/x-tar": {}}}})
+            responses={200: {"content": {"application/x-tar": {}}}, 206: {"description": "the range"},
+                       416: {"model": ErrorResponse}})
 def download_archive(job_id: str, name: str, request: Request, owner: str = Depends(current_owner)):
-    """The whole checkpoint as one uncompressed tar, streamed; sha256 in `X-Content-SHA256`."""
-    _, manifest = _checkpoint(request, job_id, owner, name)
+    """The whole checkpoint as one uncompressed, byte-reproducible tar, streamed; sha256 in
+    `X-Content-SHA256` (and the ETag). `Range` resumes a broken download."""
+    manifest = _checkpoint(request, job_id, owner, name)
     root = artifacts.checkpoint_dir(request.app.state.settings.job_dir(job_id), name)
     files = [f["name"] for f in manifest["files"]]
-    return StreamingResponse(artifacts.stream_tar(root, name, files), media_type="application/x-tar", headers={
-        "Content-Length": str(manifest["archive_bytes"]), "X-Content-SHA256": manifest["archive_sha256"],
-        "Content-Disposition": f'attachment; filename="{job_id}-{name}.tar"'})
+    return ranged_response(request.headers, manifest["archive_bytes"], manifest["archive_sha256"],
+                           lambda first, last: artifacts.stream_tar(root, name, files, first, last),
+                           "application/x-tar", {"X-Content-SHA256": manifest["archive_sha256"],
+                                                 "Content-Disposition": f'attachment; filename="{job_id}-{name}.tar"'})

@@ -1,0 +1,86 @@
+"""The request guard, a pure ASGI middleware in front of every route: the API key is checked
+before a single byte of the body is read, and the body is counted as it streams in (chunked or
+not), so neither an anonymous client nor a keyed one can make the server read or spool more than
+the limit. Streamed responses pass through untouched."""
+
+from __future__ import annotations
+
+from anyio import to_thread
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+
+from service.auth import AuthError, authenticate
+from service.settings import Settings
+
+UPLOAD_PATH = "/v1/files"
+MULTIPART_FRAMING = 64 * 1024  # boundaries and part headers around the file
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` once the body passes the limit; an HTTPException, so FastAPI's body
+    parsing lets it through to the error handler (413 with the error object)."""
+
+    def __init__(self, limit: int, param: str | None, code: str):
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes", headers={"Connection": "close"})
+        self.param, self.code = param, code
+
+
+class RequestGuard:
+    """Authenticates `/v1/...` requests (the owner goes to `scope["state"]["owner"]`) and caps
+    every request body: `max_upload_bytes` (+ multipart framing) for uploads, `max_json_bytes`
+    for anything else. A refusal carries `Connection: close`, so the rest of the body is never
+    read."""
+
+    def __init__(self, app, settings: Settings, store, error_response):
+        self.app, self.settings, self.store, self.error_response = app, settings, store, error_response
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        has_body = "content-length" in headers or "transfer-encoding" in headers
+        close = {"Connection": "close"} if has_body else {}
+        if scope["path"].startswith("/v1/"):
+            client = scope.get("client") or ("", 0)
+            try:
+                owner = await to_thread.run_sync(authenticate, headers, client[0], self.settings, self.store)
+            except AuthError as exc:
+                response = self.error_response(401, exc.message, None, "invalid_api_key",
+                                               headers={"WWW-Authenticate": "Bearer", **close})
+                return await response(scope, receive, send)
+            scope.setdefault("state", {})["owner"] = owner
+        upload = scope["path"].rstrip("/") == UPLOAD_PATH and scope["method"] == "POST"
+        limit = self.settings.max_upload_bytes + MULTIPART_FRAMING if upload else self.settings.max_json_bytes
+        param = "file" if upload else None
+        code = "file_too_large" if upload else "body_too_large"
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            response = self.error_response(413, f"request body is {int(declared)} bytes; the limit is {limit} bytes",
+                                           param, code, headers=close)
+            return await response(scope, receive, send)
+
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit, param, code)
+            return message
+
+        started = False
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched_send)
+        except BodyTooLarge as exc:
+            if started:
+                raise
+            response = self.error_response(413, exc.detail, exc.param, code, headers={"Connection": "close"})
+            await response(scope, receive, send)

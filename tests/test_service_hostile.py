@@ -1,0 +1,369 @@
+"""The service under hostile input: bodies refused before they are read, limits on the stream,
+cursors and Range headers that cannot make a 500, no server paths in what a client sees, keys
+listed and revoked, failed jobs retried. A real uvicorn server for the socket-level checks."""
+
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from service.store import Store
+
+MIN = {"model": "smollm2-135m", "budget": {"ratio": 0.2}}
+
+
+def _err(r, status, param=None, code=None):
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json"), r.headers
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+@pytest.fixture
+def env(tmp_path, tiny_llama):
+    settings = Settings(data_dir=tmp_path / "data", worker_slots=0, allowed_model_roots=str(tiny_llama.parent),
+                        max_upload_bytes=4096, max_json_bytes=64 * 1024, max_metadata_bytes=1024,
+                        max_active_jobs_per_key=3)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        store = app.state.store
+        keys = [store.create_key(n)[1] for n in ("alice", "bob")]
+        yield client, store, settings, [{"Authorization": f"Bearer {k}"} for k in keys]
+
+
+# --- 1. nothing unauthenticated reads a byte; limits on the stream ---------------------------
+@pytest.fixture
+def live(tmp_path):
+    """uvicorn on a free loopback port, in a thread (the guard sits in front of a real socket)."""
+    import uvicorn
+
+    from service.launch import free_port
+
+    settings = Settings(data_dir=tmp_path / "live", worker_slots=0, max_upload_bytes=4096)
+    app = create_app(settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    key = app.state.store.create_key("live")[1]
+    yield port, key, settings
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _chunked_upload(port, key, chunk=1024 * 1024, total=100 * 1024 * 1024):
+    """POST /v1/files chunked, one chunk at a time; returns (response head+body, bytes sent
+    before the answer came, bytes the server let us send in all)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    boundary = "b0undary"
+    sock.sendall((f"POST /v1/files HTTP/1.1\r\nHost: x\r\n{auth}Transfer-Encoding: chunked\r\n"
+                  f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode())
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.txt\"\r\n"
+            f"Content-Type: text/plain\r\n\r\n").encode()
+    payload = head + b"x" * (chunk - len(head))
+    sent, answer, before_answer = 0, b"", None
+    sock.settimeout(0.5)
+    try:
+        while sent < total:
+            sock.sendall(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+            sent += len(payload)
+            try:
+                got = sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not got:
+                break
+            answer += got
+            if before_answer is None:
+                before_answer = sent
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        if before_answer is not None:
+            try:
+                sock.settimeout(2)
+                while (got := sock.recv(65536)):
+                    answer += got
+            except OSError:
+                pass
+        sock.close()
+    return answer, before_answer, sent
+
+
+def test_unauthenticated_chunked_upload_refused_after_one_chunk(live):
+    port, key, settings = live
+    answer, before_answer, sent = _chunked_upload(port, None)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert before_answer == 1024 * 1024  # answered after the first chunk
+    assert sent < 20 * 1024 * 1024  # and the connection was closed long before 100 MB
+    assert b'"invalid_api_key"' in answer and b"connection: close" in answer.lower()
+
+
+def test_keyed_chunked_upload_over_the_limit_refused_on_the_stream(live):
+    port, key, settings = live
+    answer, before_answer, sent = _chunked_upload(port, key, chunk=32 * 1024, total=100 * 1024 * 1024)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert before_answer <= 4096 + 64 * 1024 + 2 * 32 * 1024  # limit + framing, then one chunk more
+    assert sent < 20 * 1024 * 1024 and b'"file_too_large"' in answer
+    assert not any(settings.uploads_dir.iterdir())
+
+
+def test_json_body_limit_holds_for_chunked_and_declared_bodies(env):
+    client, _, _, (alice, _) = env
+
+    def chunks():
+        yield b'{"model": "smollm2-135m", "budget": {"ratio": 0.2}, "metadata": {"x": "'
+        for _ in range(200):
+            yield b"y" * 1024
+        yield b'"}}'
+
+    _err(client.post("/v1/jobs", headers={**alice, "content-type": "application/json"}, content=chunks()),
+         413, code="body_too_large")
+    big = {**MIN, "metadata": {"x": "y" * (20 * 1024 * 1024)}}
+    _err(client.post("/v1/jobs", headers=alice, json=big), 413, code="body_too_large")
+    _err(client.post("/v1/jobs", json=big), 401)  # no key: refused before the size is even looked at
+
+
+def test_metadata_limit_and_echoed_once(env):
+    client, _, _, (alice, _) = env
+    _err(client.post("/v1/jobs", headers=alice, json={**MIN, "metadata": {"x": "y" * 2000}}), 400,
+         param="metadata", code="metadata_too_large")
+    job = client.post("/v1/jobs", headers=alice, json={**MIN, "metadata": {"team": "nlp"}}).json()
+    assert job["metadata"] == {"team": "nlp"} and json.dumps(job).count("nlp") == 1
+
+
+def test_every_v1_route_needs_a_key_before_anything(env):
+    client, *_ = env
+    for method, path in (("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/files/file-x"),
+                         ("DELETE", "/v1/files/file-x"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs"),
+                         ("GET", "/v1/jobs/job-x"), ("POST", "/v1/jobs/job-x/cancel"),
+                         ("POST", "/v1/jobs/job-x/retry"), ("DELETE", "/v1/jobs/job-x"),
+                         ("GET", "/v1/jobs/job-x/events"), ("GET", "/v1/jobs/job-x/checkpoints"),
+                         ("GET", "/v1/jobs/job-x/checkpoints/final/archive"),
+                         ("GET", "/v1/jobs/job-x/checkpoints/final/files/config.json"), ("GET", "/v1/nothing")):
+        _err(client.request(method, path, content=b"{not json"), 401, code="invalid_api_key")
+
+
+# --- 4 and 8: cursors, Range, error objects --------------------------------------------------
+def test_cursors_out_of_range_or_bogus_are_400(env):
+    client, store, _, (alice, _) = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    huge = "99999999999999999999999"
+    _err(client.get(f"/v1/jobs/{job_id}/events?after={huge}", headers=alice), 400, param="after")
+    _err(client.get(f"/v1/jobs/{job_id}/events?after={huge}&stream=true", headers=alice), 400, param="after")
+    _err(client.get(f"/v1/jobs/{job_id}/events?after=-1", headers=alice), 400, param="after")
+    _err(client.get(f"/v1/jobs/{job_id}/events?after=bogus", headers=alice), 400, param="after")
+    for bad in (huge, "bogus", "-5", "1e3"):
+        _err(client.get(f"/v1/jobs/{job_id}/events?stream=true", headers={**alice, "Last-Event-ID": bad}), 400,
+             param="Last-Event-ID")
+    assert client.get(f"/v1/jobs/{job_id}/events?after={2**63 - 1}", headers=alice).json()["data"] == []
+    _err(client.get("/v1/jobs?after=bogus", headers=alice), 400, param="after", code="invalid_cursor")
+    _err(client.get(f"/v1/jobs?after={job_id}", headers=env[3][1]), 400, param="after")  # another key's id
+    assert client.get(f"/v1/jobs?after={job_id}", headers=alice).json()["data"] == []
+
+
+def _publish(settings, job_id, name, files):
+    root = settings.job_dir(job_id) / "run" / name
+    root.mkdir(parents=True)
+    for fname, data in files.items():
+        (root / fname).write_bytes(data)
+    (root / ".done").write_text("{}")
+    return root
+
+
+def test_archive_range_resume_and_range_errors(env, tmp_path):
+    client, store, settings, (alice, _) = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    weights = os.urandom(70_000)
+    _publish(settings, job_id, "pruned", {"config.json": b'{"model_type": "llama"}', "model.safetensors": weights})
+    store.claim("w", "cpu", 60)  # still running: the finished stage is published already
+    (ckpt,) = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice).json()["data"]
+    assert ckpt["name"] == "pruned"
+    whole = client.get(ckpt["archive_url"], headers=alice)
+    assert whole.headers["accept-ranges"] == "bytes" and whole.headers["etag"] == f'"{ckpt["archive_sha256"]}"'
+    tar = whole.content
+    assert hashlib.sha256(tar).hexdigest() == ckpt["archive_sha256"]
+    for first, last in ((0, 0), (100, 611), (511, 513), (1000, 60_000), (len(tar) - 10, len(tar) - 1)):
+        part = client.get(ckpt["archive_url"], headers={**alice, "Range": f"bytes={first}-{last}"})
+        assert part.status_code == 206 and part.content == tar[first:last + 1], (first, last)
+        assert part.headers["content-range"] == f"bytes {first}-{last}/{len(tar)}"
+    tail = client.get(ckpt["archive_url"], headers={**alice, "Range": "bytes=-1000"})
+    assert tail.status_code == 206 and tail.content == tar[-1000:]
+    stale = client.get(ckpt["archive_url"], headers={**alice, "Range": "bytes=5-", "If-Range": '"other"'})
+    assert stale.status_code == 200 and stale.content == tar
+
+    err = _err(client.get(ckpt["archive_url"], headers={**alice, "Range": f"bytes={len(tar)}-"}), 416,
+               param="Range", code="range_not_satisfiable")
+    assert "past the end" in err["message"]
+    for bad in ("bytes=abc", "bytes=5-2", "bytes=0-1,4-5", "bytes=-"):
+        _err(client.get(ckpt["archive_url"], headers={**alice, "Range": bad}), 400, param="Range")
+    file_url = next(f["url"] for f in ckpt["files"] if f["name"] == "model.safetensors")
+    r416 = client.get(file_url, headers={**alice, "Range": f"bytes={len(weights) + 5}-"})
+    _err(r416, 416, code="range_not_satisfiable")
+    assert r416.headers["content-range"] == f"bytes */{len(weights)}"
+    assert client.get(file_url, headers={**alice, "Range": f"bytes={2**70}-{2**71}"}).status_code == 416
+
+    # The client resumes a broken download from its .part file.
+    from service.client import Client
+
+    api = Client("http://testserver", api_key="")
+    api.http = client
+    client.headers.update(alice)
+    out = tmp_path / "dl"
+    out.mkdir()
+    (out / f"{job_id}-pruned.tar.part").write_bytes(tar[:30_000])
+    model_dir = api.download(job_id, out, "pruned")
+    assert (model_dir / "model.safetensors").read_bytes() == weights
+
+
+def test_unfinished_stage_is_not_published(env):
+    client, store, settings, (alice, _) = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    root = _publish(settings, job_id, "pruned", {"config.json": b"{}"})
+    (root / ".done").unlink()  # still being written
+    assert client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice).json()["data"] == []
+    _err(client.get(f"/v1/jobs/{job_id}/checkpoints/pruned/archive", headers=alice), 404)
+
+
+# --- 6: no server paths; uniform answers for paths in the roots -------------------------------
+def test_model_path_errors_do_not_reveal_what_exists(env, tiny_llama):
+    client, _, _, (alice, _) = env
+    root = tiny_llama.parent
+    (root / "empty_dir").mkdir(exist_ok=True)
+    (root / "notes.txt").write_text("x")
+    messages = []
+    for spec in (root / "empty_dir", root / "missing", root / "notes.txt", root / "missing.gguf",
+                 root / ".." / "etc", "/etc"):
+        err = _err(client.post("/v1/jobs", headers=alice, json={**MIN, "model": str(spec)}), 400, "model",
+                   "model_not_allowed")
+        messages.append(err["message"].replace(str(spec), "<model>"))
+    assert len(set(messages)) == 1, messages
+    assert str(root) not in messages[0]  # the roots themselves are not named either
+
+
+def test_no_server_paths_in_job_objects(env):
+    client, _, settings, (alice, _) = env
+    pool = client.post("/v1/files", headers=alice, files={"file": ("p.jsonl", b'{"instruction": "a", "output": "b"}\n')},
+                       data={"purpose": "recovery"}).json()
+    job = client.post("/v1/jobs", headers=alice, json={**MIN, "data": {"file_id": pool["id"], "selection": "random"}})
+    listed = client.get("/v1/jobs", headers=alice).text
+    assert str(settings.data_dir) not in job.text and str(settings.data_dir) not in listed
+    assert job.json()["recipe"]["data"]["file_id"] == pool["id"]
+
+
+def test_scrub_turns_server_paths_into_names(tmp_path):
+    from service.worker import scrub
+
+    data = tmp_path / "data"
+    summary = {"checkpoints": {"pruned": f"{data}/jobs/job-1/run/pruned", "final": f"{data}/jobs/job-1/run/final"},
+               "note": f"wrote {data}/jobs/job-1/run/final/config.json", "n": 3,
+               "error": f"FileNotFoundError: {data}/files/file-1/p.jsonl"}
+    out = scrub(summary, data)
+    assert out["checkpoints"] == {"pruned": "pruned", "final": "final"} and out["n"] == 3
+    assert out["note"] == "wrote final/config.json" and str(data) not in json.dumps(out)
+
+
+# --- 9: deferred validation ------------------------------------------------------------------
+def test_unknown_hub_id_offline_and_target_above_model_size_refused_at_submission(env, tiny_llama, monkeypatch):
+    client, _, _, (alice, _) = env
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    err = _err(client.post("/v1/jobs", headers=alice, json={**MIN, "model": "nobody-here/no-such-model-xyz"}), 400,
+               param="model")
+    assert "hub" in err["message"]
+    from transformers import AutoModelForCausalLM
+
+    total = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_llama).parameters())
+    body = {"model": str(tiny_llama), "budget": {"target_params": total + 1}}
+    err = _err(client.post("/v1/jobs", headers=alice, json=body), 400, param="budget.target_params")
+    assert f"{total:,}" in err["message"]
+    ok = client.post("/v1/jobs", headers=alice, json={**body, "budget": {"target_params": total // 2}})
+    assert ok.status_code == 200, ok.text
+
+
+# --- 3: retry of a failed job; a dead job process is retried by its worker -------------------
+def test_retry_failed_job_respects_the_active_limit(env):
+    client, store, _, (alice, _) = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    _err(client.post(f"/v1/jobs/{job_id}/retry", headers=alice), 409, code="job_not_retryable")
+    store.claim("w", "cpu", 60)
+    store.finish(job_id, "w", "failed", error={"message": "boom", "type": "server_error", "param": None,
+                                               "code": "x"})
+    for _ in range(3):
+        client.post("/v1/jobs", headers=alice, json=MIN)
+    _err(client.post(f"/v1/jobs/{job_id}/retry", headers=alice), 429, code="too_many_active_jobs")
+    for job in client.get("/v1/jobs", headers=alice).json()["data"]:
+        if job["status"] == "queued":
+            client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
+    again = client.post(f"/v1/jobs/{job_id}/retry", headers=alice).json()
+    assert again["status"] == "queued" and again["error"] is None and again["attempts"] == 0
+    events = client.get(f"/v1/jobs/{job_id}/events", headers=alice).json()["data"]
+    assert "retry requested" in events[-1]["message"]
+
+
+def test_dead_job_process_is_retried_within_max_attempts(tmp_path):
+    import signal
+
+    from service.worker import Worker
+
+    settings = Settings(data_dir=tmp_path / "d", worker_slots=0)
+    settings.prepare()
+    store = Store(settings.db_url)
+    worker = Worker(settings, store, worker_id="w")
+    job = store.create_job("k", "m", {}, {"model": "m"}, max_attempts=2)
+    for attempt, expected in ((1, "queued"), (2, "failed")):
+        claimed = store.claim("w", "cpu", 60)
+        assert claimed.attempts == attempt
+        assert worker._finish(claimed, settings.job_dir(job.id), -signal.SIGKILL, {}) == expected
+    row = store.get_job(job.id)
+    assert row.status == "failed" and row.error["code"] == "job_process_died"
+    messages = [e.message for e in store.list_events(job.id)[0]]
+    assert "SIGKILL" in messages[0] and "retrying" in messages[0] and "gave up after 2" in messages[1]
+    store.close()
+
+
+# --- 7: keys list and revoke -----------------------------------------------------------------
+def test_cli_keys_list_and_revoke(tmp_path):
+    from typer.testing import CliRunner
+
+    from tests.test_service_e2e import cli_app
+
+    def run(*args):
+        result = CliRunner().invoke(cli_app(), ["keys", *args, "--data-dir", str(tmp_path)])
+        return result
+
+    secret = run("create", "--name", "ci").stdout.strip().splitlines()[0]
+    listed = json.loads(run("list", "--json").stdout)
+    assert [k["name"] for k in listed] == ["ci"] and secret not in json.dumps(listed)
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    assert store.key_owner(secret) == listed[0]["id"]
+    assert run("revoke", listed[0]["id"]).exit_code == 0
+    assert store.key_owner(secret) is None and json.loads(run("list", "--json").stdout) == []
+    missing = run("revoke", "key-nope")
+    assert missing.exit_code != 0 and "no API key" in str(missing.exception)
+    store.close()
+
+
+def test_revoked_key_is_refused_at_once(env):
+    client, store, _, (alice, _) = env
+    assert client.get("/v1/jobs", headers=alice).status_code == 200
+    owner = store.key_owner(alice["Authorization"].split()[1])
+    assert store.revoke_key(owner)
+    _err(client.get("/v1/jobs", headers=alice), 401)
