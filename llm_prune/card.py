@@ -49,7 +49,18 @@ def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], param
         lines += ["Layers were pruned to different widths, so `config.json` lists them under `per_layer_config` "
                   "and `modeling_pruned.py` (stock transformers code, one config view per layer) builds them; "
                   "that is why `trust_remote_code=True` is needed (the tokenizer reads the same config).", ""]
+    lines += ["## Engines", ""] + _engines(needs_remote_code) + [""]
     if metrics:
         lines += ["## Measured", "", "```json", json.dumps(metrics, indent=2, default=str), "```", ""]
     lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def _engines(needs_remote_code: bool) -> list[str]:
+    gguf = ("- llama.cpp, Ollama, LM Studio: `llm-prune export PATH --format gguf -o model.gguf` (GGUF architecture "
+            + ("`deci`, which keeps every layer's own width)" if needs_remote_code else "`llama`)"))
+    if needs_remote_code:
+        return ["- transformers and lm-evaluation-harness: with `trust_remote_code=True`", gguf,
+                "- vLLM, TGI, SGLang, MLX: not this layout (layers differ in width); prune with `--portable` "
+                "for a stock config they load"]
+    return ["- transformers, vLLM, TGI, SGLang, MLX, lm-evaluation-harness: stock config, no remote code", gguf]

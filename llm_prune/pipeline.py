@@ -248,6 +248,11 @@ class Job:
         if src.name == "checkpoint":
             self._fold_eval(path, metrics, "recovered")
         out = {"eval": metrics, "path": str(path)}
+        if r.export.gguf:
+            from llm_prune.gguf_export import export_gguf
+
+            self.event("final", "metric", f"writing GGUF ({r.export.gguf})")
+            out["gguf"] = export_gguf(path, path / f"model-{r.export.gguf}.gguf", dtype=r.export.gguf, force=True)
         self.event("final", "metric", metrics=_headline(metrics))
         return out
 
@@ -288,6 +293,11 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
     from recovery import check_config
 
     check_config(recipe.recovery)  # bad recovery settings fail before any heavy work
+    if recipe.export.gguf:
+        from llm_prune.gguf_export import check_exportable
+        from llm_prune.models import load_config, resolve_source
+
+        check_exportable(load_config(resolve_source(recipe.model)))
     if recipe.data.pool is None and recipe.data.selection != "paser" and recipe.recovery.method != "none":
         raise UserError("data.selection given without data.pool", param="data.pool")
     return Job(recipe, out_dir, on_event).run()

@@ -13,7 +13,7 @@ from typing import Callable
 
 from torch import nn
 
-from llm_prune.allocation import AllocationConfig, allocate
+from llm_prune.allocation import AllocationConfig, allocate, allocate_portable
 from llm_prune.calibration import calibration_ids
 from llm_prune.errors import UserError
 from llm_prune.families import family_for
@@ -73,7 +73,8 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
         alloc = allocation_config(cfg)
         # Depth pruning happens once, in the first stage.
         alloc.prune_layers = cfg.prune_layers if stage == 1 else 0
-        plan = allocate(scores, unit_costs(model), stage_target, alloc,
+        allocator = allocate_portable if cfg.portable else allocate  # portable: equal widths, stock config
+        plan = allocator(scores, unit_costs(model), stage_target, alloc,
                         meta={"stage": stage, "stages": cfg.stages, "importance": cfg.importance,
                               "aggregation": cfg.aggregation, "calibration_loss": scores.loss},
                         strict=stage == cfg.stages)

@@ -16,6 +16,7 @@ Aggregation = Literal["sum", "mean", "max"]
 Allocation = Literal["uniform", "adaptive"]
 Selection = Literal["paser", "random", "all", "loss"]
 RecoveryMethod = Literal["none", "lora", "perp", "perp_lora", "full", "qlora"]
+GGUFDtype = Literal["f32", "f16", "q8_0"]
 
 
 class _Strict(BaseModel):
@@ -52,6 +53,16 @@ class PruningConfig(_Strict):
     calibration_samples: int = Field(10, ge=1, description="calibration samples (N)")
     calibration_seq_len: int = Field(64, ge=8, description="tokens per calibration sample (L)")
     seed: int = Field(0, description="seed of calibration sampling and random importance")
+    portable: bool = Field(False, description="every layer keeps the same widths (KV groups, MLP channels) "
+                           "within the same budget, so config.json is stock and vLLM, TGI, SGLang, MLX and "
+                           "transformers load it without remote code; overrides allocation and skip_first/last")
+
+    @model_validator(mode="after")
+    def _portable_is_uniform(self):
+        if self.portable and self.allocation == "adaptive" and "allocation" in self.model_fields_set:
+            raise ValueError("portable gives every layer the same widths: it cannot be combined with "
+                             "allocation=adaptive")
+        return self
 
 
 class DataConfig(_Strict):
@@ -99,6 +110,11 @@ class EvaluationConfig(_Strict):
     speed: bool = Field(False, description="measure prefill/decode throughput and memory")
 
 
+class ExportConfig(_Strict):
+    gguf: GGUFDtype | None = Field(None, description="also write the final checkpoint as model-<dtype>.gguf for "
+                                   "llama.cpp / Ollama / LM Studio (llama and mistral families)")
+
+
 class Recipe(_Strict):
     model: str = Field(description="hub id, local directory, .gguf file or alias (smollm2-135m)")
     budget: Budget
@@ -106,6 +122,7 @@ class Recipe(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto (shard over all GPUs)")
     trust_remote_code: bool = Field(False, description="let transformers run the model's own code")
     metadata: dict[str, Any] = Field(default_factory=dict, description="free-form labels kept with the job "

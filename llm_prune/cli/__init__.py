@@ -20,10 +20,10 @@ def _root() -> None:
 
 
 def _register() -> None:
-    from llm_prune.cli import evaluate, prune, run, select
+    from llm_prune.cli import evaluate, export, prune, run, select
     from service import cli as service_cli
 
-    for module in (prune, evaluate, select, run, service_cli):
+    for module in (prune, evaluate, select, run, export, service_cli):
         module.register(app)
 
 

@@ -11,7 +11,7 @@ from llm_prune.cli.common import emit_json, human_bytes, human_count, table
 from llm_prune.cli.recipe_flags import recipe_flags, recipe_from_data, with_recipe_flags
 from llm_prune.errors import UserError
 
-FLAGS = recipe_flags(("budget", "pruning", "device", "trust_remote_code"))
+FLAGS = recipe_flags(("budget", "pruning", "export", "device", "trust_remote_code"))
 
 
 def register(app: typer.Typer) -> None:
@@ -44,6 +44,11 @@ def register(app: typer.Typer) -> None:
         recipe.check_files()
         if output.exists() and output.is_file():
             raise UserError(f"output {output} is a file; give a directory", param="output")
+        if recipe.export.gguf:
+            from llm_prune.gguf_export import check_exportable
+            from llm_prune.models import load_config, resolve_source
+
+            check_exportable(load_config(resolve_source(model)))  # before the work, not after it
         renderer = TqdmRenderer(disable=as_json)
         try:
             ckpt = prune_to_checkpoint(recipe, output, on_event=renderer, plan=saved)
@@ -61,6 +66,11 @@ def register(app: typer.Typer) -> None:
             "layers_after": [s.as_dict() for s in layer_shapes(ckpt.model)],
             "timings": ckpt.timings, "peak_rss_bytes": peak_rss_bytes(),
         }
+        if recipe.export.gguf:
+            from llm_prune.gguf_export import export_gguf
+
+            summary["gguf"] = export_gguf(output, output / f"model-{recipe.export.gguf}.gguf",
+                                          dtype=recipe.export.gguf, force=True)
         if as_json:
             emit_json(summary)
             return
@@ -87,5 +97,6 @@ def render_table(s: dict) -> str:
             f"({100 * s['target_error']:+.3f}%)"
             f"\ntime: load {t['load_s']:.1f}s, prune {t['prune_s']:.1f}s (score {t['score_s']:.1f}s), "
             f"export {t['export_s']:.1f}s; peak RSS {human_bytes(s['peak_rss_bytes'])}"
-            f"\nsaved to {s['output']}" + (" (load with trust_remote_code=True)" if s["needs_remote_code"] else ""))
+            f"\nsaved to {s['output']}" + (" (load with trust_remote_code=True)" if s["needs_remote_code"] else "")
+            + (f"\nGGUF: {s['gguf']['path']} ({s['gguf']['architecture']})" if s.get("gguf") else ""))
     return out

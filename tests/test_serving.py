@@ -1,0 +1,193 @@
+"""Serving: the portable layout (stock config) and GGUF export run in the real llama.cpp."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from llm_prune.errors import UserError
+from llm_prune.export import export_checkpoint
+from llm_prune.families import layer_shapes
+from llm_prune.models import load_model
+from llm_prune.plan import count_params
+from llm_prune.prune import prune_model
+from llm_prune.recipe import Budget, PruningConfig
+from tests.test_pruning import run_main
+from tests.tiny_models import build_model
+
+CAL = dict(calibration_samples=4, calibration_seq_len=32)
+TEXT = "Pruning removes whole attention heads and MLP channels from a language model. The quick brown fox."
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp("dense"), "llama", layers=4, hidden=64, heads=4, kv_heads=2,
+                       intermediate=128)
+
+
+def _prune(src, out, **cfg):
+    model, tok = load_model(str(src))
+    result = prune_model(model, tok, Budget(ratio=cfg.pop("ratio", 0.3)), PruningConfig(**CAL, **cfg))
+    info = export_checkpoint(result.model, tok, out, extra_meta={"base_model": str(src)})
+    return result, info
+
+
+@pytest.fixture(scope="module")
+def heterogeneous(dense, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hetero")
+    _, info = _prune(dense, out, skip_first=0, skip_last=1)
+    assert info["needs_remote_code"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def portable(dense, tmp_path_factory):
+    out = tmp_path_factory.mktemp("portable")
+    _prune(dense, out, portable=True, round_to=1)
+    return out
+
+
+def test_portable_is_a_stock_checkpoint_on_budget(dense, portable):
+    total = count_params(load_model(str(dense))[0])
+    config = json.loads((portable / "config.json").read_text())
+    assert config["model_type"] == "llama" and "auto_map" not in config and "per_layer_config" not in config
+    assert not (portable / "modeling_pruned.py").exists()
+    stock = AutoModelForCausalLM.from_pretrained(portable)  # no trust_remote_code
+    shapes = layer_shapes(stock)
+    assert len({(s.num_key_value_heads, s.intermediate_size) for s in shapes}) == 1
+    assert shapes[0].intermediate_size < 128  # it was pruned, not skipped
+    assert abs(count_params(stock) - round(0.7 * total)) <= 0.005 * round(0.7 * total)
+    ours = load_model(str(portable))[0]
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(stock(ids).logits, ours(ids).logits, atol=1e-5)
+
+
+def test_portable_validation(dense, capsys):
+    with pytest.raises(ValueError, match="adaptive"):
+        PruningConfig(portable=True, allocation="adaptive")
+    code, _, err = run_main(capsys, "prune", str(dense), "--ratio", "0.3", "--portable", "--allocation", "adaptive",
+                            "-o", "/tmp/never-written")
+    assert code == 2 and err.count("error:") == 1 and "adaptive" in err
+    model, tok = load_model(str(dense))
+    with pytest.raises(UserError, match="portable layout cannot reach"):
+        prune_model(model, tok, Budget(ratio=0.3), PruningConfig(**CAL, portable=True, round_to=64))
+
+
+def _gguf_fields(path):
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    return reader, {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
+                    or k in ("tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                             "tokenizer.ggml.model")}
+
+
+def test_gguf_metadata_per_layer_widths(heterogeneous, tmp_path, capsys):
+    out = tmp_path / "m.gguf"
+    code, stdout, err = run_main(capsys, "export", str(heterogeneous), "--format", "gguf", "--dtype", "q8_0",
+                                 "-o", str(out))
+    assert code == 0, err
+    assert "deci" in stdout
+    shapes = layer_shapes(load_model(str(heterogeneous))[0])
+    reader, kv = _gguf_fields(out)
+    assert kv["general.architecture"] == "deci"
+    assert kv["deci.block_count"] == len(shapes) == 4
+    assert kv["deci.attention.head_count"] == [s.num_attention_heads for s in shapes]
+    assert kv["deci.attention.head_count_kv"] == [s.num_key_value_heads for s in shapes]
+    assert kv["deci.feed_forward_length"] == [s.intermediate_size for s in shapes]
+    assert len(set(kv["deci.attention.head_count_kv"])) > 1
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "gpt-2"
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_gguf_bad_input(heterogeneous, tiny_qwen2, tmp_path, capsys):
+    (tmp_path / "exists.gguf").write_bytes(b"keep")
+    cases = [
+        (["export", str(tmp_path), "-o", str(tmp_path / "a.gguf")], "not a checkpoint"),
+        (["export", str(tmp_path / "missing"), "-o", str(tmp_path / "b.gguf")], "not a directory"),
+        (["export", str(heterogeneous), "--dtype", "q4_k", "-o", str(tmp_path / "c.gguf")], "unsupported GGUF dtype"),
+        (["export", str(heterogeneous), "--format", "onnx", "-o", str(tmp_path / "d.gguf")], "unsupported format"),
+        (["export", str(heterogeneous), "-o", str(tmp_path / "exists.gguf")], "--force"),
+        (["export", str(tiny_qwen2), "-o", str(tmp_path / "e.gguf")], "GGUF export supports llama"),
+        (["prune", str(tiny_qwen2), "--ratio", "0.2", "--gguf", "f16", "-o", str(tmp_path / "f")],
+         "GGUF export supports llama"),
+    ]
+    for args, needle in cases:
+        code, _, err = run_main(capsys, *args)
+        lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (args, err)
+    assert (tmp_path / "exists.gguf").read_bytes() == b"keep"
+    # A failed export leaves neither the final name nor a partial file behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf"]
+    assert not (tmp_path / "f").exists()
+
+
+# --- the real engine -------------------------------------------------------------------------------------------
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python is not installed (pip install -e '.[gguf]')")
+    return llama_cpp
+
+
+def _engine_logits(gguf_path, ids):
+    llama_cpp = _llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, n_batch=128, logits_all=True, verbose=False,
+                          n_threads=2)
+    llm.eval(ids)
+    return llm, np.array(llm.scores[:len(ids)], dtype=np.float64)
+
+
+def _hf_logits(checkpoint):
+    model, tok = load_model(str(checkpoint))
+    ids = tok(TEXT)["input_ids"]
+    with torch.no_grad():
+        return ids, model(torch.tensor([ids])).logits[0].double().numpy()
+
+
+@pytest.mark.parametrize("layout", ["heterogeneous", "portable"])
+def test_llama_cpp_matches_transformers(layout, request, tmp_path):
+    _llama_cpp()
+    checkpoint = request.getfixturevalue(layout)
+    from llm_prune.gguf_export import export_gguf
+
+    ids, ref = _hf_logits(checkpoint)
+    info32 = export_gguf(checkpoint, tmp_path / "f32.gguf", "f32")
+    assert info32["architecture"] == ("deci" if layout == "heterogeneous" else "llama")
+    llm, got = _engine_logits(tmp_path / "f32.gguf", ids)
+    # The engine's own tokenizer (pre-tokenizer, merges, token types) splits text as transformers does.
+    assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == ids
+    span = ref.max() - ref.min()
+    assert np.abs(got - ref).max() <= 1e-3 * span, np.abs(got - ref).max() / span
+    export_gguf(checkpoint, tmp_path / "f16.gguf", "f16")
+    _, got16 = _engine_logits(tmp_path / "f16.gguf", ids)
+    assert (got16.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+
+
+def test_run_job_writes_gguf_and_portable_checkpoint(dense, tmp_path, capsys, tiny_qwen2, monkeypatch):
+    text = tmp_path / "calib.txt"
+    text.write_text(TEXT * 40)
+    code, out, err = run_main(capsys, "run", str(dense), "-o", str(tmp_path / "job"), "--ratio", "0.3", "--portable",
+                              "--round-to", "1", "--gguf", "f16", "--recovery", "none", "--calibration", str(text),
+                              "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    final = tmp_path / "job" / "final"
+    assert summary["final"]["gguf"]["architecture"] == "llama"
+    assert (final / "model-f16.gguf").stat().st_size == summary["final"]["gguf"]["bytes"]
+    assert "auto_map" not in json.loads((final / "config.json").read_text())
+    assert "vLLM" in (final / "README.md").read_text()
+    # A model the GGUF writer cannot express fails before any weights are loaded.
+    import llm_prune.models
+
+    monkeypatch.setattr(llm_prune.models, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    code, _, err = run_main(capsys, "run", str(tiny_qwen2), "-o", str(tmp_path / "j2"), "--ratio", "0.2",
+                            "--gguf", "f16", "--recovery", "none")
+    assert code == 2 and err.count("error:") == 1 and "GGUF export supports llama" in err
