@@ -55,14 +55,7 @@ class PruningConfig(_Strict):
     seed: int = Field(0, description="seed of calibration sampling and random importance")
     portable: bool = Field(False, description="every layer keeps the same widths (KV groups, MLP channels) "
                            "within the same budget, so config.json is stock and vLLM, TGI, SGLang, MLX and "
-                           "transformers load it without remote code; overrides allocation and skip_first/last")
-
-    @model_validator(mode="after")
-    def _portable_is_uniform(self):
-        if self.portable and self.allocation == "adaptive" and "allocation" in self.model_fields_set:
-            raise ValueError("portable gives every layer the same widths: it cannot be combined with "
-                             "allocation=adaptive")
-        return self
+                           "transformers load it without remote code; it replaces allocation and skip_first/skip_last")
 
 
 class DataConfig(_Strict):

@@ -136,7 +136,6 @@ def test_submit_minimal_and_full(env, tiny_llama):
     ({**MIN, "trust_remote_code": True}, "trust_remote_code", "remote_code_not_allowed"),
     ({**MIN, "recovery": {"method": "lora", "max_steps": 0}}, "recovery.max_steps", None),
     ({**MIN, "export": {"gguf": "q4_k"}}, "export.gguf", None),
-    ({**MIN, "pruning": {"portable": True, "allocation": "adaptive"}}, "pruning", None),
 ])
 def test_submit_validation_errors(env, body, param, code):
     client, _, _, (alice, _) = env
