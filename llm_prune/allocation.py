@@ -1,10 +1,12 @@
 """Budget allocation: turn importance scores and a parameter budget into a PrunePlan.
 
-`uniform` (LLM-Pruner) prunes every prunable layer at the same ratio; `adaptive` (Adapt-Pruner)
-sets s_l = s_base - A * I_l, where I_l is the layer's importance (mean of -cos(x_in, x_out) over
-calibration tokens) normalised to [-1, 1]. Either way the base ratio is solved by bisection so the
-plan lands on the parameter target, then MLP widths (the fine-grained knob) absorb the rounding
-residual. Heads are whole; MLP widths are multiples of `round_to`.
+`uniform` (LLM-Pruner) prunes every prunable layer at the same ratio; `adaptive` (Adapt-Pruner) is
+one step of the incremental update s_l <- clip(s_l + ds - A * I_l, 0, max), where s_l is the layer's
+sparsity so far (`prior`, relative to the `reference` widths) and I_l its importance (-cos(x_in,
+x_out) over calibration tokens) as (I - mean) / max|I - mean|; prune.py repeats such steps on the
+shrinking model. Either way the step ds is solved by bisection so the plan lands on the parameter
+target, then MLP widths (the fine-grained knob) absorb the rounding residual. Heads are whole; MLP
+widths are multiples of `round_to`; a layer never grows back.
 """
 
 from __future__ import annotations
@@ -37,25 +39,32 @@ def _round_width(width: int, keep_frac: float, multiple: int) -> int:
     return int(min(width, max(multiple if width >= multiple else width, keep)))
 
 
-def layer_sparsities(scores: Scores, layers: list[int], cfg: AllocationConfig, base: float) -> dict[int, float]:
+def normalised_importance(layer_cos: torch.Tensor) -> torch.Tensor:
+    """Adapt-Pruner's I_hat = (I - mean) / max|I - mean| with I = -cos(x_in, x_out)."""
+    dev = -layer_cos.double() + layer_cos.double().mean()
+    peak = dev.abs().max().item()
+    return torch.zeros_like(dev) if peak < 1e-12 else dev / peak
+
+
+def layer_sparsities(scores: Scores, layers: list[int], cfg: AllocationConfig, base: float,
+                     prior: dict[int, float] | None = None) -> dict[int, float]:
+    prior = prior or {}
     if cfg.allocation == "uniform":
-        return {i: base for i in layers}
-    # Adapt-Pruner: importance = -cos(x_in, x_out), normalised to [-1, 1] over the prunable layers.
-    imp = -scores.layer_cos[layers].double()
-    span = (imp.max() - imp.min()).item()
-    norm = torch.zeros_like(imp) if span < 1e-12 else 2 * (imp - imp.min()) / span - 1
-    return {i: float(min(cfg.max_layer_sparsity, max(0.0, base - cfg.adaptive_strength * n)))
+        return {i: max(0.0, prior.get(i, 0.0) + base) for i in layers}
+    norm = normalised_importance(scores.layer_cos[layers])
+    return {i: float(min(cfg.max_layer_sparsity, max(0.0, prior.get(i, 0.0) + base - cfg.adaptive_strength * n)))
             for i, n in zip(layers, norm.tolist())}
 
 
-def _widths_for(costs: UnitCosts, sparsity: dict[int, float], cfg: AllocationConfig):
+def _widths_for(costs: UnitCosts, sparsity: dict[int, float], cfg: AllocationConfig, reference: UnitCosts):
     kv = {}
     ch = {}
     for i, s in sparsity.items():
         # Heads are whole and coarse (3 KV groups in SmolLM2): a group goes only when the ratio covers
         # all of it; the MLP, in steps of `round_to` channels, absorbs the rest of the budget.
-        kv[i] = max(1, math.ceil(costs.num_kv[i] * (1 - s) - 1e-9)) if cfg.prune_attention else costs.num_kv[i]
-        ch[i] = _round_width(costs.width[i], 1 - s, cfg.round_to) if cfg.prune_mlp else costs.width[i]
+        kv[i] = max(1, math.ceil(reference.num_kv[i] * (1 - s) - 1e-9)) if cfg.prune_attention else costs.num_kv[i]
+        ch[i] = _round_width(reference.width[i], 1 - s, cfg.round_to) if cfg.prune_mlp else costs.width[i]
+        kv[i], ch[i] = min(kv[i], costs.num_kv[i]), min(ch[i], costs.width[i])
     return kv, ch
 
 
@@ -65,8 +74,11 @@ def _removed(costs: UnitCosts, kv: dict[int, int], ch: dict[int, int]) -> int:
 
 
 def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: AllocationConfig,
-             meta: dict | None = None, strict: bool = True) -> PrunePlan:
-    """`strict=False` (intermediate stages) accepts a plan that overshoots the target."""
+             meta: dict | None = None, strict: bool = True, prior: dict[int, float] | None = None,
+             reference: UnitCosts | None = None) -> PrunePlan:
+    """`strict=False` (intermediate stages) accepts a plan that overshoots the target. `prior` (per
+    layer sparsity so far) and `reference` (the widths it refers to) make this one incremental step."""
+    reference = reference or costs
     n_layers = len(costs.layer)
     to_remove = costs.total - target_params
     if to_remove < 0:
@@ -92,18 +104,19 @@ def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: Allocati
     if (cfg.prune_attention or cfg.prune_mlp) and not prunable and to_remove > 0:
         raise UserError("no prunable layers left: lower skip_first/skip_last", param="pruning")
 
-    # Bisection on the base ratio: removed(s) is monotone in s.
-    lo, hi = 0.0, 1.0
+    # Bisection on the base ratio: removed(s) is monotone in s (negative when a step must spare
+    # layers that the importance term alone would cut).
+    lo, hi = (-1.0 if prior else 0.0), 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        kv, ch = _widths_for(costs, layer_sparsities(scores, prunable, cfg, mid), cfg)
+        kv, ch = _widths_for(costs, layer_sparsities(scores, prunable, cfg, mid, prior), cfg, reference)
         if _removed(costs, kv, ch) <= to_remove:
             lo = mid
         else:
             hi = mid
     base = lo
-    sparsity = layer_sparsities(scores, prunable, cfg, base)
-    kv, ch = _widths_for(costs, sparsity, cfg)
+    sparsity = layer_sparsities(scores, prunable, cfg, base, prior)
+    kv, ch = _widths_for(costs, sparsity, cfg, reference)
 
     # Rounding residual: move MLP widths by `round_to` steps, most-pruned-allowed layers first.
     residual = to_remove - _removed(costs, kv, ch)

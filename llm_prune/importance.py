@@ -114,16 +114,7 @@ class ImportanceScorer:
         acc: dict[tuple[int, str], torch.Tensor] = {}
         handles = []
 
-        def layer_hook(idx):
-            def hook(module, args, kwargs, output):
-                h_in = args[0] if args else kwargs["hidden_states"]
-                h_out = output[0] if isinstance(output, tuple) else output
-                cos = torch.nn.functional.cosine_similarity(h_in.detach().float(), h_out.detach().float(), dim=-1)
-                cos_sum[idx] += cos.sum().item()
-            return hook
-
-        for i, layer in enumerate(layers):
-            handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
+        handles.extend(_cosine_hooks(layers, cos_sum))
 
         saved_flags = {id(p): p.requires_grad for p in model.parameters()}
         if needs_grad:
@@ -191,6 +182,38 @@ class ImportanceScorer:
             acc[key] = acc[key] + contrib if key in acc else contrib
             param.grad = None  # freed as soon as it is scored
         return hook
+
+
+def _cosine_hooks(layers, cos_sum: torch.Tensor) -> list:
+    """Hooks adding each layer's summed cos(h_in, h_out) over tokens into `cos_sum[layer]`."""
+    def layer_hook(idx):
+        def hook(module, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(h_in.detach().float(), h_out.detach().float(), dim=-1)
+            cos_sum[idx] += cos.sum().item()
+        return hook
+    return [layer.register_forward_hook(layer_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+
+@torch.no_grad()
+def layer_cosines(model: nn.Module, input_ids: torch.LongTensor, batch_size: int) -> torch.Tensor:
+    """Mean cos(h_in, h_out) of every decoder layer of the model as it is now (one forward pass,
+    no LM head): Adapt-Pruner re-measures layer importance after each incremental step."""
+    layers = family_for(model).layers(model)
+    cos_sum = torch.zeros(len(layers), dtype=torch.float64)
+    handles = _cosine_hooks(layers, cos_sum)
+    was_training = model.training
+    model.eval()
+    device = model.get_input_embeddings().weight.device
+    try:
+        for chunk in input_ids.split(batch_size):
+            model.get_decoder()(input_ids=chunk.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return (cos_sum / input_ids.numel()).float()
 
 
 def _zero_dropout(model: nn.Module) -> list[tuple[nn.Module, str, float]]:

@@ -1,14 +1,19 @@
 """Prune a loaded model to a parameter budget: score, allocate, cut; optionally in stages.
 
-With `stages` T > 1 (Adapt-Pruner's incremental schedule) the model is pruned in T steps towards
-the final target, rescored each time; `between_stages(model, stage)` lets recovery training run
-between steps.
+Uniform allocation cuts in one step. Adaptive allocation is Adapt-Pruner's incremental schedule:
+many small steps (about `adaptive_step` of the units each), layer importance re-measured on the
+partly pruned model every step and units rescored every `rescore_every` steps, the last step landing
+on the budget. After the cut, output reconstruction (reconstruct.py) refits the layers towards the
+model as it was before the cut. With `stages` T > 1 (Adapt-Accel) all of this happens T times towards
+intermediate targets; `between_stages(model, stage)` lets recovery training run between stages.
+Calibration is a token budget scored in micro-batches, so memory does not grow with it.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from torch import nn
@@ -17,9 +22,10 @@ from llm_prune.allocation import AllocationConfig, allocate, allocate_portable
 from llm_prune.calibration import calibration_ids
 from llm_prune.errors import UserError
 from llm_prune.families import family_for
-from llm_prune.importance import ImportanceScorer
-from llm_prune.plan import PrunePlan, count_params, unit_costs
+from llm_prune.importance import ImportanceScorer, Scores, layer_cosines
+from llm_prune.plan import PrunePlan, UnitCosts, compose, count_params, unit_costs
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
+from llm_prune.reconstruct import LayerTargets, check_projections, reconstruct
 from llm_prune.recipe import Budget, PruningConfig
 from llm_prune.surgery import apply_plan
 
@@ -53,35 +59,39 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
                 on_event: ProgressCallback = null_callback,
                 between_stages: Callable[[nn.Module, int], nn.Module | None] | None = None) -> PruneResult:
     family_for(model)  # unsupported families fail before any work
+    if cfg.reconstruct:
+        check_projections(model)
     total = count_params(model)
     final_target = target_params(total, budget)
     if not (cfg.prune_attention or cfg.prune_mlp or cfg.prune_layers):
         raise UserError("nothing to prune: enable attention, MLP or layer pruning", param="pruning")
-    timings = {"calibration_s": 0.0, "score_s": 0.0, "allocate_s": 0.0, "surgery_s": 0.0}
+    timings = {"calibration_s": 0.0, "score_s": 0.0, "allocate_s": 0.0, "surgery_s": 0.0, "reconstruct_s": 0.0}
     t0 = time.perf_counter()
-    ids = calibration_ids(tokenizer, cfg.calibration, cfg.calibration_samples, cfg.calibration_seq_len, cfg.seed)
+    ids = calibration_ids(tokenizer, cfg.calibration, cfg.calibration_windows, cfg.calibration_seq_len, cfg.seed)
     timings["calibration_s"] = time.perf_counter() - t0
+    timings["calibration_tokens"] = ids.numel()
     scorer = ImportanceScorer(cfg.importance, cfg.aggregation, cfg.seed)
     plans = []
     for stage in range(1, cfg.stages + 1):
         on_event(ProgressEvent("prune", stage - 1, cfg.stages, f"stage {stage}/{cfg.stages}", kind="stage_start"))
         stage_target = int(round(total - (total - final_target) * stage / cfg.stages))
+        reference = unit_costs(model)
         t = time.perf_counter()
-        scores = scorer.score(model, ids, on_event=on_event)
-        timings["score_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        alloc = allocation_config(cfg)
-        # Depth pruning happens once, in the first stage.
-        alloc.prune_layers = cfg.prune_layers if stage == 1 else 0
-        allocator = allocate_portable if cfg.portable else allocate  # portable: equal widths, stock config
-        plan = allocator(scores, unit_costs(model), stage_target, alloc,
-                        meta={"stage": stage, "stages": cfg.stages, "importance": cfg.importance,
-                              "aggregation": cfg.aggregation, "calibration_loss": scores.loss},
-                        strict=stage == cfg.stages)
-        timings["allocate_s"] += time.perf_counter() - t
-        t = time.perf_counter()
-        apply_plan(model, plan)
-        timings["surgery_s"] += time.perf_counter() - t
+        targets = LayerTargets(model, ids, cfg.micro_batch) if cfg.reconstruct else None
+        timings["reconstruct_s"] += time.perf_counter() - t
+        try:
+            plan = _prune_stage(model, ids, scorer, stage, stage_target, cfg, timings, on_event)
+            if targets is not None:
+                t = time.perf_counter()
+                kept = [lp.index for lp in plan.layers if not lp.drop]
+                changed = {lp.index for lp in plan.layers if not lp.drop and (
+                    len(lp.keep_kv_groups) < reference.num_kv[lp.index]
+                    or len(lp.keep_channels) < reference.width[lp.index])}
+                reconstruct(model, targets, kept, changed, cfg.reconstruct_damp)
+                timings["reconstruct_s"] += time.perf_counter() - t
+        finally:
+            if targets is not None:
+                targets.close()
         plans.append(plan)
         on_event(ProgressEvent("prune", stage, cfg.stages, f"stage {stage}/{cfg.stages} done",
                                {"params": count_params(model), "target": stage_target}, kind="progress"))
@@ -90,3 +100,64 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
     on_event(ProgressEvent("prune", cfg.stages, cfg.stages, "pruned", kind="stage_end"))
     return PruneResult(model=model, plans=plans, params_before=total, params_after=count_params(model),
                        params_target=final_target, timings=timings)
+
+
+def incremental_steps(reference: UnitCosts, params_now: int, target: int, cfg: PruningConfig) -> int:
+    """Adapt-Pruner's number of steps: each removes about `adaptive_step` of the prunable units."""
+    if cfg.allocation != "adaptive" or cfg.portable:
+        return 1
+    fraction = (params_now - target) / max(1, sum(reference.layer))
+    return max(1, math.ceil(fraction / cfg.adaptive_step - 1e-9))
+
+
+def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, stage_target: int,
+                 cfg: PruningConfig, timings: dict, on_event: ProgressCallback) -> PrunePlan:
+    """Cut the model to `stage_target` in one step (uniform) or in Adapt-Pruner's incremental steps,
+    each re-measuring layer importance on the current model; returns the stage's composed plan."""
+    start = count_params(model)
+    reference = unit_costs(model)
+    n_steps = incremental_steps(reference, start, stage_target, cfg)
+    prior: dict[int, float] = {}
+    scores, step_plans = None, []
+    for step in range(1, n_steps + 1):
+        now = count_params(model)  # the remaining cut is spread over the remaining steps
+        step_target = min(now, int(round(now - (now - stage_target) / (n_steps - step + 1))))
+        t = time.perf_counter()
+        if scores is None or (step - 1) % cfg.rescore_every == 0:
+            scores = scorer.score(model, ids, batch_size=cfg.micro_batch, on_event=on_event)
+        else:
+            scores.layer_cos = layer_cosines(model, ids[:cfg.micro_batch], cfg.micro_batch)
+        timings["score_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        alloc = allocation_config(cfg)
+        # Depth pruning happens once, in the first step of the first stage.
+        alloc.prune_layers = cfg.prune_layers if stage == 1 and step == 1 else 0
+        meta = {"stage": stage, "stages": cfg.stages, "importance": cfg.importance,
+                "aggregation": cfg.aggregation, "calibration_loss": scores.loss, "step": step, "steps": n_steps}
+        strict = stage == cfg.stages and step == n_steps
+        if cfg.portable:  # equal widths everywhere, stock config: one step, no per-layer schedule
+            plan = allocate_portable(scores, unit_costs(model), step_target, alloc, meta=meta, strict=strict)
+        else:
+            plan = allocate(scores, unit_costs(model), step_target, alloc, meta=meta, strict=strict, prior=prior,
+                            reference=reference)
+        timings["allocate_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        apply_plan(model, plan)
+        timings["surgery_s"] += time.perf_counter() - t
+        step_plans.append(plan)
+        if step < n_steps:
+            on_event(ProgressEvent("prune", step, n_steps, f"step {step}/{n_steps}",
+                                   {"params": count_params(model), "target": step_target}, kind="progress"))
+            kept = [lp for lp in plan.layers if not lp.drop]
+            old = [lp.index for lp in kept]
+            sparsity = {int(k): v for k, v in plan.meta["layer_sparsity"].items()}
+            prior = {new: sparsity.get(i, 0.0) for new, i in enumerate(old)}
+            reference = replace(reference, layer=[reference.layer[i] for i in old],
+                                num_kv=[reference.num_kv[i] for i in old], width=[reference.width[i] for i in old])
+            # Kept units keep their scores until the next rescoring.
+            scores = Scores(kv=[scores.kv[lp.index][lp.keep_kv_groups] for lp in kept],
+                            mlp=[scores.mlp[lp.index][lp.keep_channels] for lp in kept],
+                            layer_cos=scores.layer_cos[old], loss=scores.loss)
+    timings["steps"] = timings.get("steps", 0) + n_steps
+    return compose(step_plans)
+

@@ -34,6 +34,9 @@ class Budget(_Strict):
         return self
 
 
+DEFAULT_CALIBRATION_TOKENS = 4096
+
+
 class PruningConfig(_Strict):
     importance: Importance = Field("taylor", description="how a unit's importance is scored")
     aggregation: Aggregation = Field("sum", description="how a group's element scores are combined")
@@ -45,17 +48,51 @@ class PruningConfig(_Strict):
     skip_first: int | None = Field(None, ge=0, description="leading layers left unpruned (uniform allocation); "
                                    "default: the first 10% of layers, at least one")
     skip_last: int = Field(1, ge=0, description="trailing layers left unpruned (uniform allocation)")
-    adaptive_strength: float = Field(0.02, ge=0, description="A in s_l = s_base - A * I_l")
+    adaptive_strength: float = Field(0.02, ge=0, description="A in Adapt-Pruner's per-step update "
+                                     "s_l <- clip(s_l + ds - A * I_l, 0, 0.95) (adaptive allocation)")
+    adaptive_step: float = Field(0.05, gt=0, le=1, description="ds: fraction of the prunable units removed per "
+                                 "incremental step (adaptive); the number of steps follows from the budget")
+    rescore_every: int = Field(1, ge=1, description="adaptive: rescore units (gradients) every k incremental steps; "
+                               "layer importance is re-measured on the current model at every step")
     prune_attention: bool = Field(True, description="prune KV groups (with their query heads)")
     prune_mlp: bool = Field(True, description="prune MLP channels")
     prune_layers: int = Field(0, ge=0, description="whole decoder layers removed by block influence")
     calibration: str | None = Field(None, description="text file for calibration; default: built-in text")
-    calibration_samples: int = Field(10, ge=1, description="calibration samples (N)")
-    calibration_seq_len: int = Field(64, ge=8, description="tokens per calibration sample (L)")
+    calibration_tokens: int | None = Field(None, ge=8, description="calibration budget in tokens, cut into "
+                                           f"windows of calibration_seq_len (default {DEFAULT_CALIBRATION_TOKENS}); "
+                                           "not together with calibration_samples")
+    calibration_samples: int | None = Field(None, ge=1, description="number of calibration windows, instead of "
+                                            "a token budget")
+    calibration_seq_len: int = Field(128, ge=8, description="tokens per calibration window")
+    calibration_batch_tokens: int = Field(1024, ge=8, description="tokens per scoring micro-batch: peak memory "
+                                          "depends on this, not on the calibration budget")
+    reconstruct: bool = Field(False, description="after cutting, refit each layer's o_proj and down_proj (ridge "
+                              "least squares on the kept inputs) so the pruned layer reproduces the unpruned "
+                              "layer's output on the calibration tokens")
+    reconstruct_damp: float = Field(0.1, ge=0, description="ridge term of the reconstruction (towards the sliced "
+                                    "weights), as a fraction of the mean diagonal of the inputs' Gram matrix")
     seed: int = Field(0, description="seed of calibration sampling and random importance")
     portable: bool = Field(False, description="every layer keeps the same widths (KV groups, MLP channels) "
                            "within the same budget, so config.json is stock and vLLM, TGI, SGLang, MLX and "
                            "transformers load it without remote code; it replaces allocation and skip_first/skip_last")
+
+    @model_validator(mode="after")
+    def _one_calibration_size(self):
+        if self.calibration_tokens is not None and self.calibration_samples is not None:
+            raise ValueError("give calibration_tokens or calibration_samples, not both")
+        return self
+
+    @property
+    def calibration_windows(self) -> int:
+        if self.calibration_samples is not None:
+            return self.calibration_samples
+        tokens = self.calibration_tokens or DEFAULT_CALIBRATION_TOKENS
+        return max(1, -(-tokens // self.calibration_seq_len))
+
+    @property
+    def micro_batch(self) -> int:
+        """Calibration windows per scoring micro-batch."""
+        return max(1, self.calibration_batch_tokens // self.calibration_seq_len)
 
 
 class DataConfig(_Strict):

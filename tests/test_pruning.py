@@ -210,6 +210,10 @@ def test_cli_bad_input(tiny_llama, tmp_path, gpt2_dir, capsys):
         (["prune", str(tmp_path / "nope"), "--ratio", "0.2", "-o", str(tmp_path / "e")], "not found"),
         (["prune", str(tiny_llama), "--ratio", "0.2", "--importance", "magic", "-o", str(tmp_path / "f")],
          "importance"),
+        (["prune", str(tiny_llama), "--ratio", "0.2", "--calibration-tokens", "64", "--calibration-samples", "2",
+          "-o", str(tmp_path / "h")], "not both"),
+        (["prune", str(tiny_llama), "--ratio", "0.2", "--calibration-tokens", "4", "-o", str(tmp_path / "i")],
+         "calibration-tokens"),
     ]
     for args, needle in cases:
         code, _, err = run_main(capsys, *args)
@@ -223,11 +227,12 @@ def test_cli_bad_input(tiny_llama, tmp_path, gpt2_dir, capsys):
 
 def test_cli_prune_json(tiny_llama, tmp_path):
     out = tmp_path / "pruned"
-    proc = _cli("prune", str(tiny_llama), "--ratio", "0.15", "-o", str(out), "--json", "--calibration-samples", "4",
-                "--calibration-seq-len", "32", "--skip-first", "0", "--skip-last", "0")
+    proc = _cli("prune", str(tiny_llama), "--ratio", "0.15", "-o", str(out), "--json", "--calibration-tokens", "128",
+                "--calibration-seq-len", "32", "--skip-first", "0", "--skip-last", "0", "--reconstruct")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
     assert abs(summary["target_error"]) <= 0.005
+    assert summary["timings"]["calibration_tokens"] == 128 and summary["timings"]["reconstruct_s"] > 0
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
                  "plan.json"):
         assert (out / name).exists(), name

@@ -1,0 +1,155 @@
+"""Calibration budget, micro-batched scoring, output reconstruction and incremental Adapt-Pruner."""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from llm_prune.allocation import AllocationConfig, allocate, normalised_importance
+from llm_prune.errors import UserError
+from llm_prune.importance import ImportanceScorer, Scores
+from llm_prune.models import load_model
+from llm_prune.plan import count_params, unit_costs
+from llm_prune.prune import prune_model
+from llm_prune.reconstruct import LayerTargets, _Normal, reconstruct
+from llm_prune.recipe import Budget, PruningConfig, parse_recipe
+from llm_prune.surgery import apply_plan
+from tests.tiny_models import build_model
+
+CALIB = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+HELD_OUT = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    return {fam: build_model(tmp_path_factory.mktemp(fam), fam, layers=4, hidden=96, heads=6, kv_heads=3,
+                             intermediate=256)
+            for fam in ("llama", "qwen2")}
+
+
+def test_calibration_token_budget():
+    assert PruningConfig(calibration_tokens=300, calibration_seq_len=32).calibration_windows == 10
+    assert PruningConfig(calibration_samples=3).calibration_windows == 3
+    assert PruningConfig().calibration_windows * PruningConfig().calibration_seq_len == 4096
+    assert PruningConfig(calibration_batch_tokens=256, calibration_seq_len=64).micro_batch == 4
+    with pytest.raises(UserError, match="not both"):
+        parse_recipe({"model": "m", "budget": {"ratio": 0.2},
+                      "pruning": {"calibration_tokens": 512, "calibration_samples": 4}})
+
+
+def test_micro_batches_measure_the_same_layers(tiny_llama):
+    model, _ = load_model(str(tiny_llama))
+    whole = ImportanceScorer("l2").score(model, CALIB)
+    parts = ImportanceScorer("l2").score(model, CALIB, batch_size=1)
+    assert torch.allclose(whole.layer_cos, parts.layer_cos, atol=1e-5)
+    assert parts.loss == pytest.approx(whole.loss, rel=1e-4)
+    taylor = ImportanceScorer("taylor").score(model, CALIB, batch_size=2)
+    assert all(torch.isfinite(s).all() and (s > 0).any() for s in taylor.mlp)
+
+
+def test_ridge_solve_recovers_a_linear_map():
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(12, 5)
+    w, b = torch.randn(5, 12, generator=gen), torch.randn(5, generator=gen)
+    normal = _Normal(lin)
+    for _ in range(3):  # accumulated over micro-batches
+        x = torch.randn(40, 12, generator=gen)
+        normal.add(x, x @ w.t() + b)
+    normal.solve(damp=0.0)
+    assert torch.allclose(lin.weight, w, atol=1e-4) and torch.allclose(lin.bias, b, atol=1e-4)
+
+
+def _with_duplicate_channels(model):
+    """Channels c and c + 128 of every MLP compute the same activation: a cut keeping one of each
+    pair loses nothing that a refit of down_proj cannot restore."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                lin.weight[128:] = lin.weight[:128]
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_reconstruction_restores_what_the_kept_units_can_express(wide, family):
+    dense = _with_duplicate_channels(load_model(str(wide[family]))[0])
+    with torch.no_grad():
+        reference = dense(HELD_OUT).logits
+    costs = unit_costs(dense)
+    plan = allocate(ImportanceScorer("l1").score(dense, CALIB), costs, costs.total, AllocationConfig())
+    for lp in plan.layers:
+        lp.keep_channels = list(range(128))
+    errors = {}
+    for rec in (False, True):
+        model = copy.deepcopy(dense)
+        with LayerTargets(model, CALIB, batch_size=2) as targets:
+            apply_plan(model, plan)
+            if rec:
+                reconstruct(model, targets, kept_layers=list(range(4)), changed=set(range(4)), damp=1e-8)
+        with torch.no_grad():
+            errors[rec] = (model(HELD_OUT).logits - reference).pow(2).mean().item()
+    assert errors[True] < 1e-3 * errors[False], errors
+
+
+def test_reconstruction_leaves_unchanged_layers_alone(wide):
+    model, _ = load_model(str(wide["llama"]))
+    before = model(HELD_OUT).logits
+    with LayerTargets(model, CALIB, batch_size=2) as targets:
+        reconstruct(model, targets, kept_layers=list(range(4)), changed=set())
+    assert torch.equal(model(HELD_OUT).logits, before)
+
+
+def test_reconstruction_needs_linear_projections(wide):
+    model, tok = load_model(str(wide["llama"]))
+    model.model.layers[2].mlp.down_proj = nn.Identity()
+    with pytest.raises(UserError, match="no-reconstruct"):
+        prune_model(model, tok, Budget(ratio=0.2), PruningConfig(reconstruct=True, calibration_samples=2,
+                                                                 calibration_seq_len=16))
+
+
+def test_incremental_plan_is_pure_data(wide):
+    """The composed plan of many adaptive steps, applied to a fresh model, gives the same model."""
+    model, tok = load_model(str(wide["llama"]))
+    fresh = copy.deepcopy(model)
+    total = count_params(model)
+    result = prune_model(model, tok, Budget(ratio=0.4),
+                         PruningConfig(allocation="adaptive", adaptive_step=0.1, rescore_every=2, reconstruct=False,
+                                       calibration_samples=4, calibration_seq_len=32))
+    plan = result.plans[0]
+    assert plan.meta["steps"] >= 4
+    assert abs(count_params(model) - round(0.6 * total)) <= 0.005 * 0.6 * total
+    apply_plan(fresh, plan)
+    assert torch.equal(fresh(HELD_OUT).logits, model(HELD_OUT).logits)
+
+
+def test_incremental_steps_widen_the_spread_between_layers(wide):
+    """Adapt-Pruner's update: the layer that changes h most (layer 0 here) is spared more with every
+    step, so the guard on the first layers comes out of the allocation."""
+    model, _ = load_model(str(wide["llama"]))
+    costs = unit_costs(model)
+    cos = torch.tensor([0.05, 0.9, 0.85, 0.95])
+    assert normalised_importance(cos)[0] == pytest.approx(1.0)
+    cfg = AllocationConfig(allocation="adaptive", adaptive_strength=0.05)
+
+    def scores():
+        return Scores(kv=[torch.rand(3) for _ in range(4)], mlp=[torch.rand(256) for _ in range(4)], layer_cos=cos)
+
+    one = allocate(scores(), costs, int(costs.total * 0.7), cfg)
+    prior, current = {}, costs
+    n = 6
+    for step in range(1, n + 1):
+        target = int(round(costs.total - 0.3 * costs.total * step / n))
+        plan = allocate(scores(), current, target, cfg, prior=prior, reference=costs)
+        prior = {int(k): v for k, v in plan.meta["layer_sparsity"].items()}
+        widths = plan.widths()
+        current = dataclasses.replace(current, num_kv=[w[0] for w in widths], width=[w[1] for w in widths],
+                                      total=plan.params_after)
+    assert abs(plan.params_after - int(costs.total * 0.7)) <= 0.005 * costs.total * 0.7
+
+    def spread(p):
+        s = {int(k): v for k, v in p.meta["layer_sparsity"].items()}
+        return min(s[i] for i in (1, 2, 3)) - s[0]
+
+    assert spread(plan) > 2 * spread(one) > 0
+    assert plan.widths()[0][1] > max(w[1] for w in plan.widths()[1:])
