@@ -59,10 +59,9 @@ class PruningConfig(_Strict):
     prune_layers: int = Field(0, ge=0, description="whole decoder layers removed by block influence")
     calibration: str | None = Field(None, description="text file for calibration; default: built-in text")
     calibration_tokens: int | None = Field(None, ge=8, description="calibration budget in tokens, cut into "
-                                           f"windows of calibration_seq_len (default {DEFAULT_CALIBRATION_TOKENS}); "
-                                           "not together with calibration_samples")
-    calibration_samples: int | None = Field(None, ge=1, description="number of calibration windows, instead of "
-                                            "a token budget")
+                                           f"windows of calibration_seq_len (default {DEFAULT_CALIBRATION_TOKENS})")
+    calibration_samples: int | None = Field(None, ge=1, description="number of calibration windows; when "
+                                            "given, it replaces the token budget")
     calibration_seq_len: int = Field(128, ge=8, description="tokens per calibration window")
     calibration_batch_tokens: int = Field(1024, ge=8, description="tokens per scoring micro-batch: peak memory "
                                           "depends on this, not on the calibration budget")
@@ -75,12 +74,6 @@ class PruningConfig(_Strict):
     portable: bool = Field(False, description="every layer keeps the same widths (KV groups, MLP channels) "
                            "within the same budget, so config.json is stock and vLLM, TGI, SGLang, MLX and "
                            "transformers load it without remote code; it replaces allocation and skip_first/skip_last")
-
-    @model_validator(mode="after")
-    def _one_calibration_size(self):
-        if self.calibration_tokens is not None and self.calibration_samples is not None:
-            raise ValueError("give calibration_tokens or calibration_samples, not both")
-        return self
 
     @property
     def calibration_windows(self) -> int:

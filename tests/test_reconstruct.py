@@ -34,9 +34,9 @@ def test_calibration_token_budget():
     assert PruningConfig(calibration_samples=3).calibration_windows == 3
     assert PruningConfig().calibration_windows * PruningConfig().calibration_seq_len == 4096
     assert PruningConfig(calibration_batch_tokens=256, calibration_seq_len=64).micro_batch == 4
-    with pytest.raises(UserError, match="not both"):
-        parse_recipe({"model": "m", "budget": {"ratio": 0.2},
-                      "pruning": {"calibration_tokens": 512, "calibration_samples": 4}})
+    assert PruningConfig(calibration_tokens=512, calibration_samples=4).calibration_windows == 4
+    with pytest.raises(UserError, match="calibration_tokens"):
+        parse_recipe({"model": "m", "budget": {"ratio": 0.2}, "pruning": {"calibration_tokens": 4}})
 
 
 def test_micro_batches_measure_the_same_layers(tiny_llama):
