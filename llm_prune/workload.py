@@ -66,7 +66,7 @@ def stage_work(recipe: Recipe, pool_records: int = 0) -> dict[str, dict[str, flo
     recovers = r.recovery.method != "none" and bool(r.data.pool)
     between, steps = _steps(r, pool_records)
     p = r.pruning
-    score = p.calibration_samples * p.calibration_seq_len * p.stages * (
+    score = p.calibration_windows * p.calibration_seq_len * p.stages * (
         TRAIN if p.importance in GRADIENT_IMPORTANCE else 0.1)
     prune = {"score": float(score), **evaluation_work(r)}
     if recovers and p.stages > 1:
