@@ -171,7 +171,7 @@ def test_run_job_writes_gguf_and_portable_checkpoint(dense, tmp_path, capsys, ti
     text.write_text(TEXT * 40)
     code, out, err = run_main(capsys, "run", str(dense), "-o", str(tmp_path / "job"), "--ratio", "0.3", "--portable",
                               "--round-to", "1", "--gguf", "f16", "--recovery", "none", "--calibration", str(text),
-                              "--json")
+                              "--calibration-tokens", "512", "--json")
     assert code == 0, err
     summary = json.loads(out)
     final = tmp_path / "job" / "final"
