@@ -73,6 +73,24 @@ def _removed(costs: UnitCosts, kv: dict[int, int], ch: dict[int, int]) -> int:
                for i in kv)
 
 
+def _drop_layers(scores: Scores, costs: UnitCosts, target_params: int,
+                 cfg: AllocationConfig) -> tuple[set[int], int]:
+    """Depth first: the layers that change the hidden state least go whole. Returns the dropped
+    layers and the parameters still to remove from the widths."""
+    to_remove = costs.total - target_params
+    if to_remove < 0:
+        raise UserError(f"target of {target_params:,} parameters is above the model's {costs.total:,}",
+                        param="budget")
+    dropped: set[int] = set()
+    if cfg.prune_layers:
+        n_layers = len(costs.layer)
+        if cfg.prune_layers >= n_layers:
+            raise UserError(f"cannot drop {cfg.prune_layers} of {n_layers} layers", param="pruning.prune_layers")
+        dropped = set(torch.argsort(scores.block_influence).tolist()[:cfg.prune_layers])
+        to_remove -= sum(costs.layer[i] for i in dropped)
+    return dropped, to_remove
+
+
 def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: AllocationConfig,
              meta: dict | None = None, strict: bool = True, prior: dict[int, float] | None = None,
              reference: UnitCosts | None = None) -> PrunePlan:
@@ -80,19 +98,7 @@ def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: Allocati
     layer sparsity so far) and `reference` (the widths it refers to) make this one incremental step."""
     reference = reference or costs
     n_layers = len(costs.layer)
-    to_remove = costs.total - target_params
-    if to_remove < 0:
-        raise UserError(f"target of {target_params:,} parameters is above the model's {costs.total:,}",
-                        param="budget")
-
-    # Depth first: the layers that change the hidden state least go whole.
-    dropped: set[int] = set()
-    if cfg.prune_layers:
-        if cfg.prune_layers >= n_layers:
-            raise UserError(f"cannot drop {cfg.prune_layers} of {n_layers} layers", param="pruning.prune_layers")
-        order = torch.argsort(scores.block_influence).tolist()
-        dropped = set(order[:cfg.prune_layers])
-        to_remove -= sum(costs.layer[i] for i in dropped)
+    dropped, to_remove = _drop_layers(scores, costs, target_params, cfg)
 
     if cfg.allocation == "uniform":
         # The first layers change the hidden state most (cos(h_in, h_out) near 0 for layer 0):
@@ -173,16 +179,7 @@ def allocate_portable(scores: Scores, costs: UnitCosts, target_params: int, cfg:
     if len(set(costs.num_kv)) > 1 or len(set(costs.width)) > 1:
         raise UserError("portable: the model's layers already differ in width; prune the dense model instead",
                         param="pruning.portable")
-    to_remove = costs.total - target_params
-    if to_remove < 0:
-        raise UserError(f"target of {target_params:,} parameters is above the model's {costs.total:,}",
-                        param="budget")
-    dropped: set[int] = set()
-    if cfg.prune_layers:
-        if cfg.prune_layers >= n_layers:
-            raise UserError(f"cannot drop {cfg.prune_layers} of {n_layers} layers", param="pruning.prune_layers")
-        dropped = set(torch.argsort(scores.block_influence).tolist()[:cfg.prune_layers])
-        to_remove -= sum(costs.layer[i] for i in dropped)
+    dropped, to_remove = _drop_layers(scores, costs, target_params, cfg)
     kept = [i for i in range(n_layers) if i not in dropped]
     n_kv, width = costs.num_kv[0], costs.width[0]
     per_layer = max(0, to_remove) / len(kept)

@@ -50,8 +50,9 @@ def read_passages(path: str | Path) -> list[str]:
 
 
 def calibration_ids(tokenizer, path: str | Path | None = None, n_samples: int = 10, seq_len: int = 64,
-                    seed: int = 0) -> torch.LongTensor:
-    """Return `n_samples` windows of exactly `seq_len` tokens, drawn reproducibly from the text."""
+                    seed: int = 0, at_least: int | None = None) -> torch.LongTensor:
+    """Return `n_samples` windows of exactly `seq_len` tokens, drawn reproducibly from the text.
+    With `at_least`, a shorter text gives all the windows it has, as long as there are that many."""
     passages = read_passages(path) if path else default_passages()
     rng = random.Random(seed)
     order = list(range(len(passages)))
@@ -74,7 +75,8 @@ def calibration_ids(tokenizer, path: str | Path | None = None, n_samples: int = 
         if len(windows) >= 4 * n_samples:
             break
     rng.shuffle(windows)
-    if len(windows) < n_samples:
+    need = n_samples if at_least is None else min(at_least, n_samples)
+    if len(windows) < need:
         raise UserError(f"calibration text too short: got {len(windows)} windows of {seq_len} tokens, "
-                        f"need {n_samples}", param="calibration")
+                        f"need {need}", param="calibration")
     return torch.tensor(windows[:n_samples], dtype=torch.long)

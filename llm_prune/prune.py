@@ -70,6 +70,11 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
     ids = calibration_ids(tokenizer, cfg.calibration, cfg.calibration_windows, cfg.calibration_seq_len, cfg.seed)
     timings["calibration_s"] = time.perf_counter() - t0
     timings["calibration_tokens"] = ids.numel()
+    rec_ids = None
+    if cfg.reconstruct:  # the regression needs more tokens than scoring; they cost forward passes only
+        rec_ids = calibration_ids(tokenizer, cfg.calibration, cfg.reconstruct_windows, cfg.calibration_seq_len,
+                                  cfg.seed, at_least=cfg.calibration_windows)
+        timings["reconstruct_tokens"] = rec_ids.numel()
     scorer = ImportanceScorer(cfg.importance, cfg.aggregation, cfg.seed)
     plans = []
     for stage in range(1, cfg.stages + 1):
@@ -77,7 +82,8 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
         stage_target = int(round(total - (total - final_target) * stage / cfg.stages))
         reference = unit_costs(model)
         t = time.perf_counter()
-        targets = LayerTargets(model, ids, cfg.micro_batch) if cfg.reconstruct else None
+        # Forward passes only: batches four times the scoring micro-batch keep the CPU's matmuls large.
+        targets = LayerTargets(model, rec_ids, 4 * cfg.micro_batch) if cfg.reconstruct else None
         timings["reconstruct_s"] += time.perf_counter() - t
         try:
             plan = _prune_stage(model, ids, scorer, stage, stage_target, cfg, timings, on_event)
@@ -87,7 +93,7 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
                 changed = {lp.index for lp in plan.layers if not lp.drop and (
                     len(lp.keep_kv_groups) < reference.num_kv[lp.index]
                     or len(lp.keep_channels) < reference.width[lp.index])}
-                reconstruct(model, targets, kept, changed, cfg.reconstruct_damp)
+                reconstruct(model, targets, kept, changed, cfg.reconstruct_damp, on_event)
                 timings["reconstruct_s"] += time.perf_counter() - t
         finally:
             if targets is not None:

@@ -65,9 +65,13 @@ class PruningConfig(_Strict):
     calibration_seq_len: int = Field(128, ge=8, description="tokens per calibration window")
     calibration_batch_tokens: int = Field(512, ge=8, description="tokens per scoring micro-batch: peak memory "
                                           "depends on this, not on the calibration budget")
-    reconstruct: bool = Field(False, description="after cutting, refit each layer's o_proj and down_proj (ridge "
+    reconstruct: bool = Field(True, description="after cutting, refit each layer's o_proj and down_proj (ridge "
                               "least squares on the kept inputs) so the pruned layer reproduces the unpruned "
-                              "layer's output on the calibration tokens")
+                              "layer's output on reconstruct_tokens calibration tokens")
+    reconstruct_tokens: int = Field(16384, ge=8, description="calibration tokens the reconstruction regresses on "
+                                    "(forward passes only; the Gram matrices need several times the projections' "
+                                    "input width, far more than scoring does); a shorter calibration text gives "
+                                    "what it has")
     reconstruct_damp: float = Field(0.1, ge=0, description="ridge term of the reconstruction (towards the sliced "
                                     "weights), as a fraction of the mean diagonal of the inputs' Gram matrix")
     seed: int = Field(0, description="seed of calibration sampling and random importance")
@@ -81,6 +85,10 @@ class PruningConfig(_Strict):
             return self.calibration_samples
         tokens = self.calibration_tokens or DEFAULT_CALIBRATION_TOKENS
         return max(1, -(-tokens // self.calibration_seq_len))
+
+    @property
+    def reconstruct_windows(self) -> int:
+        return max(1, -(-self.reconstruct_tokens // self.calibration_seq_len))
 
     @property
     def micro_batch(self) -> int:

@@ -24,6 +24,7 @@ from torch import nn
 
 from llm_prune.errors import UserError
 from llm_prune.families import Family, family_for
+from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 
 
 class _Stop(Exception):
@@ -181,7 +182,7 @@ class _Normal:
 
 @torch.no_grad()
 def reconstruct(model: nn.Module, targets: LayerTargets, kept_layers: list[int], changed: set[int],
-                damp: float = 0.01) -> None:
+                damp: float = 0.01, on_event: ProgressCallback = null_callback) -> None:
     """Refit o_proj and down_proj of the pruned model's layers towards `targets`.
 
     `kept_layers[j]` is the unpruned layer index of the pruned model's layer j (dropped layers are
@@ -205,6 +206,7 @@ def reconstruct(model: nn.Module, targets: LayerTargets, kept_layers: list[int],
             if drifted:
                 _refit_layer(fam, layer, xs, [kw for _, kw in inputs], targets, src, damp)
             xs = [_run(layer, x, kw) for x, (_, kw) in zip(xs, inputs)]
+            on_event(ProgressEvent("reconstruct", j + 1, len(layers), "reconstruct"))
     finally:
         model.train(was_training)
 

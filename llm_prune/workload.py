@@ -69,6 +69,8 @@ def stage_work(recipe: Recipe, pool_records: int = 0) -> dict[str, dict[str, flo
     score = p.calibration_windows * p.calibration_seq_len * p.stages * (
         TRAIN if p.importance in GRADIENT_IMPORTANCE else 0.1)
     prune = {"score": float(score), **evaluation_work(r)}
+    if p.reconstruct:  # the targets' pass and two refit passes per layer, forward only
+        prune["reconstruct"] = float(p.reconstruct_windows * p.calibration_seq_len * p.stages * 3)
     if recovers and p.stages > 1:
         prune["train"] = training_work(r, between) * (p.stages - 1)
     selection: dict[str, float] = {}

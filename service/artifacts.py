@@ -13,6 +13,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
+from service.ranges import file_chunks
+
 CHECKPOINTS = ("pruned", "final")
 CHUNK = 1024 * 1024
 
@@ -89,14 +91,7 @@ def stream_tar(root: Path, prefix: str, files: list[str], start: int = 0, end: i
         if isinstance(piece, bytes):
             yield piece[skip:skip + want]
             continue
-        with open(piece, "rb") as fh:
-            fh.seek(skip)
-            while want > 0:
-                block = fh.read(min(CHUNK, want))
-                if not block:
-                    raise OSError(f"{piece} shrank while being archived")
-                want -= len(block)
-                yield block
+        yield from file_chunks(piece, CHUNK)(skip, skip + want - 1)
 
 
 def build_manifest(job_dir: Path, name: str) -> dict | None:

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.settings import Settings
+from tests.api_errors import assert_error as _err
 
 MIN = {"model": "smollm2-135m", "budget": {"ratio": 0.2}}
 
@@ -25,17 +26,6 @@ def env(tmp_path, tiny_llama):
         store = app.state.store
         keys = [store.create_key(n)[1] for n in ("alice", "bob")]
         yield client, store, settings, [{"Authorization": f"Bearer {k}"} for k in keys]
-
-
-def _err(r, status, param=None, code=None):
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def _upload(client, headers, name, content, purpose="recovery"):

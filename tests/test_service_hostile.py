@@ -15,20 +15,9 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from service.store import Store
+from tests.api_errors import assert_error as _err
 
 MIN = {"model": "smollm2-135m", "budget": {"ratio": 0.2}}
-
-
-def _err(r, status, param=None, code=None):
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json"), r.headers
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param is not None:
-        assert err["param"] == param, err
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 @pytest.fixture
