@@ -22,6 +22,7 @@ class Family:
     k: str = "k_proj"
     v: str = "v_proj"
     o: str = "o_proj"
+    mlp_norm: str = "post_attention_layernorm"  # normalises the mid-layer residual into the MLP
     mlp: str = "mlp"
     gate: str = "gate_proj"
     up: str = "up_proj"
@@ -45,6 +46,10 @@ class Family:
 
     def mlp_block(self, layer: nn.Module) -> nn.Module:
         return getattr(layer, self.mlp)
+
+    def mlp_input(self, layer: nn.Module, h):
+        """What the MLP sees of the mid-layer residual h = x + attn(x)."""
+        return getattr(layer, self.mlp_norm)(h)
 
     def qkvo(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
         a = self.attention(layer)

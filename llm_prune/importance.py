@@ -16,9 +16,14 @@ from torch import nn
 from llm_prune.families import Family, family_for, head_dim
 from llm_prune.lm_loss import causal_lm_loss
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
+from llm_prune.recipe import ACTIVATION_IMPORTANCE, GRADIENT_IMPORTANCE
 
-GRADIENT_METHODS = ("taylor", "vectorwise", "second_order")
-METHODS = GRADIENT_METHODS + ("l1", "l2", "random")
+GRADIENT_METHODS = GRADIENT_IMPORTANCE
+# `obs`: the Optimal Brain Surgeon error of removing a unit's inputs to o_proj/down_proj. Scoring
+# estimates it with a diagonal Hessian, |W_col|^2 * sum(x_col^2) (forward passes only); with
+# reconstruction on, the reconstruction pass chooses the final units with the full Hessian.
+ACTIVATION_METHODS = ACTIVATION_IMPORTANCE
+METHODS = GRADIENT_METHODS + ACTIVATION_METHODS + ("l1", "l2", "random")
 
 
 @dataclass
@@ -130,6 +135,11 @@ class ImportanceScorer:
                     lin.weight.requires_grad_(True)
                     handles.append(lin.weight.register_post_accumulate_grad_hook(
                         self._grad_hook(acc, (i, role), role, units)))
+        elif self.method in ACTIVATION_METHODS:
+            sq: dict[tuple[int, str], torch.Tensor] = {}
+            for i, layer in enumerate(layers):
+                handles.append(fam.qkvo(layer)[3].register_forward_pre_hook(_square_sum_hook(sq, (i, "o"))))
+                handles.append(fam.gate_up_down(layer)[2].register_forward_pre_hook(_square_sum_hook(sq, (i, "down"))))
         else:
             kv_scores, mlp_scores = self._magnitude(model, fam)
 
@@ -172,6 +182,13 @@ class ImportanceScorer:
             for i in range(n_layers):
                 kv_scores.append(self._aggregate([acc[(i, r)] for r in ("q", "k", "v", "o")]))
                 mlp_scores.append(self._aggregate([acc[(i, r)] for r in ("gate", "up", "down")]))
+        elif self.method in ACTIVATION_METHODS:
+            kv_scores, mlp_scores = [], []
+            for i, layer in enumerate(layers):
+                o, down = fam.qkvo(layer)[3], fam.gate_up_down(layer)[2]
+                n_kv = fam.qkvo(layer)[1].out_features // hd
+                kv_scores.append((o.weight.detach().double().pow(2).sum(0).cpu() * sq[(i, "o")]).view(n_kv, -1).sum(1).float())
+                mlp_scores.append((down.weight.detach().double().pow(2).sum(0).cpu() * sq[(i, "down")]).float())
         layer_cos = (cos_sum / max(tokens, 1)).float()
         return Scores(kv=kv_scores, mlp=mlp_scores, layer_cos=layer_cos, loss=total_loss / max(n_batches, 1))
 
@@ -182,6 +199,15 @@ class ImportanceScorer:
             acc[key] = acc[key] + contrib if key in acc else contrib
             param.grad = None  # freed as soon as it is scored
         return hook
+
+
+def _square_sum_hook(acc: dict, key):
+    """Forward pre-hook adding each input feature's sum of squares over tokens into `acc[key]`."""
+    def hook(module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        part = x.pow(2).sum(0).cpu()
+        acc[key] = acc[key] + part if key in acc else part
+    return hook
 
 
 def _cosine_hooks(layers, cos_sum: torch.Tensor) -> list:

@@ -22,12 +22,12 @@ from llm_prune.allocation import AllocationConfig, allocate, allocate_portable
 from llm_prune.calibration import calibration_ids
 from llm_prune.errors import UserError
 from llm_prune.families import family_for
-from llm_prune.importance import ImportanceScorer, Scores, layer_cosines
-from llm_prune.plan import PrunePlan, UnitCosts, compose, count_params, unit_costs
+from llm_prune.importance import ACTIVATION_METHODS, ImportanceScorer, Scores, layer_cosines
+from llm_prune.plan import LayerPlan, PrunePlan, UnitCosts, compose, count_params, unit_costs
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 from llm_prune.reconstruct import LayerTargets, check_projections, reconstruct
 from llm_prune.recipe import Budget, PruningConfig
-from llm_prune.surgery import apply_plan
+from llm_prune.surgery import apply_plan, record_shapes
 
 
 @dataclass
@@ -80,21 +80,12 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
     for stage in range(1, cfg.stages + 1):
         on_event(ProgressEvent("prune", stage - 1, cfg.stages, f"stage {stage}/{cfg.stages}", kind="stage_start"))
         stage_target = int(round(total - (total - final_target) * stage / cfg.stages))
-        reference = unit_costs(model)
         t = time.perf_counter()
         # Forward passes only: batches four times the scoring micro-batch keep the CPU's matmuls large.
         targets = LayerTargets(model, rec_ids, 4 * cfg.micro_batch) if cfg.reconstruct else None
         timings["reconstruct_s"] += time.perf_counter() - t
         try:
-            plan = _prune_stage(model, ids, scorer, stage, stage_target, cfg, timings, on_event)
-            if targets is not None:
-                t = time.perf_counter()
-                kept = [lp.index for lp in plan.layers if not lp.drop]
-                changed = {lp.index for lp in plan.layers if not lp.drop and (
-                    len(lp.keep_kv_groups) < reference.num_kv[lp.index]
-                    or len(lp.keep_channels) < reference.width[lp.index])}
-                reconstruct(model, targets, kept, changed, cfg.reconstruct_damp, on_event)
-                timings["reconstruct_s"] += time.perf_counter() - t
+            plan = _prune_stage(model, ids, scorer, stage, stage_target, cfg, timings, on_event, targets)
         finally:
             if targets is not None:
                 targets.close()
@@ -117,12 +108,16 @@ def incremental_steps(reference: UnitCosts, params_now: int, target: int, cfg: P
 
 
 def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, stage_target: int,
-                 cfg: PruningConfig, timings: dict, on_event: ProgressCallback) -> PrunePlan:
+                 cfg: PruningConfig, timings: dict, on_event: ProgressCallback,
+                 targets: LayerTargets | None = None) -> PrunePlan:
     """Cut the model to `stage_target` in one step (uniform) or in Adapt-Pruner's incremental steps,
-    each re-measuring layer importance on the current model; returns the stage's composed plan."""
+    each re-measuring layer importance on the current model, then reconstruct towards `targets`;
+    returns the stage's composed plan. With `obs` importance and reconstruction, the last step only
+    fixes the widths: reconstruction chooses the units it keeps."""
     start = count_params(model)
-    reference = unit_costs(model)
+    stage_reference = reference = unit_costs(model)
     n_steps = incremental_steps(reference, start, stage_target, cfg)
+    deferred = targets is not None and cfg.importance in ACTIVATION_METHODS
     prior: dict[int, float] = {}
     scores, step_plans = None, []
     for step in range(1, n_steps + 1):
@@ -141,14 +136,15 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
         meta = {"stage": stage, "stages": cfg.stages, "importance": cfg.importance,
                 "aggregation": cfg.aggregation, "calibration_loss": scores.loss, "step": step, "steps": n_steps}
         strict = stage == cfg.stages and step == n_steps
+        costs = unit_costs(model)
         if cfg.portable:  # equal widths everywhere, stock config: one step, no per-layer schedule
-            plan = allocate_portable(scores, unit_costs(model), step_target, alloc, meta=meta, strict=strict)
+            plan = allocate_portable(scores, costs, step_target, alloc, meta=meta, strict=strict)
         else:
-            plan = allocate(scores, unit_costs(model), step_target, alloc, meta=meta, strict=strict, prior=prior,
+            plan = allocate(scores, costs, step_target, alloc, meta=meta, strict=strict, prior=prior,
                             reference=reference)
         timings["allocate_s"] += time.perf_counter() - t
         t = time.perf_counter()
-        apply_plan(model, plan)
+        apply_plan(model, _drops_only(plan, costs) if deferred and step == n_steps else plan)
         timings["surgery_s"] += time.perf_counter() - t
         step_plans.append(plan)
         if step < n_steps:
@@ -165,5 +161,26 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
                             mlp=[scores.mlp[lp.index][lp.keep_channels] for lp in kept],
                             layer_cos=scores.layer_cos[old], loss=scores.loss)
     timings["steps"] = timings.get("steps", 0) + n_steps
+    if targets is not None:
+        t = time.perf_counter()
+        last = [lp for lp in plan.layers if not lp.drop]
+        stage_plan = compose(step_plans)
+        kept = [lp.index for lp in stage_plan.layers if not lp.drop]
+        changed = {lp.index for lp in stage_plan.layers if not lp.drop and (
+            len(lp.keep_kv_groups) < stage_reference.num_kv[lp.index]
+            or len(lp.keep_channels) < stage_reference.width[lp.index])}
+        select = {j: (len(lp.keep_kv_groups), len(lp.keep_channels)) for j, lp in enumerate(last)} if deferred else None
+        chosen = reconstruct(model, targets, kept, changed, cfg.reconstruct_damp, on_event, select=select)
+        if deferred:  # the last step's plan records the units reconstruction chose
+            for j, lp in enumerate(last):
+                lp.keep_kv_groups, lp.keep_channels = chosen[j]
+            record_shapes(model)
+        timings["reconstruct_s"] += time.perf_counter() - t
     return compose(step_plans)
 
+
+def _drops_only(plan: PrunePlan, costs: UnitCosts) -> PrunePlan:
+    """`plan`'s layer drops with every unit of the remaining layers kept."""
+    layers = [LayerPlan(lp.index, list(range(costs.num_kv[lp.index])), list(range(costs.width[lp.index])), lp.drop)
+              for lp in plan.layers]
+    return replace(plan, layers=layers)

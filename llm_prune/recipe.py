@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llm_prune.errors import UserError
 
-Importance = Literal["taylor", "vectorwise", "second_order", "l1", "l2", "random"]
+Importance = Literal["taylor", "vectorwise", "second_order", "obs", "l1", "l2", "random"]
+GRADIENT_IMPORTANCE = ("taylor", "vectorwise", "second_order")  # a backward pass per calibration batch
+ACTIVATION_IMPORTANCE = ("obs",)  # forward passes only
 Aggregation = Literal["sum", "mean", "max"]
 Allocation = Literal["uniform", "adaptive"]
 Selection = Literal["paser", "random", "all", "loss"]

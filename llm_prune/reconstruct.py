@@ -9,13 +9,21 @@ rebuilt layer by layer on its *own* inputs x' (so upstream errors are corrected,
     o_proj    <- argmin_W |A W^T - (h - x')|^2 + lam |W - W0|^2   A: kept heads' attention output
     down_proj <- argmin_W |M W^T - (y - h')|^2 + lam |W - W0|^2   M: kept channels' act(gate) * up
 
-(W0: the sliced weights), solved from the Gram matrix A^T A in float64 on the layer's device,
-lam = damp * mean(diag(A^T A)).
+(W0: the sliced weights), solved from the Gram matrix A^T A in float64 on the layer's device
+(per micro-batch products in float32, their sum in float64),
+lam = damp * mean(diag(A^T A)). Each layer runs once: h' and y' follow from the captured A and M.
+
+With `select` (importance `obs`) a layer arrives uncut and reconstruction also chooses what it
+keeps: greedy Optimal Brain Surgeon on the same objective (as in ZipLM/SlimGPT). From the ridge
+optimum W over all inputs, removing the input columns B raises the objective by
+tr(W_B [(H^-1)_BB]^-1 W_B^T), H = A^T A + lam I; the cheapest KV groups (blocks of their heads'
+columns) or MLP channels go first, W and H^-1 updated in closed form after each removal.
 Only one layer's statistics exist at a time.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -23,8 +31,9 @@ import torch
 from torch import nn
 
 from llm_prune.errors import UserError
-from llm_prune.families import Family, family_for
+from llm_prune.families import Family, family_for, head_dim
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
+from llm_prune.surgery import cut_attention, cut_mlp
 
 
 class _Stop(Exception):
@@ -139,116 +148,217 @@ def _run(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor | None
 
 
 class _Normal:
-    """Accumulates the normal equations G = A^T A, C = A^T T of one projection in float64."""
+    """Accumulates the normal equations G = A^T A, C = A^T T of one projection (float64 sums)."""
 
     def __init__(self, lin: nn.Linear):
-        self.lin = lin
+        self.bias = lin.bias is not None
         self.device = lin.weight.device
-        n = lin.in_features + (1 if lin.bias is not None else 0)
+        self.n_in = lin.in_features
+        n = self.n_in + int(self.bias)
         self.G = torch.zeros(n, n, dtype=torch.float64, device=self.device)
         self.C = torch.zeros(n, lin.out_features, dtype=torch.float64, device=self.device)
 
     def add(self, inputs: torch.Tensor, target: torch.Tensor) -> None:
-        a = inputs.reshape(-1, inputs.shape[-1]).to(self.device, torch.float64)
-        if self.lin.bias is not None:
+        # One micro-batch's products in float32 (half the time of float64 on a CPU, and these
+        # matmuls dominate reconstruction), summed across micro-batches in float64.
+        a = inputs.reshape(-1, inputs.shape[-1]).to(self.device, torch.float32)
+        if self.bias:
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-        t = target.reshape(-1, target.shape[-1]).to(self.device, torch.float64)
-        self.G.addmm_(a.t(), a)
-        self.C.addmm_(a.t(), t)
+        t = target.reshape(-1, target.shape[-1]).to(self.device, torch.float32)
+        self.G += a.t() @ a
+        self.C += a.t() @ t
 
-    @torch.no_grad()
-    def solve(self, damp: float) -> None:
+    def _system(self, lin: nn.Linear, damp: float, cols: torch.Tensor | None):
+        """H = G + lam I and the right-hand side, restricted to `cols` of the inputs (bias kept)."""
+        idx = None
+        if cols is not None:
+            idx = cols.to(self.device)
+            if self.bias:
+                idx = torch.cat([idx, idx.new_tensor([self.n_in])])
+        G = self.G if idx is None else self.G[idx][:, idx]
+        C = self.C if idx is None else self.C[idx]
         # Ridge towards the current (sliced) weights, not towards zero: a large damping falls back
         # to plain slicing instead of shrinking the layer.
-        w0 = self.lin.weight.detach().to(torch.float64)
-        if self.lin.bias is not None:
-            w0 = torch.cat([w0, self.lin.bias.detach().to(torch.float64)[:, None]], 1)
-        G = self.G
-        lam = damp * G.diagonal().mean().clamp_min(1e-12)
-        G = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-        rhs = self.C + lam * w0.t()
-        chol, info = torch.linalg.cholesky_ex(G)
+        w0 = lin.weight.detach().to(torch.float64)
+        if self.bias:
+            w0 = torch.cat([w0, lin.bias.detach().to(torch.float64)[:, None]], 1)
+        lam = damp * self.G.diagonal().mean().clamp_min(1e-12)
+        H = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        return H, C + lam * w0.t()
+
+    @torch.no_grad()
+    def select(self, lin: nn.Linear, damp: float, block: int, keep: int) -> list[int]:
+        """The `keep` blocks of `block` consecutive inputs whose joint removal (others compensating)
+        raises the ridge objective least: greedy OBS, several blocks per round when many go."""
+        H, rhs = self._system(lin, damp, None)
+        chol, info = torch.linalg.cholesky_ex(H)
+        if int(info) != 0:  # singular even after damping: a tiny jitter makes it invertible
+            H = H + 1e-6 * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+            chol = torch.linalg.cholesky(H)
+        W = torch.cholesky_solve(rhs, chol).t()  # out x inputs: the optimum with every input kept
+        Hinv = torch.cholesky_inverse(chol)
+        n_blocks = self.n_in // block
+        cols = torch.arange(self.n_in, device=self.device).view(n_blocks, block)
+        alive = torch.ones(n_blocks, dtype=torch.bool, device=self.device)
+        to_remove = n_blocks - keep
+        per_round = 1 if block > 1 else max(1, math.ceil(to_remove / 32))
+        while to_remove > 0:
+            live = alive.nonzero().squeeze(1)
+            c = cols[live]  # (live blocks, block)
+            if block == 1:
+                cost = W[:, c[:, 0]].pow(2).sum(0) / Hinv.diagonal()[c[:, 0]]
+            else:
+                Hb = Hinv[c[:, :, None], c[:, None, :]]  # (live, block, block)
+                Wb = W[:, c].permute(1, 2, 0)  # (live, block, out)
+                cost = (Wb * torch.linalg.solve(Hb, Wb)).sum((1, 2))
+            k = min(per_round, to_remove)
+            if k == 1:
+                gone = live[cost.argmin()][None]
+            else:  # exact greedy among the 4k cheapest: a correlated pair cannot go in one round
+                cand = live[torch.topk(cost, min(len(live), 4 * k), largest=False).indices]
+                gone = cand[_greedy_single(W, Hinv, cand, k)]
+            R = cols[gone].reshape(-1)
+            X = torch.linalg.solve(Hinv[R][:, R], Hinv[R])  # |R| x inputs: one block update per round
+            W -= W[:, R] @ X
+            Hinv -= Hinv[:, R] @ X
+            alive[gone] = False
+            to_remove -= k
+        return alive.nonzero().squeeze(1).tolist()
+
+    @torch.no_grad()
+    def solve(self, lin: nn.Linear, damp: float, cols: torch.Tensor | None = None) -> None:
+        """Write the ridge solution over the inputs `cols` (all when None) into `lin`, which holds
+        the sliced weights W0 for those inputs."""
+        H, rhs = self._system(lin, damp, cols)
+        chol, info = torch.linalg.cholesky_ex(H)
         if int(info) == 0:
             sol = torch.cholesky_solve(rhs, chol)
         else:  # singular even after damping (e.g. dead channels): least-norm solution
-            sol = torch.linalg.lstsq(G.cpu(), rhs.cpu()).solution.to(G.device)
+            sol = torch.linalg.lstsq(H.cpu(), rhs.cpu()).solution.to(H.device)
         w = sol.t()
-        if self.lin.bias is not None:
-            self.lin.bias.data.copy_(w[:, -1].to(self.lin.bias.dtype))
+        if self.bias:
+            lin.bias.data.copy_(w[:, -1].to(lin.bias.dtype))
             w = w[:, :-1]
-        self.lin.weight.data.copy_(w.to(self.lin.weight.dtype))
-        self.G = self.C = None  # free before the next layer
+        lin.weight.data.copy_(w.to(lin.weight.dtype))
+
+
+def _greedy_single(W: torch.Tensor, Hinv: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions in `cand` (single inputs) of `k` removals made one at a time, OBS costs and
+    updates restricted to the candidates (cheap: the full update follows once per round)."""
+    Wc, Hc = W[:, cand].clone(), Hinv[cand][:, cand].clone()
+    taken = torch.zeros(len(cand), dtype=torch.bool, device=W.device)
+    for _ in range(k):
+        cost = (Wc.pow(2).sum(0) / Hc.diagonal()).masked_fill(taken, float("inf"))
+        i = int(cost.argmin())
+        r = Hc[i] / Hc[i, i]
+        Wc -= Wc[:, i:i + 1] * r
+        Hc -= torch.outer(Hc[:, i], r)
+        taken[i] = True
+    return taken.nonzero().squeeze(1)
 
 
 @torch.no_grad()
 def reconstruct(model: nn.Module, targets: LayerTargets, kept_layers: list[int], changed: set[int],
-                damp: float = 0.01, on_event: ProgressCallback = null_callback) -> None:
+                damp: float = 0.01, on_event: ProgressCallback = null_callback,
+                select: dict[int, tuple[int, int]] | None = None) -> dict[int, tuple[list[int], list[int]]]:
     """Refit o_proj and down_proj of the pruned model's layers towards `targets`.
 
     `kept_layers[j]` is the unpruned layer index of the pruned model's layer j (dropped layers are
     absent); `changed` are the unpruned indices whose widths were cut. Layers before the first
-    change see exactly the unpruned inputs and are left as they are.
+    change see exactly the unpruned inputs and are left as they are. `select[j]` = (KV groups,
+    MLP channels) that layer j, still uncut, is to keep: they are chosen and cut here. Returns, per
+    layer j, the KV groups and channels it kept (indices into the layer as it came in).
     """
     fam = family_for(model)
     layers = fam.layers(model)
     if len(layers) != len(kept_layers):
         raise ValueError(f"model has {len(layers)} layers, the layer map {len(kept_layers)}")
+    select = select or {}
     was_training = model.training
     model.eval()
     inputs = _layer_inputs(model, fam, targets.chunks)
     xs = [x for x, _ in inputs]
+    kwargs = [kw for _, kw in inputs]
+    del inputs  # each layer's inputs are freed as soon as its outputs exist
+    hd = head_dim(model.config)
+    kept: dict[int, tuple[list[int], list[int]]] = {}
     drifted = False
     try:
         for j, (layer, src) in enumerate(zip(layers, kept_layers)):
             drifted = drifted or src in changed or src != j
             dev = _device(layer)
             xs = [x.to(dev) for x in xs]
+            k, gate = fam.qkvo(layer)[1], fam.gate_up_down(layer)[0]
+            widths = select.get(j, (k.out_features // hd, gate.out_features))
             if drifted:
-                _refit_layer(fam, layer, xs, [kw for _, kw in inputs], targets, src, damp)
-            xs = [_run(layer, x, kw) for x, (_, kw) in zip(xs, inputs)]
+                xs, kept[j] = _refit_layer(model, fam, layer, xs, kwargs, targets, src, damp, widths)
+            else:
+                xs = [_run(layer, x, kw) for x, kw in zip(xs, kwargs)]
+                kept[j] = (list(range(widths[0])), list(range(widths[1])))
             on_event(ProgressEvent("reconstruct", j + 1, len(layers), "reconstruct"))
     finally:
         model.train(was_training)
+    return kept
 
 
-def _refit_layer(fam: Family, layer: nn.Module, xs: list[torch.Tensor], kwargs: list[dict],
-                 targets: LayerTargets, src: int, damp: float) -> None:
-    o_proj, down = fam.qkvo(layer)[3], fam.gate_up_down(layer)[2]
+def _refit_layer(model: nn.Module, fam: Family, layer: nn.Module, xs: list[torch.Tensor], kwargs: list[dict],
+                 targets: LayerTargets, src: int, damp: float, widths: tuple[int, int]):
+    """Refit (and with narrower `widths`, first choose and cut) one layer; returns its outputs on
+    `xs` and the KV groups and channels it kept."""
+    hd = head_dim(model.config)
+    q, k, _, o_proj = fam.qkvo(layer)
+    n_kv, n_rep = k.out_features // hd, q.out_features // k.out_features
     grab: dict[str, torch.Tensor] = {}
 
-    def stop_at(name):
-        def hook(module, args):
-            grab[name] = args[0]
-            raise _Stop
-        return hook
+    def stop_at(module, args):
+        grab["in"] = args[0]
+        raise _Stop
 
     # Attention: regress the residual update towards the unpruned mid-layer state.
-    normal = _Normal(o_proj)
-    handle = o_proj.register_forward_pre_hook(stop_at("o"))
+    normal, acts = _Normal(o_proj), []
+    handle = o_proj.register_forward_pre_hook(stop_at)
     try:
         for b, (x, kw) in enumerate(zip(xs, kwargs)):
             _run(layer, x, kw)
-            t = targets.load(src, b)
-            normal.add(grab.pop("o"), (t["h"] - x.cpu()).to(x.device))
+            acts.append(grab.pop("in"))
+            normal.add(acts[-1], (targets.load(src, b)["h"] - x.cpu()).to(x.device))
     finally:
         handle.remove()
-    normal.solve(damp)
+    keep_kv, cols = list(range(n_kv)), None
+    if widths[0] < n_kv:
+        keep_kv = normal.select(o_proj, damp, n_rep * hd, widths[0])
+        cols = torch.tensor([g * n_rep * hd + i for g in keep_kv for i in range(n_rep * hd)], device=o_proj.weight.device)
+        cut_attention(model, layer, keep_kv)
+        o_proj = fam.qkvo(layer)[3]
+    normal.solve(o_proj, damp, cols)
+    hs = [x + o_proj(a if cols is None else a.index_select(-1, cols)) for x, a in zip(xs, acts)]
+    del acts
+    xs.clear()  # the caller's list: this layer's inputs are no longer needed
 
-    # MLP: same for the layer output, from the mid-layer state h' of the refitted attention.
-    normal = _Normal(down)
-
-    def attn_out(module, args, kwargs, output):
-        grab["a"] = output[0] if isinstance(output, tuple) else output
-
-    handles = [down.register_forward_pre_hook(stop_at("m")),
-               fam.attention(layer).register_forward_hook(attn_out, with_kwargs=True)]
+    # MLP: the same for the layer output, from the mid-layer state h' of the refitted attention.
+    gate, _, down = fam.gate_up_down(layer)
+    mlp = fam.mlp_block(layer)
+    normal, acts = _Normal(down), []
+    handle = down.register_forward_pre_hook(stop_at)
     try:
-        for b, (x, kw) in enumerate(zip(xs, kwargs)):
-            _run(layer, x, kw)
-            h = x + grab.pop("a")
-            t = targets.load(src, b)
-            normal.add(grab.pop("m"), (t["y"] - h.cpu()).to(x.device))
+        for b, h in enumerate(hs):
+            try:
+                mlp(fam.mlp_input(layer, h))
+            except _Stop:
+                pass
+            acts.append(grab.pop("in"))
+            normal.add(acts[-1], (targets.load(src, b)["y"] - h.cpu()).to(h.device))
     finally:
-        for h in handles:
-            h.remove()
-    normal.solve(damp)
+        handle.remove()
+    keep_ch, cols = list(range(gate.out_features)), None
+    if widths[1] < gate.out_features:
+        keep_ch = normal.select(down, damp, 1, widths[1])
+        cols = torch.tensor(keep_ch, device=down.weight.device)
+        cut_mlp(model, layer, keep_ch)
+        down = fam.gate_up_down(layer)[2]
+    normal.solve(down, damp, cols)
+    ys = []
+    while hs:  # free each batch's activations as its output is made
+        h, m = hs.pop(0), acts.pop(0)
+        ys.append(h + down(m if cols is None else m.index_select(-1, cols)))
+    return ys, (keep_kv, keep_ch)

@@ -36,35 +36,50 @@ def _head_rows(groups: list[int], per_group: int, hd: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def cut_attention(model: nn.Module, layer: nn.Module, keep_kv_groups: list[int]) -> None:
+    """Keep only these KV groups of one layer, with their query heads and o_proj columns."""
+    fam = family_for(model)
+    hd = head_dim(model.config)
+    attn = fam.attention(layer)
+    q, k, v, o = fam.qkvo(layer)
+    if len(keep_kv_groups) == k.out_features // hd:
+        return
+    n_rep = q.out_features // k.out_features
+    q_rows = _head_rows(keep_kv_groups, n_rep, hd)
+    kv_rows = _head_rows(keep_kv_groups, 1, hd)
+    setattr(attn, fam.q, _slice_linear(q, rows=q_rows))
+    setattr(attn, fam.k, _slice_linear(k, rows=kv_rows))
+    setattr(attn, fam.v, _slice_linear(v, rows=kv_rows))
+    setattr(attn, fam.o, _slice_linear(o, cols=q_rows))
+
+
+@torch.no_grad()
+def cut_mlp(model: nn.Module, layer: nn.Module, keep_channels: list[int]) -> None:
+    """Keep only these MLP channels of one layer (gate/up rows, down_proj columns)."""
+    fam = family_for(model)
+    mlp = fam.mlp_block(layer)
+    gate, up, down = fam.gate_up_down(layer)
+    if len(keep_channels) == gate.out_features:
+        return
+    ch = torch.tensor(keep_channels, dtype=torch.long)
+    setattr(mlp, fam.gate, _slice_linear(gate, rows=ch))
+    setattr(mlp, fam.up, _slice_linear(up, rows=ch))
+    setattr(mlp, fam.down, _slice_linear(down, cols=ch))
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(keep_channels)
+
+
+@torch.no_grad()
 def apply_plan(model: nn.Module, plan: PrunePlan) -> nn.Module:
     fam = family_for(model)
     layers = fam.layers(model)
     if len(plan.layers) != len(layers):
         raise ValueError(f"plan has {len(plan.layers)} layers, model has {len(layers)}")
-    hd = head_dim(model.config)
     for lp in plan.layers:
         if lp.drop:
             continue
-        layer = layers[lp.index]
-        attn, mlp = fam.attention(layer), fam.mlp_block(layer)
-        q, k, v, o = fam.qkvo(layer)
-        n_kv = k.out_features // hd
-        n_rep = q.out_features // k.out_features
-        if len(lp.keep_kv_groups) < n_kv:
-            q_rows = _head_rows(lp.keep_kv_groups, n_rep, hd)
-            kv_rows = _head_rows(lp.keep_kv_groups, 1, hd)
-            setattr(attn, fam.q, _slice_linear(q, rows=q_rows))
-            setattr(attn, fam.k, _slice_linear(k, rows=kv_rows))
-            setattr(attn, fam.v, _slice_linear(v, rows=kv_rows))
-            setattr(attn, fam.o, _slice_linear(o, cols=q_rows))
-        gate, up, down = fam.gate_up_down(layer)
-        if len(lp.keep_channels) < gate.out_features:
-            ch = torch.tensor(lp.keep_channels, dtype=torch.long)
-            setattr(mlp, fam.gate, _slice_linear(gate, rows=ch))
-            setattr(mlp, fam.up, _slice_linear(up, rows=ch))
-            setattr(mlp, fam.down, _slice_linear(down, cols=ch))
-            if hasattr(mlp, "intermediate_size"):
-                mlp.intermediate_size = len(lp.keep_channels)
+        cut_attention(model, layers[lp.index], lp.keep_kv_groups)
+        cut_mlp(model, layers[lp.index], lp.keep_channels)
 
     dropped = {lp.index for lp in plan.layers if lp.drop}
     if dropped:

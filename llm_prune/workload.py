@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 
-from llm_prune.recipe import Recipe
+from llm_prune.recipe import ACTIVATION_IMPORTANCE, GRADIENT_IMPORTANCE, Recipe
 
 TRAIN = 3.0  # forward + backward of a training token, in forward-token units
-GRADIENT_IMPORTANCE = ("taylor", "vectorwise", "second_order")
 TASK_ITEM_TOKENS = 4 * 48  # a zero-shot item: ~4 choices of ~48 tokens
 FULL_TASK_ITEMS = 2000  # a task without --limit (the sets run from 500 to 10k items)
 SPEED_UNITS = 8192.0
@@ -67,10 +66,10 @@ def stage_work(recipe: Recipe, pool_records: int = 0) -> dict[str, dict[str, flo
     between, steps = _steps(r, pool_records)
     p = r.pruning
     score = p.calibration_windows * p.calibration_seq_len * p.stages * (
-        TRAIN if p.importance in GRADIENT_IMPORTANCE else 0.1)
+        TRAIN if p.importance in GRADIENT_IMPORTANCE else 1.0 if p.importance in ACTIVATION_IMPORTANCE else 0.1)
     prune = {"score": float(score), **evaluation_work(r)}
-    if p.reconstruct:  # the targets' pass and two refit passes per layer, forward only
-        prune["reconstruct"] = float(p.reconstruct_windows * p.calibration_seq_len * p.stages * 3)
+    if p.reconstruct:  # the targets' pass and one refit pass, forward only
+        prune["reconstruct"] = float(p.reconstruct_windows * p.calibration_seq_len * p.stages * 2)
     if recovers and p.stages > 1:
         prune["train"] = training_work(r, between) * (p.stages - 1)
     selection: dict[str, float] = {}

@@ -57,7 +57,7 @@ def test_ridge_solve_recovers_a_linear_map():
     for _ in range(3):  # accumulated over micro-batches
         x = torch.randn(40, 12, generator=gen)
         normal.add(x, x @ w.t() + b)
-    normal.solve(damp=0.0)
+    normal.solve(lin, damp=0.0)
     assert torch.allclose(lin.weight, w, atol=1e-4) and torch.allclose(lin.bias, b, atol=1e-4)
 
 
@@ -153,3 +153,65 @@ def test_incremental_steps_widen_the_spread_between_layers(wide):
 
     assert spread(plan) > 2 * spread(one) > 0
     assert plan.widths()[0][1] > max(w[1] for w in plan.widths()[1:])
+
+
+def _redundant_system(block: int, gen: torch.Generator):
+    """Inputs whose blocks 4..7 copy blocks 0..3 (scaled): half the blocks carry no information of
+    their own, and the four large-weight copies make magnitude a wrong guide."""
+    lin = nn.Linear(8 * block, 5, bias=False)
+    x = torch.randn(400, 4 * block, generator=gen)
+    inputs = torch.cat([x, 0.5 * x], 1)
+    w = torch.randn(5, 8 * block, generator=gen)
+    w[:, 4 * block:] *= 10
+    normal = _Normal(lin)
+    normal.add(inputs, inputs @ w.t())
+    return lin, normal, inputs, inputs @ w.t()
+
+
+@pytest.mark.parametrize("block", [1, 3])
+def test_obs_selection_drops_the_redundant_inputs(block):
+    gen = torch.Generator().manual_seed(0)
+    lin, normal, inputs, target = _redundant_system(block, gen)
+    kept = normal.select(lin, damp=1e-9, block=block, keep=4)
+    # One of each copy pair survives, whichever it is: the kept inputs express the target exactly.
+    assert sorted(b % 4 for b in kept) == [0, 1, 2, 3]
+    cols = torch.tensor([b * block + i for b in kept for i in range(block)])
+    small = nn.Linear(len(cols), 5, bias=False)
+    small.weight.data.copy_(lin.weight.data[:, cols])
+    normal.solve(small, damp=1e-9, cols=cols)
+    assert (small(inputs[:, cols]) - target).pow(2).mean() < 1e-6 * target.pow(2).mean()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_reconstruction_chooses_units_that_reproduce_the_layer(wide, family):
+    """Selecting inside reconstruction (importance `obs`) keeps one channel of each duplicate pair
+    and reproduces the model; the kept indices it reports are the ones the layers really kept."""
+    dense = _with_duplicate_channels(load_model(str(wide[family]))[0])
+    fresh = copy.deepcopy(dense)
+    with torch.no_grad():
+        reference = dense(HELD_OUT).logits
+    with LayerTargets(dense, CALIB, batch_size=2) as targets:
+        kept = reconstruct(dense, targets, kept_layers=list(range(4)), changed=set(range(4)), damp=1e-8,
+                           select={j: (3, 128) for j in range(4)})
+    for j, (kv, ch) in kept.items():
+        assert kv == [0, 1, 2] and sorted(c % 128 for c in ch) == list(range(128))
+        gate = fresh.model.layers[j].mlp.gate_proj.weight[ch]
+        assert torch.equal(dense.model.layers[j].mlp.gate_proj.weight, gate)
+    with torch.no_grad():
+        error = (dense(HELD_OUT).logits - reference).pow(2).mean().item()
+    assert error < 1e-3 * reference.var().item()
+
+
+def test_obs_importance_prunes_to_budget_and_records_its_choice(wide):
+    model, tok = load_model(str(wide["llama"]))
+    fresh = copy.deepcopy(model)
+    total = count_params(model)
+    result = prune_model(model, tok, Budget(ratio=0.3), PruningConfig(
+        importance="obs", calibration_samples=4, calibration_seq_len=32, reconstruct_tokens=256, skip_first=0,
+        skip_last=0))
+    assert abs(count_params(model) - round(0.7 * total)) <= 0.005 * 0.7 * total
+    apply_plan(fresh, result.plans[0])
+    assert model.config.llm_prune["layer_shapes"] == fresh.config.llm_prune["layer_shapes"]
+    for a, b in zip(model.model.layers, fresh.model.layers):  # reconstruction leaves q/k/v/gate/up alone
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj"):
+            assert torch.equal(a.get_submodule(name).weight, b.get_submodule(name).weight), name
