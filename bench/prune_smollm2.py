@@ -28,6 +28,8 @@ ROWS = {
     "uniform+rec": ["--allocation", "uniform", "--reconstruct"],
     "adaptive": ["--allocation", "adaptive", "--no-reconstruct"],
     "adaptive+rec": ["--allocation", "adaptive", "--reconstruct"],
+    "adaptive+rec-A0.1": ["--allocation", "adaptive", "--adaptive-strength", "0.1"],
+    "obs": ["--importance", "obs"],
     "default@1024": ["--calibration-tokens", "1024"],
     "default@4096": ["--calibration-tokens", "4096"],
     "default@8192": ["--calibration-tokens", "8192"],

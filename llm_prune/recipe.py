@@ -40,7 +40,9 @@ DEFAULT_CALIBRATION_TOKENS = 4096
 
 
 class PruningConfig(_Strict):
-    importance: Importance = Field("taylor", description="how a unit's importance is scored")
+    importance: Importance = Field("taylor", description="how a unit's importance is scored: taylor, vectorwise, "
+                                   "second_order (gradients); obs (Optimal Brain Surgeon error from activations; "
+                                   "with reconstruction on, reconstruction chooses the kept units); l1, l2, random")
     aggregation: Aggregation = Field("sum", description="how a group's element scores are combined")
     allocation: Allocation = Field("uniform", description="uniform (LLM-Pruner) or adaptive (Adapt-Pruner) "
                                    "per-layer sparsity")
@@ -74,7 +76,7 @@ class PruningConfig(_Strict):
                                     "(forward passes only; the Gram matrices need several times the projections' "
                                     "input width, far more than scoring does); a shorter calibration text gives "
                                     "what it has")
-    reconstruct_damp: float = Field(0.1, ge=0, description="ridge term of the reconstruction (towards the sliced "
+    reconstruct_damp: float = Field(0.3, ge=0, description="ridge term of the reconstruction (towards the sliced "
                                     "weights), as a fraction of the mean diagonal of the inputs' Gram matrix")
     seed: int = Field(0, description="seed of calibration sampling and random importance")
     portable: bool = Field(False, description="every layer keeps the same widths (KV groups, MLP channels) "
