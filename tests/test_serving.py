@@ -163,7 +163,12 @@ def test_llama_cpp_matches_transformers(layout, request, tmp_path):
     assert np.abs(got - ref).max() <= 1e-3 * span, np.abs(got - ref).max() / span
     export_gguf(checkpoint, tmp_path / "f16.gguf", "f16")
     _, got16 = _engine_logits(tmp_path / "f16.gguf", ids)
-    assert (got16.argmax(-1) == ref.argmax(-1)).mean() >= 0.99
+    err16 = np.abs(got16 - ref).max()
+    assert err16 <= 1e-2 * span, err16 / span
+    # A random tiny model has near-ties; where the winner leads by more than f16 can move, it must win.
+    top2 = np.sort(ref, -1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * err16
+    assert clear.mean() > 0.5 and (got16.argmax(-1) == ref.argmax(-1))[clear].all()
 
 
 def test_run_job_writes_gguf_and_portable_checkpoint(dense, tmp_path, capsys, tiny_qwen2, monkeypatch):
