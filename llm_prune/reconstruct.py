@@ -33,7 +33,7 @@ from torch import nn
 from llm_prune.errors import UserError
 from llm_prune.families import Family, family_for, head_dim
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
-from llm_prune.surgery import cut_attention, cut_mlp
+from llm_prune.surgery import head_rows, cut_attention, cut_mlp
 
 
 class _Stop(Exception):
@@ -327,7 +327,7 @@ def _refit_layer(model: nn.Module, fam: Family, layer: nn.Module, xs: list[torch
     keep_kv, cols = list(range(n_kv)), None
     if widths[0] < n_kv:
         keep_kv = normal.select(o_proj, damp, n_rep * hd, widths[0])
-        cols = torch.tensor([g * n_rep * hd + i for g in keep_kv for i in range(n_rep * hd)], device=o_proj.weight.device)
+        cols = head_rows(keep_kv, n_rep, hd).to(o_proj.weight.device)
         cut_attention(model, layer, keep_kv)
         o_proj = fam.qkvo(layer)[3]
     normal.solve(o_proj, damp, cols)

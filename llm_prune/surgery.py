@@ -30,8 +30,9 @@ def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.
     return new
 
 
-def _head_rows(groups: list[int], per_group: int, hd: int) -> torch.Tensor:
-    """Row indices of the heads belonging to the kept KV groups (each group = per_group heads)."""
+def head_rows(groups: list[int], per_group: int, hd: int) -> torch.Tensor:
+    """Row indices of the heads belonging to the kept KV groups (each group = per_group heads); also
+    the o_proj input columns of those heads."""
     return torch.tensor([g * per_group * hd + j for g in groups for j in range(per_group * hd)], dtype=torch.long)
 
 
@@ -45,8 +46,8 @@ def cut_attention(model: nn.Module, layer: nn.Module, keep_kv_groups: list[int])
     if len(keep_kv_groups) == k.out_features // hd:
         return
     n_rep = q.out_features // k.out_features
-    q_rows = _head_rows(keep_kv_groups, n_rep, hd)
-    kv_rows = _head_rows(keep_kv_groups, 1, hd)
+    q_rows = head_rows(keep_kv_groups, n_rep, hd)
+    kv_rows = head_rows(keep_kv_groups, 1, hd)
     setattr(attn, fam.q, _slice_linear(q, rows=q_rows))
     setattr(attn, fam.k, _slice_linear(k, rows=kv_rows))
     setattr(attn, fam.v, _slice_linear(v, rows=kv_rows))
