@@ -63,8 +63,14 @@ def main() -> None:
     ap.add_argument("--tasks-limit", type=int, default=None, help="also the seven-task average, N items per task")
     ap.add_argument("--dense-ppl", type=float, default=None, help="skip the dense evaluation, use this ppl")
     ap.add_argument("--extra", default="", help="extra flags for every `llm-prune prune` run")
+    ap.add_argument("--row", action="append", default=[], metavar="NAME=FLAGS",
+                    help="an extra row: the default command with FLAGS (repeatable)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "prune_smollm2.json"))
     args = ap.parse_args()
+    for spec in args.row:
+        name, _, flags = spec.partition("=")
+        ROWS[name] = flags.split()
+        args.rows = name if args.rows == ap.get_default("rows") else f"{args.rows},{name}"
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")

@@ -91,6 +91,17 @@ def _drop_layers(scores: Scores, costs: UnitCosts, target_params: int,
     return dropped, to_remove
 
 
+def prunable_layers(n_layers: int, cfg: AllocationConfig) -> list[int]:
+    """The layers whose widths the allocation may cut. Uniform allocation leaves the first and last
+    layers whole; adaptive allocation decides that itself, from layer importance."""
+    if cfg.allocation != "uniform":
+        return list(range(n_layers))
+    # The first layers change the hidden state most (cos(h_in, h_out) near 0 for layer 0):
+    # pruning them costs far more than their share of parameters.
+    first = max(1, round(0.1 * n_layers)) if cfg.skip_first is None else cfg.skip_first
+    return list(range(first, n_layers - cfg.skip_last))
+
+
 def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: AllocationConfig,
              meta: dict | None = None, strict: bool = True, prior: dict[int, float] | None = None,
              reference: UnitCosts | None = None) -> PrunePlan:
@@ -100,13 +111,7 @@ def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: Allocati
     n_layers = len(costs.layer)
     dropped, to_remove = _drop_layers(scores, costs, target_params, cfg)
 
-    if cfg.allocation == "uniform":
-        # The first layers change the hidden state most (cos(h_in, h_out) near 0 for layer 0):
-        # pruning them costs far more than their share of parameters.
-        first = max(1, round(0.1 * n_layers)) if cfg.skip_first is None else cfg.skip_first
-        prunable = [i for i in range(first, n_layers - cfg.skip_last) if i not in dropped]
-    else:
-        prunable = [i for i in range(n_layers) if i not in dropped]
+    prunable = [i for i in prunable_layers(n_layers, cfg) if i not in dropped]
     if (cfg.prune_attention or cfg.prune_mlp) and not prunable and to_remove > 0:
         raise UserError("no prunable layers left: lower skip_first/skip_last", param="pruning")
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from llm_prune.families import Family, family_for, head_dim
 from llm_prune.lm_loss import causal_lm_loss
+from llm_prune.memory import release_freed_memory
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 from llm_prune.recipe import ACTIVATION_IMPORTANCE, GRADIENT_IMPORTANCE
 
@@ -104,10 +105,14 @@ class ImportanceScorer:
         return kv, mlp
 
     def score(self, model: nn.Module, input_ids: torch.LongTensor, batch_size: int | None = None,
-              on_event: ProgressCallback = null_callback) -> Scores:
+              on_event: ProgressCallback = null_callback, only: set[int] | None = None) -> Scores:
+        """Per-unit scores of every layer. A gradient method scores only the layers in `only` (the
+        rest score zero; layers that will not be cut need no gradients) and stops its backward pass
+        at the lowest of them."""
         fam = family_for(model)
         layers = fam.layers(model)
         n_layers = len(layers)
+        only = set(range(n_layers)) if only is None else only
         hd = head_dim(model.config)
         needs_grad = self.method in GRADIENT_METHODS
         batch_size = batch_size or input_ids.shape[0]
@@ -129,6 +134,10 @@ class ImportanceScorer:
                 q, k, v, o = fam.qkvo(layer)
                 gate, up, down = fam.gate_up_down(layer)
                 n_kv = k.out_features // hd
+                if i not in only:
+                    acc.update({(i, r): torch.zeros(n_kv) for r in ("q", "k", "v", "o")})
+                    acc.update({(i, r): torch.zeros(gate.out_features) for r in ("gate", "up", "down")})
+                    continue
                 for lin, role, units in ((q, "q", n_kv), (k, "k", n_kv), (v, "v", n_kv), (o, "o", n_kv),
                                          (gate, "gate", gate.out_features), (up, "up", gate.out_features),
                                          (down, "down", gate.out_features)):
@@ -158,9 +167,11 @@ class ImportanceScorer:
                 chunk = chunk.to(device)
                 with torch.set_grad_enabled(needs_grad):
                     loss = causal_lm_loss(model, chunk)
-                    if needs_grad:
+                    if needs_grad and loss.requires_grad:
                         loss.backward()
                 total_loss += float(loss.detach())
+                del loss
+                release_freed_memory()
                 n_batches += 1
                 tokens += chunk.numel()
                 on_event(ProgressEvent("score", step, len(chunks), f"importance ({self.method})",

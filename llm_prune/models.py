@@ -161,6 +161,10 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
             if source.spec.lower() in ALIASES:
                 _cache_alias(source.spec.lower(), model, tokenizer)
         else:
+            if device == "cpu":
+                # Read, not memory-mapped: pruning replaces most weights, and pages of a mapped file
+                # stay resident until every tensor from it is gone.
+                kwargs["disable_mmap"] = True
             model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code,
                                                          **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)

@@ -18,7 +18,7 @@ from typing import Callable
 
 from torch import nn
 
-from llm_prune.allocation import AllocationConfig, allocate, allocate_portable
+from llm_prune.allocation import AllocationConfig, allocate, allocate_portable, prunable_layers
 from llm_prune.calibration import calibration_ids
 from llm_prune.errors import UserError
 from llm_prune.families import family_for
@@ -125,7 +125,10 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
         step_target = min(now, int(round(now - (now - stage_target) / (n_steps - step + 1))))
         t = time.perf_counter()
         if scores is None or (step - 1) % cfg.rescore_every == 0:
-            scores = scorer.score(model, ids, batch_size=cfg.micro_batch, on_event=on_event)
+            # Uniform allocation never cuts its skipped layers: they need no gradients.
+            n_layers = len(family_for(model).layers(model))
+            only = None if cfg.portable else set(prunable_layers(n_layers, allocation_config(cfg)))
+            scores = scorer.score(model, ids, batch_size=cfg.micro_batch, on_event=on_event, only=only)
         else:
             scores.layer_cos = layer_cosines(model, ids[:cfg.micro_batch], cfg.micro_batch)
         timings["score_s"] += time.perf_counter() - t

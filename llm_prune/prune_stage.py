@@ -31,6 +31,14 @@ class PrunedCheckpoint:
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set. Linux's ru_maxrss survives exec, so a process spawned by a
+    large parent reports the parent's peak; the address space's own high-water mark (VmHWM) does not."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

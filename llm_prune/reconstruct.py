@@ -32,6 +32,7 @@ from torch import nn
 
 from llm_prune.errors import UserError
 from llm_prune.families import Family, family_for, head_dim
+from llm_prune.memory import release_freed_memory
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 from llm_prune.surgery import head_rows, cut_attention, cut_mlp
 
@@ -81,7 +82,8 @@ class LayerTargets:
             def hook(module, args, kwargs, output):
                 x = args[0] if args else kwargs["hidden_states"]
                 y = output[0] if isinstance(output, tuple) else output
-                torch.save({"h": (x + state.pop(idx)).cpu(), "y": y.cpu()}, self._path(idx, batch[0]))
+                torch.save((x + state.pop(idx)).cpu(), self._path(idx, batch[0], "h"))
+                torch.save(y.cpu(), self._path(idx, batch[0], "y"))
             return hook
 
         for i, layer in enumerate(layers):
@@ -95,16 +97,18 @@ class LayerTargets:
                 for b, chunk in enumerate(self.chunks):
                     batch[0] = b
                     model.get_decoder()(input_ids=chunk.to(device), use_cache=False)
+                    release_freed_memory()
         finally:
             for h in handles:
                 h.remove()
             model.train(was_training)
 
-    def _path(self, layer: int, batch: int) -> Path:
-        return self.root / f"{layer}-{batch}.pt"
+    def _path(self, layer: int, batch: int, what: str) -> Path:
+        return self.root / f"{layer}-{batch}-{what}.pt"
 
-    def load(self, layer: int, batch: int) -> dict[str, torch.Tensor]:
-        return torch.load(self._path(layer, batch))
+    def load(self, layer: int, batch: int, what: str) -> torch.Tensor:
+        """`what` = "h" (mid-layer state) or "y" (layer output) of `layer` on micro-batch `batch`."""
+        return torch.load(self._path(layer, batch, what))
 
     def close(self) -> None:
         self._dir.cleanup()
@@ -276,25 +280,24 @@ def reconstruct(model: nn.Module, targets: LayerTargets, kept_layers: list[int],
     select = select or {}
     was_training = model.training
     model.eval()
-    inputs = _layer_inputs(model, fam, targets.chunks)
-    xs = [x for x, _ in inputs]
-    kwargs = [kw for _, kw in inputs]
-    del inputs  # each layer's inputs are freed as soon as its outputs exist
     hd = head_dim(model.config)
-    kept: dict[int, tuple[list[int], list[int]]] = {}
-    drifted = False
+    # Layers before the first change are the unpruned ones: they keep everything, and the first
+    # changed layer's inputs are the unpruned model's activations the targets already hold.
+    current = [(fam.qkvo(layer)[1].out_features // hd, fam.gate_up_down(layer)[0].out_features) for layer in layers]
+    widths = [select.get(j, current[j]) for j in range(len(layers))]
+    first = next((j for j, src in enumerate(kept_layers) if src in changed or src != j or widths[j] != current[j]),
+                 len(layers))
+    kept = {j: (list(range(widths[j][0])), list(range(widths[j][1]))) for j in range(first)}
+    inputs = _layer_inputs(model, fam, targets.chunks)
+    kwargs = [kw for _, kw in inputs]
+    xs = [x if first == 0 else targets.load(first - 1, b, "y") for b, (x, _) in enumerate(inputs)]
+    del inputs  # each layer's inputs are freed as soon as its outputs exist
     try:
-        for j, (layer, src) in enumerate(zip(layers, kept_layers)):
-            drifted = drifted or src in changed or src != j
-            dev = _device(layer)
+        for j in range(first, len(layers)):
+            layer, dev = layers[j], _device(layers[j])
             xs = [x.to(dev) for x in xs]
-            k, gate = fam.qkvo(layer)[1], fam.gate_up_down(layer)[0]
-            widths = select.get(j, (k.out_features // hd, gate.out_features))
-            if drifted:
-                xs, kept[j] = _refit_layer(model, fam, layer, xs, kwargs, targets, src, damp, widths)
-            else:
-                xs = [_run(layer, x, kw) for x, kw in zip(xs, kwargs)]
-                kept[j] = (list(range(widths[0])), list(range(widths[1])))
+            xs, kept[j] = _refit_layer(model, fam, layer, xs, kwargs, targets, kept_layers[j], damp, widths[j])
+            release_freed_memory()
             on_event(ProgressEvent("reconstruct", j + 1, len(layers), "reconstruct"))
     finally:
         model.train(was_training)
@@ -321,7 +324,7 @@ def _refit_layer(model: nn.Module, fam: Family, layer: nn.Module, xs: list[torch
         for b, (x, kw) in enumerate(zip(xs, kwargs)):
             _run(layer, x, kw)
             acts.append(grab.pop("in"))
-            normal.add(acts[-1], (targets.load(src, b)["h"] - x.cpu()).to(x.device))
+            normal.add(acts[-1], (targets.load(src, b, "h") - x.cpu()).to(x.device))
     finally:
         handle.remove()
     keep_kv, cols = list(range(n_kv)), None
@@ -334,6 +337,7 @@ def _refit_layer(model: nn.Module, fam: Family, layer: nn.Module, xs: list[torch
     hs = [x + o_proj(a if cols is None else a.index_select(-1, cols)) for x, a in zip(xs, acts)]
     del acts
     xs.clear()  # the caller's list: this layer's inputs are no longer needed
+    release_freed_memory()
 
     # MLP: the same for the layer output, from the mid-layer state h' of the refitted attention.
     gate, _, down = fam.gate_up_down(layer)
@@ -347,7 +351,7 @@ def _refit_layer(model: nn.Module, fam: Family, layer: nn.Module, xs: list[torch
             except _Stop:
                 pass
             acts.append(grab.pop("in"))
-            normal.add(acts[-1], (targets.load(src, b)["y"] - h.cpu()).to(h.device))
+            normal.add(acts[-1], (targets.load(src, b, "y") - h.cpu()).to(h.device))
     finally:
         handle.remove()
     keep_ch, cols = list(range(gate.out_features)), None

@@ -235,3 +235,15 @@ def test_cli_prune_json(tiny_llama, tmp_path):
                  "plan.json"):
         assert (out / name).exists(), name
     assert "Recipe" in (out / "README.md").read_text()
+
+
+def test_scoring_only_some_layers_matches_full_scoring(tiny_llama):
+    """Layers left out get zero scores; the scored ones are what full scoring gives them (their
+    gradients do not depend on which other weights require grad)."""
+    model, _ = load_model(str(tiny_llama))
+    full = ImportanceScorer("taylor").score(model, CALIB)
+    part = ImportanceScorer("taylor").score(model, CALIB, only={1})
+    assert torch.allclose(part.mlp[1], full.mlp[1], rtol=1e-4) and torch.allclose(part.kv[1], full.kv[1], rtol=1e-4)
+    assert not part.mlp[0].any() and not part.kv[0].any() and part.mlp[0].shape == full.mlp[0].shape
+    assert torch.allclose(part.layer_cos, full.layer_cos)
+    assert all(p.grad is None for p in model.parameters())
