@@ -61,7 +61,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.2,0.5")
     ap.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {', '.join(ROWS)}")
     ap.add_argument("--tasks-limit", type=int, default=None, help="also the seven-task average, N items per task")
-    ap.add_argument("--dense-ppl", type=float, default=None, help="skip the dense evaluation, use this ppl")
+    ap.add_argument("--dense-ppl", type=float, default=None,
+                    help="skip the dense evaluation (ppl and tasks), use this ppl")
     ap.add_argument("--extra", default="", help="extra flags for every `llm-prune prune` run")
     ap.add_argument("--row", action="append", default=[], metavar="NAME=FLAGS",
                     help="an extra row: the default command with FLAGS (repeatable)")
@@ -78,7 +79,7 @@ def main() -> None:
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    if args.dense_ppl is None or args.tasks_limit:
+    if args.dense_ppl is None:
         dense = {"config": "dense", **evaluate(args.model, text, args.windows, args.tasks_limit)}
     else:
         dense = {"config": "dense", "ppl": args.dense_ppl, "windows": args.windows}

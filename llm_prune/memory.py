@@ -26,3 +26,58 @@ def release_freed_memory() -> None:
     trim = _trim()
     if trim is not None:
         trim(0)
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """Address ranges of this process's file-backed memory mappings (Linux)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].startswith("/"):
+                    start, end = (int(a, 16) for a in parts[0].split("-"))
+                    ranges.append((start, end))
+    except OSError:
+        pass
+    return ranges
+
+
+def own_mapped_weights(model) -> None:
+    """Copy the CPU parameters and buffers that live in a memory-mapped checkpoint into process
+    memory, returning each copied range's file pages to the kernel as it goes.
+
+    transformers maps safetensors files; their pages stay resident until every tensor from the file
+    is gone, so the weights that pruning replaces would keep counting against memory next to their
+    replacements. Copying everything at once would hold two copies; `MADV_DONTNEED` on a clean
+    file-backed range only drops it from this process (a later read would fault it back in from
+    the file), so the peak stays at one copy plus one tensor.
+    """
+    import mmap
+
+    import torch
+
+    mappings = _file_mappings()
+    madvise = None
+    name = ctypes.util.find_library("c")
+    if mappings and name and hasattr(mmap, "MADV_DONTNEED"):
+        libc = ctypes.CDLL(name, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    seen: set[int] = set()
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for key, t in tensors.items():
+                if t is None or t.device.type != "cpu" or id(t) in seen:
+                    continue
+                seen.add(id(t))
+                start = t.untyped_storage().data_ptr()
+                size = t.untyped_storage().nbytes()
+                if not any(lo <= start and start + size <= hi for lo, hi in mappings):
+                    continue
+                with torch.no_grad():
+                    t.data = t.data.clone()
+                first, last = -(-start // page) * page, (start + size) // page * page
+                if madvise is not None and last > first:  # whole pages inside this tensor only
+                    madvise(first, last - first, mmap.MADV_DONTNEED)

