@@ -67,7 +67,7 @@ class PruningConfig(_Strict):
     calibration_samples: int | None = Field(None, ge=1, description="number of calibration windows; when "
                                             "given, it replaces the token budget")
     calibration_seq_len: int = Field(128, ge=8, description="tokens per calibration window")
-    calibration_batch_tokens: int = Field(256, ge=8, description="tokens per scoring micro-batch: peak memory "
+    calibration_batch_tokens: int = Field(512, ge=8, description="tokens per scoring micro-batch: peak memory "
                                           "depends on this, not on the calibration budget")
     reconstruct: bool = Field(True, description="after cutting, refit each layer's o_proj and down_proj (ridge "
                               "least squares on the kept inputs) so the pruned layer reproduces the unpruned "
