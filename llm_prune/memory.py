@@ -14,16 +14,16 @@ import functools
 
 
 @functools.cache
-def _trim():
+def _libc():
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name, use_errno=True) if name else None
+    except OSError:
         return None
 
 
 def release_freed_memory() -> None:
-    trim = _trim()
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
 
@@ -58,17 +58,14 @@ def own_mapped_weights(model) -> None:
     import torch
 
     mappings = _file_mappings()
-    madvise = None
-    name = ctypes.util.find_library("c")
-    if mappings and name and hasattr(mmap, "MADV_DONTNEED"):
-        libc = ctypes.CDLL(name, use_errno=True)
-        madvise = libc.madvise
+    madvise = getattr(_libc(), "madvise", None) if hasattr(mmap, "MADV_DONTNEED") else None
+    if madvise is not None:
         madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     page = mmap.PAGESIZE
     seen: set[int] = set()
     for module in model.modules():
         for tensors in (module._parameters, module._buffers):
-            for key, t in tensors.items():
+            for t in tensors.values():
                 if t is None or t.device.type != "cpu" or id(t) in seen:
                     continue
                 seen.add(id(t))
