@@ -24,6 +24,7 @@ from llm_prune.errors import UserError
 from llm_prune.families import family_for
 from llm_prune.importance import ACTIVATION_METHODS, ImportanceScorer, Scores, layer_cosines
 from llm_prune.plan import LayerPlan, PrunePlan, UnitCosts, compose, count_params, unit_costs
+from llm_prune.precision import calibration_autocast, matmul_dtype_name
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 from llm_prune.reconstruct import LayerTargets, check_projections, reconstruct
 from llm_prune.recipe import Budget, PruningConfig
@@ -83,7 +84,8 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
         t = time.perf_counter()
         # Forward passes only, no activations kept: 2,048-token batches keep the CPU's matmuls large.
         rec_batch = max(1, 2048 // cfg.calibration_seq_len)
-        targets = LayerTargets(model, rec_ids, rec_batch) if cfg.reconstruct else None
+        with calibration_autocast(model, cfg.calibration_precision):
+            targets = LayerTargets(model, rec_ids, rec_batch) if cfg.reconstruct else None
         timings["reconstruct_s"] += time.perf_counter() - t
         try:
             plan = _prune_stage(model, ids, scorer, stage, stage_target, cfg, timings, on_event, targets)
@@ -129,16 +131,19 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
             # Uniform allocation never cuts its skipped layers: they need no gradients.
             n_layers = len(family_for(model).layers(model))
             only = None if cfg.portable else set(prunable_layers(n_layers, allocation_config(cfg)))
-            scores = scorer.score(model, ids, batch_size=cfg.micro_batch, on_event=on_event, only=only)
+            with calibration_autocast(model, cfg.calibration_precision):
+                scores = scorer.score(model, ids, batch_size=cfg.micro_batch, on_event=on_event, only=only)
         else:
-            scores.layer_cos = layer_cosines(model, ids[:cfg.micro_batch], cfg.micro_batch)
+            with calibration_autocast(model, cfg.calibration_precision):
+                scores.layer_cos = layer_cosines(model, ids[:cfg.micro_batch], cfg.micro_batch)
         timings["score_s"] += time.perf_counter() - t
         t = time.perf_counter()
         alloc = allocation_config(cfg)
         # Depth pruning happens once, in the first step of the first stage.
         alloc.prune_layers = cfg.prune_layers if stage == 1 and step == 1 else 0
         meta = {"stage": stage, "stages": cfg.stages, "importance": cfg.importance,
-                "aggregation": cfg.aggregation, "calibration_loss": scores.loss, "step": step, "steps": n_steps}
+                "aggregation": cfg.aggregation, "calibration_loss": scores.loss, "step": step, "steps": n_steps,
+                "calibration_matmuls": matmul_dtype_name(model, cfg.calibration_precision)}
         strict = stage == cfg.stages and step == n_steps
         costs = unit_costs(model)
         if cfg.portable:  # equal widths everywhere, stock config: one step, no per-layer schedule
@@ -174,7 +179,8 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
             len(lp.keep_kv_groups) < stage_reference.num_kv[lp.index]
             or len(lp.keep_channels) < stage_reference.width[lp.index])}
         select = {j: (len(lp.keep_kv_groups), len(lp.keep_channels)) for j, lp in enumerate(last)} if deferred else None
-        chosen = reconstruct(model, targets, kept, changed, cfg.reconstruct_damp, on_event, select=select)
+        with calibration_autocast(model, cfg.calibration_precision):
+            chosen = reconstruct(model, targets, kept, changed, cfg.reconstruct_damp, on_event, select=select)
         if deferred:  # the last step's plan records the units reconstruction chose
             for j, lp in enumerate(last):
                 lp.keep_kv_groups, lp.keep_channels = chosen[j]

@@ -19,6 +19,7 @@ Allocation = Literal["uniform", "adaptive"]
 Selection = Literal["paser", "random", "all", "loss"]
 RecoveryMethod = Literal["none", "lora", "perp", "perp_lora", "full", "qlora"]
 GGUFDtype = Literal["f32", "f16", "q8_0"]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 class _Strict(BaseModel):
@@ -69,6 +70,10 @@ class PruningConfig(_Strict):
     calibration_seq_len: int = Field(128, ge=8, description="tokens per calibration window")
     calibration_batch_tokens: int = Field(512, ge=8, description="tokens per scoring micro-batch: peak memory "
                                           "depends on this, not on the calibration budget")
+    calibration_precision: Precision = Field("auto", description="matmul precision of the calibration passes "
+                                             "(scoring, reconstruction): auto = bf16 autocast for a float32 model "
+                                             "on hardware with native bf16 (AMX/AVX512-BF16 CPUs, most GPUs), else "
+                                             "fp32; the model keeps its dtype")
     reconstruct: bool = Field(True, description="after cutting, refit each layer's o_proj and down_proj (ridge "
                               "least squares on the kept inputs) so the pruned layer reproduces the unpruned "
                               "layer's output on reconstruct_tokens calibration tokens")
