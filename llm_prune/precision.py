@@ -4,8 +4,10 @@ The weights and the saved model keep their dtype; only the matmuls of these stat
 run in bfloat16 autocast. On a CPU with AMX or AVX512-BF16 a bfloat16 matmul is about four times
 as fast as float32 and these passes are most of a pruning run; the statistics need far less than
 float32's precision (per-unit importance sums, least-squares targets whose pruning error is orders
-of magnitude above bfloat16's rounding). Everything that is summed or solved (gradients' per-unit
-scores, Gram matrices, the ridge solve) stays float32/float64.
+of magnitude above bfloat16's rounding). What is summed or solved stays wide: gradients reach the
+float32 weights' hooks in float32, each micro-batch's Gram product is accumulated in float32 inside
+the matmul and rounded once to bfloat16 before the float64 sum, and the ridge solve is float64
+(autocast leaves float64 alone).
 
 Autocast's weight cache is off: reconstruction rewrites weights in place between forward passes,
 so a cached bfloat16 copy made before the rewrite would be stale; the cache would also hold a

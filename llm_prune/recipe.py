@@ -77,7 +77,7 @@ class PruningConfig(_Strict):
     reconstruct: bool = Field(True, description="after cutting, refit each layer's o_proj and down_proj (ridge "
                               "least squares on the kept inputs) so the pruned layer reproduces the unpruned "
                               "layer's output on reconstruct_tokens calibration tokens")
-    reconstruct_tokens: int = Field(16384, ge=8, description="calibration tokens the reconstruction regresses on "
+    reconstruct_tokens: int = Field(24576, ge=8, description="calibration tokens the reconstruction regresses on "
                                     "(forward passes only; the Gram matrices need several times the projections' "
                                     "input width, far more than scoring does); a shorter calibration text gives "
                                     "what it has")

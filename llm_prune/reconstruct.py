@@ -163,8 +163,9 @@ class _Normal:
         self.C = torch.zeros(n, lin.out_features, dtype=torch.float64, device=self.device)
 
     def add(self, inputs: torch.Tensor, target: torch.Tensor) -> None:
-        # One micro-batch's products in float32 (half the time of float64 on a CPU, and these
-        # matmuls dominate reconstruction), summed across micro-batches in float64.
+        # One micro-batch's products in float32 (half the time of float64 on a CPU), or in
+        # bfloat16 under the calibration autocast (precision.py), summed across micro-batches in
+        # float64.
         a = inputs.reshape(-1, inputs.shape[-1]).to(self.device, torch.float32)
         if self.bias:
             a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
