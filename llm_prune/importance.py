@@ -167,7 +167,7 @@ class ImportanceScorer:
                 chunk = chunk.to(device)
                 with torch.set_grad_enabled(needs_grad):
                     # 64-token head chunks: the [tokens x vocab] logits and their gradient, not the
-                    # decoder, set the scoring peak (measured: ~100-150 MB lower than 256 on SmolLM2).
+                    # decoder, set the scoring peak.
                     loss = causal_lm_loss(model, chunk, chunk_tokens=64)
                     if needs_grad and loss.requires_grad:
                         loss.backward()

@@ -1,7 +1,7 @@
 """Precision of the calibration passes (scoring, reconstruction targets, the refit's forward passes).
 
 The weights and the saved model keep their dtype; only the matmuls of these statistics passes may
-run in bfloat16 autocast. On a CPU with AMX or AVX512-BF16 a bfloat16 matmul is about four times
+run in bfloat16 autocast. On a CPU with AMX or AVX512-BF16 a bfloat16 matmul is several times
 as fast as float32 and these passes are most of a pruning run; the statistics need far less than
 float32's precision (per-unit importance sums, least-squares targets whose pruning error is orders
 of magnitude above bfloat16's rounding). What is summed or solved stays wide: gradients reach the
@@ -28,9 +28,8 @@ def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private: absent means no
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
     return False
 
 
