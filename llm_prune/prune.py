@@ -24,7 +24,7 @@ from llm_prune.errors import UserError
 from llm_prune.families import family_for
 from llm_prune.importance import ACTIVATION_METHODS, ImportanceScorer, Scores, layer_cosines
 from llm_prune.plan import LayerPlan, PrunePlan, UnitCosts, compose, count_params, unit_costs
-from llm_prune.precision import calibration_autocast, matmul_dtype_name
+from llm_prune.precision import calibration_autocast, matmul_dtype_name, resolve
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 from llm_prune.reconstruct import LayerTargets, check_projections, reconstruct
 from llm_prune.recipe import Budget, PruningConfig
@@ -85,7 +85,8 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
         # Forward passes only, no activations kept: 2,048-token batches keep the CPU's matmuls large.
         rec_batch = max(1, 2048 // cfg.calibration_seq_len)
         with calibration_autocast(model, cfg.calibration_precision):
-            targets = LayerTargets(model, rec_ids, rec_batch) if cfg.reconstruct else None
+            targets = LayerTargets(model, rec_ids, rec_batch, resolve(model, cfg.calibration_precision)) \
+                if cfg.reconstruct else None
         timings["reconstruct_s"] += time.perf_counter() - t
         try:
             plan = _prune_stage(model, ids, scorer, stage, stage_target, cfg, timings, on_event, targets)
@@ -115,12 +116,13 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
                  targets: LayerTargets | None = None) -> PrunePlan:
     """Cut the model to `stage_target` in one step (uniform) or in Adapt-Pruner's incremental steps,
     each re-measuring layer importance on the current model, then reconstruct towards `targets`;
-    returns the stage's composed plan. With `obs` importance and reconstruction, the last step only
-    fixes the widths: reconstruction chooses the units it keeps."""
+    returns the stage's composed plan. With reconstruction on, the last step's cut is made by
+    reconstruction (each layer's uncut outputs on the pruned inputs are part of its target); with
+    `obs` importance that step only fixes the widths and reconstruction chooses the units."""
     start = count_params(model)
     stage_reference = reference = unit_costs(model)
     n_steps = incremental_steps(reference, start, stage_target, cfg)
-    deferred = targets is not None and cfg.importance in ACTIVATION_METHODS
+    deferred = targets is not None
     prior: dict[int, float] = {}
     scores, step_plans = None, []
     for step in range(1, n_steps + 1):
@@ -178,13 +180,15 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
         changed = {lp.index for lp in stage_plan.layers if not lp.drop and (
             len(lp.keep_kv_groups) < stage_reference.num_kv[lp.index]
             or len(lp.keep_channels) < stage_reference.width[lp.index])}
-        select = {j: (len(lp.keep_kv_groups), len(lp.keep_channels)) for j, lp in enumerate(last)} if deferred else None
+        choose = cfg.importance in ACTIVATION_METHODS
         with calibration_autocast(model, cfg.calibration_precision):
-            chosen = reconstruct(model, targets, kept, changed, cfg.reconstruct_damp, on_event, select=select)
-        if deferred:  # the last step's plan records the units reconstruction chose
+            chosen = reconstruct(model, targets, kept, changed, cfg.reconstruct_damp, cfg.reconstruct_correction,
+                                 on_event, keep={j: (lp.keep_kv_groups, lp.keep_channels) for j, lp in enumerate(last)},
+                                 choose=choose)
+        if choose:  # the last step's plan records the units reconstruction chose
             for j, lp in enumerate(last):
                 lp.keep_kv_groups, lp.keep_channels = chosen[j]
-            record_shapes(model)
+        record_shapes(model)
         timings["reconstruct_s"] += time.perf_counter() - t
     return compose(step_plans)
 

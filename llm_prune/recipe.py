@@ -77,12 +77,16 @@ class PruningConfig(_Strict):
     reconstruct: bool = Field(True, description="after cutting, refit each layer's o_proj and down_proj (ridge "
                               "least squares on the kept inputs) so the pruned layer reproduces the unpruned "
                               "layer's output on reconstruct_tokens calibration tokens")
-    reconstruct_tokens: int = Field(24576, ge=8, description="calibration tokens the reconstruction regresses on "
+    reconstruct_tokens: int = Field(20480, ge=8, description="calibration tokens the reconstruction regresses on "
                                     "(forward passes only; the Gram matrices need several times the projections' "
                                     "input width, far more than scoring does); a shorter calibration text gives "
                                     "what it has")
-    reconstruct_damp: float = Field(0.3, ge=0, description="ridge term of the reconstruction (towards the sliced "
+    reconstruct_damp: float = Field(0.1, ge=0, description="ridge term of the reconstruction (towards the sliced "
                                     "weights), as a fraction of the mean diagonal of the inputs' Gram matrix")
+    reconstruct_correction: float = Field(0.5, ge=0, le=1, description="how much of the upstream error each "
+                                          "refit is asked to undo: its target is the uncut layer's output on the "
+                                          "pruned model's input plus this fraction of the way to the unpruned "
+                                          "model's output (1: all of it, 0: imitate the uncut layer)")
     seed: int = Field(0, description="seed of calibration sampling and random importance")
     portable: bool = Field(False, description="every layer keeps the same widths (KV groups, MLP channels) "
                            "within the same budget, so config.json is stock and vLLM, TGI, SGLang, MLX and "

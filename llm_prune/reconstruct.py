@@ -3,22 +3,33 @@ unpruned layer's output on calibration tokens (SlimLLM-style regression, no retr
 
 Before cutting, one forward pass of the unpruned model records, per decoder layer and calibration
 micro-batch, the mid-layer residual h = x + attn(x) and the layer output y (`LayerTargets`, kept on
-disk so memory does not grow with the budget or the depth). After cutting, the pruned model is
-rebuilt layer by layer on its *own* inputs x' (so upstream errors are corrected, not compounded):
+disk so memory does not grow with the budget or the depth). The layers reach reconstruction uncut;
+the pruned model is rebuilt layer by layer on its *own* inputs x' (so upstream errors are
+corrected, not compounded), each layer cut just before its refit:
 
-    o_proj    <- argmin_W |A W^T - (h - x')|^2 + lam |W - W0|^2   A: kept heads' attention output
-    down_proj <- argmin_W |M W^T - (y - h')|^2 + lam |W - W0|^2   M: kept channels' act(gate) * up
+    o_proj    <- argmin_W |D (A W^T - r_a)|^2 + lam |W - W0|^2   A: kept heads' attention output
+    down_proj <- argmin_W |D (M W^T - r_m)|^2 + lam |W - W0|^2   M: kept channels' act(gate) * up
 
-(W0: the sliced weights), solved from the Gram matrix A^T A in float64 on the layer's device
-(per micro-batch products in float32, their sum in float64),
-lam = damp * mean(diag(A^T A)). Each layer runs once: h' and y' follow from the captured A and M.
+    r_a = u_a + c (h - x' - u_a),  r_m = u_m + c (y - h' - u_m)
 
-With `select` (importance `obs`) a layer arrives uncut and reconstruction also chooses what it
-keeps: greedy Optimal Brain Surgeon on the same objective (as in ZipLM/SlimGPT). From the ridge
-optimum W over all inputs, removing the input columns B raises the objective by
-tr(W_B [(H^-1)_BB]^-1 W_B^T), H = A^T A + lam I; the cheapest KV groups (blocks of their heads'
-columns) or MLP channels go first, W and H^-1 updated in closed form after each removal.
-Only one layer's statistics exist at a time.
+u_a, u_m: the uncut layer's own attention and MLP updates on x' and h' (free: the uncut layer runs
+anyway, and the kept units' activations are the same with or without the cut). c
+(`correction`) is how much of the upstream error a layer is asked to undo: c = 1 matches the
+unpruned model's states, which regresses each layer onto error it can only partly express and
+overfits the calibration text; c = 0.5 measured best on SmolLM2-135M. D divides each token by
+the RMS of its unpruned state: the next RMSNorm sees a token's direction, not its scale, and
+without D the attention-sink tokens (the first of each window, whose residual stream holds one
+channel near 24,000 against ~5 elsewhere in SmolLM2) are nearly all of the objective. W0 are the
+sliced weights; solved from the Gram matrix in float64 on the layer's device (per micro-batch
+products in float32, their sum in float64), lam = damp * mean(diag(A^T D^2 A)). Each layer runs
+once: h' and y' follow from the captured A and M.
+
+With `choose` (importance `obs`) reconstruction also chooses what a layer keeps: greedy Optimal
+Brain Surgeon on the same objective (as in ZipLM/SlimGPT). From the ridge optimum W over all
+inputs, removing the input columns B raises the objective by tr(W_B [(H^-1)_BB]^-1 W_B^T),
+H = A^T A + lam I; the cheapest KV groups (blocks of their heads' columns) or MLP channels go
+first, W and H^-1 updated in closed form after each removal. Only one layer's statistics exist at
+a time.
 """
 
 from __future__ import annotations
@@ -59,9 +70,15 @@ def check_projections(model: nn.Module) -> None:
 
 
 class LayerTargets:
-    """Per-layer (h, y) of the unpruned model on the calibration micro-batches, stored on disk."""
+    """Per-layer (h, y) of the unpruned model on the calibration micro-batches, stored on disk.
 
-    def __init__(self, model: nn.Module, input_ids: torch.LongTensor, batch_size: int):
+    `dtype` is what they are stored in (default: as computed). The calibration passes store
+    bfloat16 when their matmuls run in it: half the disk traffic (two states per layer and
+    micro-batch), and the rounding, 2^-9 of each state, is far below the pruning error the refit
+    fits."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.LongTensor, batch_size: int,
+                 dtype: torch.dtype | None = None):
         check_projections(model)
         self._dir = tempfile.TemporaryDirectory(prefix="llm-prune-targets-")
         self.root = Path(self._dir.name)
@@ -69,6 +86,7 @@ class LayerTargets:
         fam = family_for(model)
         layers = fam.layers(model)
         self.n_layers = len(layers)
+        self.dtype = next(model.parameters()).dtype
         state: dict[int, torch.Tensor] = {}
         handles = []
         batch = [0]
@@ -82,8 +100,9 @@ class LayerTargets:
             def hook(module, args, kwargs, output):
                 x = args[0] if args else kwargs["hidden_states"]
                 y = output[0] if isinstance(output, tuple) else output
-                torch.save((x + state.pop(idx)).cpu(), self._path(idx, batch[0], "h"))
-                torch.save(y.cpu(), self._path(idx, batch[0], "y"))
+                h = x + state.pop(idx)
+                torch.save(h.to("cpu", dtype or h.dtype), self._path(idx, batch[0], "h"))
+                torch.save(y.to("cpu", dtype or y.dtype), self._path(idx, batch[0], "y"))
             return hook
 
         for i, layer in enumerate(layers):
@@ -107,8 +126,9 @@ class LayerTargets:
         return self.root / f"{layer}-{batch}-{what}.pt"
 
     def load(self, layer: int, batch: int, what: str) -> torch.Tensor:
-        """`what` = "h" (mid-layer state) or "y" (layer output) of `layer` on micro-batch `batch`."""
-        return torch.load(self._path(layer, batch, what))
+        """`what` = "h" (mid-layer state) or "y" (layer output) of `layer` on micro-batch `batch`,
+        in the model's dtype."""
+        return torch.load(self._path(layer, batch, what)).to(self.dtype)
 
     def close(self) -> None:
         self._dir.cleanup()
@@ -154,22 +174,27 @@ def _run(layer: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor | None
 class _Normal:
     """Accumulates the normal equations G = A^T A, C = A^T T of one projection (float64 sums)."""
 
-    def __init__(self, lin: nn.Linear):
+    def __init__(self, lin: nn.Linear, n_in: int | None = None):
         self.bias = lin.bias is not None
         self.device = lin.weight.device
-        self.n_in = lin.in_features
+        self.n_in = lin.in_features if n_in is None else n_in
         n = self.n_in + int(self.bias)
         self.G = torch.zeros(n, n, dtype=torch.float64, device=self.device)
         self.C = torch.zeros(n, lin.out_features, dtype=torch.float64, device=self.device)
 
-    def add(self, inputs: torch.Tensor, target: torch.Tensor) -> None:
+    def add(self, inputs: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None = None) -> None:
+        """One micro-batch; `scale` (one per token) multiplies its rows, i.e. weights its squared error."""
         # One micro-batch's products in float32 (half the time of float64 on a CPU), or in
-        # bfloat16 under the calibration autocast (precision.py), summed across micro-batches in
-        # float64.
-        a = inputs.reshape(-1, inputs.shape[-1]).to(self.device, torch.float32)
+        # bfloat16 under the calibration autocast (precision.py; the operands are then rounded to
+        # it once, here), summed across micro-batches in float64.
+        dtype = torch.bfloat16 if torch.is_autocast_enabled(self.device.type) else torch.float32
+        a = inputs.reshape(-1, inputs.shape[-1]).to(self.device, dtype)
+        t = target.reshape(-1, target.shape[-1]).to(self.device, dtype)
+        s = a.new_ones(a.shape[0], 1) if scale is None else scale.reshape(-1, 1).to(self.device, dtype)
+        if scale is not None:
+            a, t = a * s, t * s
         if self.bias:
-            a = torch.cat([a, a.new_ones(a.shape[0], 1)], 1)
-        t = target.reshape(-1, target.shape[-1]).to(self.device, torch.float32)
+            a = torch.cat([a, s], 1)
         self.G += a.t() @ a
         self.C += a.t() @ t
 
@@ -264,28 +289,38 @@ def _greedy_single(W: torch.Tensor, Hinv: torch.Tensor, cand: torch.Tensor, k: i
 
 @torch.no_grad()
 def reconstruct(model: nn.Module, targets: LayerTargets, kept_layers: list[int], changed: set[int],
-                damp: float = 0.01, on_event: ProgressCallback = null_callback,
-                select: dict[int, tuple[int, int]] | None = None) -> dict[int, tuple[list[int], list[int]]]:
+                damp: float = 0.1, correction: float = 0.5, on_event: ProgressCallback = null_callback,
+                keep: dict[int, tuple[list[int], list[int]]] | None = None,
+                choose: bool = False) -> dict[int, tuple[list[int], list[int]]]:
     """Refit o_proj and down_proj of the pruned model's layers towards `targets`.
 
     `kept_layers[j]` is the unpruned layer index of the pruned model's layer j (dropped layers are
     absent); `changed` are the unpruned indices whose widths were cut. Layers before the first
-    change see exactly the unpruned inputs and are left as they are. `select[j]` = (KV groups,
-    MLP channels) that layer j, still uncut, is to keep: they are chosen and cut here. Returns, per
-    layer j, the KV groups and channels it kept (indices into the layer as it came in).
+    change see exactly the unpruned inputs and are left as they are. `keep[j]` = (KV groups, MLP
+    channels) that layer j, still uncut, keeps: it is cut here, after its uncut outputs on the
+    pruned inputs have been taken for the target (`correction`, below). With `choose`, only their
+    numbers count and greedy OBS chooses which units stay. Returns, per layer j, the KV groups and
+    channels it kept (indices into the layer as it came in).
+
+    The target of each refit is the layer's uncut update on the pruned model's own input plus
+    `correction` times the rest of the way to the unpruned model's state: 1 asks every layer to
+    undo all upstream error, 0 only to imitate its uncut self. Each token's squared error is
+    divided by the mean square of its unpruned state, which is what the next RMSNorm sees:
+    otherwise the few attention-sink tokens, whose residual stream carries activations a hundred
+    times the others', make up almost all of the objective.
     """
     fam = family_for(model)
     layers = fam.layers(model)
     if len(layers) != len(kept_layers):
         raise ValueError(f"model has {len(layers)} layers, the layer map {len(kept_layers)}")
-    select = select or {}
+    keep = keep or {}
     was_training = model.training
     model.eval()
     hd = head_dim(model.config)
     # Layers before the first change are the unpruned ones: they keep everything, and the first
     # changed layer's inputs are the unpruned model's activations the targets already hold.
     current = [(fam.qkvo(layer)[1].out_features // hd, fam.gate_up_down(layer)[0].out_features) for layer in layers]
-    widths = [select.get(j, current[j]) for j in range(len(layers))]
+    widths = [tuple(len(u) for u in keep[j]) if j in keep else current[j] for j in range(len(layers))]
     first = next((j for j, src in enumerate(kept_layers) if src in changed or src != j or widths[j] != current[j]),
                  len(layers))
     kept = {j: (list(range(widths[j][0])), list(range(widths[j][1]))) for j in range(first)}
@@ -297,7 +332,9 @@ def reconstruct(model: nn.Module, targets: LayerTargets, kept_layers: list[int],
         for j in range(first, len(layers)):
             layer, dev = layers[j], _device(layers[j])
             xs = [x.to(dev) for x in xs]
-            xs, kept[j] = _refit_layer(model, fam, layer, xs, kwargs, targets, kept_layers[j], damp, widths[j])
+            units = keep.get(j) if widths[j] != current[j] else None
+            xs, kept[j] = _refit_layer(model, fam, layer, xs, kwargs, targets, kept_layers[j], damp, correction,
+                                       units, choose)
             release_freed_memory()
             on_event(ProgressEvent("reconstruct", j + 1, len(layers), "reconstruct"))
     finally:
@@ -305,65 +342,111 @@ def reconstruct(model: nn.Module, targets: LayerTargets, kept_layers: list[int],
     return kept
 
 
+def _token_scale(state: torch.Tensor) -> torch.Tensor:
+    """1 / RMS of each token's unpruned residual state: errors count relative to the token's scale."""
+    return state.float().pow(2).mean(-1, keepdim=True).clamp_min(1e-12).rsqrt()
+
+
+def _refit_projection(lin: nn.Linear, batches, block: int, units: list[int] | None, choose: bool,
+                      damp: float, correction: float, cut) -> tuple[nn.Linear, list[int] | None, list[torch.Tensor]]:
+    """Refit one output projection (o_proj or down_proj) of a layer.
+
+    `batches` yields, per micro-batch, the projection's uncut input, the residual update that
+    reaches the unpruned state, and that state. `units` (blocks of `block` inputs) are kept, or
+    with `choose` as many are chosen by OBS; `cut(units)` cuts the layer and returns its new
+    projection. Returns the projection, the kept units (None: all) and its inputs per micro-batch."""
+    n_units = lin.in_features // block
+    if units is not None and len(units) == n_units:
+        units = None  # nothing of this projection's inputs goes
+    fixed = units is not None and not choose
+    cols = _columns(units, block, lin.weight.device) if fixed else None
+    normal = _Normal(lin, None if cols is None else len(cols))
+    acts = []
+    for a, global_res, state in batches:
+        # The uncut layer's own update on this input (not through `lin`: its hook stops passes).
+        local_res = nn.functional.linear(a, lin.weight, lin.bias).float()
+        goal = torch.lerp(local_res, global_res.float(), correction)
+        if cols is not None:
+            a = a.index_select(-1, cols)
+        acts.append(a)
+        normal.add(a, goal, _token_scale(state))
+    if units is None:
+        normal.solve(lin, damp)
+        return lin, None, acts
+    if choose:
+        units = normal.select(lin, damp, block, len(units))
+        cols = _columns(units, block, lin.weight.device)
+        acts = [a.index_select(-1, cols) for a in acts]
+    new = cut(units)
+    normal.solve(new, damp, cols if choose else None)
+    return new, units, acts
+
+
+def _columns(units: list[int], block: int, device) -> torch.Tensor:
+    """Input columns of the kept blocks (KV groups: their heads' columns; channels: themselves)."""
+    return head_rows(units, block, 1).to(device)
+
+
 def _refit_layer(model: nn.Module, fam: Family, layer: nn.Module, xs: list[torch.Tensor], kwargs: list[dict],
-                 targets: LayerTargets, src: int, damp: float, widths: tuple[int, int]):
-    """Refit (and with narrower `widths`, first choose and cut) one layer; returns its outputs on
-    `xs` and the KV groups and channels it kept."""
+                 targets: LayerTargets, src: int, damp: float, correction: float,
+                 units: tuple[list[int], list[int]] | None, choose: bool):
+    """Refit (and with `units`, cut) one layer; returns its outputs on `xs` and the KV groups and
+    channels it kept."""
     hd = head_dim(model.config)
     q, k, _, o_proj = fam.qkvo(layer)
     n_kv, n_rep = k.out_features // hd, q.out_features // k.out_features
+    gate, _, down = fam.gate_up_down(layer)
+    mlp = fam.mlp_block(layer)
     grab: dict[str, torch.Tensor] = {}
 
     def stop_at(module, args):
         grab["in"] = args[0]
         raise _Stop
 
-    # Attention: regress the residual update towards the unpruned mid-layer state.
-    normal, acts = _Normal(o_proj), []
-    handle = o_proj.register_forward_pre_hook(stop_at)
-    try:
+    def attention_batches():  # towards the unpruned mid-layer state h
         for b, (x, kw) in enumerate(zip(xs, kwargs)):
             _run(layer, x, kw)
-            acts.append(grab.pop("in"))
-            normal.add(acts[-1], (targets.load(src, b, "h") - x.cpu()).to(x.device))
+            h = targets.load(src, b, "h").to(x.device)
+            yield grab.pop("in"), h - x, h
+
+    def cut_heads(kv):
+        cut_attention(model, layer, kv)
+        return fam.qkvo(layer)[3]
+
+    handle = o_proj.register_forward_pre_hook(stop_at)
+    try:
+        o_proj, keep_kv, acts = _refit_projection(o_proj, attention_batches(), n_rep * hd,
+                                                  None if units is None else units[0], choose, damp, correction,
+                                                  cut_heads)
     finally:
         handle.remove()
-    keep_kv, cols = list(range(n_kv)), None
-    if widths[0] < n_kv:
-        keep_kv = normal.select(o_proj, damp, n_rep * hd, widths[0])
-        cols = head_rows(keep_kv, n_rep, hd).to(o_proj.weight.device)
-        cut_attention(model, layer, keep_kv)
-        o_proj = fam.qkvo(layer)[3]
-    normal.solve(o_proj, damp, cols)
-    hs = [x + o_proj(a if cols is None else a.index_select(-1, cols)) for x, a in zip(xs, acts)]
+    hs = [x + o_proj(a) for x, a in zip(xs, acts)]
     del acts
     xs.clear()  # the caller's list: this layer's inputs are no longer needed
     release_freed_memory()
 
-    # MLP: the same for the layer output, from the mid-layer state h' of the refitted attention.
-    gate, _, down = fam.gate_up_down(layer)
-    mlp = fam.mlp_block(layer)
-    normal, acts = _Normal(down), []
-    handle = down.register_forward_pre_hook(stop_at)
-    try:
+    def mlp_batches():  # towards the unpruned layer output y, from the refitted attention's h'
         for b, h in enumerate(hs):
             try:
                 mlp(fam.mlp_input(layer, h))
             except _Stop:
                 pass
-            acts.append(grab.pop("in"))
-            normal.add(acts[-1], (targets.load(src, b, "y") - h.cpu()).to(h.device))
+            y = targets.load(src, b, "y").to(h.device)
+            yield grab.pop("in"), y - h, y
+
+    def cut_channels(ch):
+        cut_mlp(model, layer, ch)
+        return fam.gate_up_down(layer)[2]
+
+    handle = down.register_forward_pre_hook(stop_at)
+    try:
+        down, keep_ch, acts = _refit_projection(down, mlp_batches(), 1, None if units is None else units[1], choose,
+                                                damp, correction, cut_channels)
     finally:
         handle.remove()
-    keep_ch, cols = list(range(gate.out_features)), None
-    if widths[1] < gate.out_features:
-        keep_ch = normal.select(down, damp, 1, widths[1])
-        cols = torch.tensor(keep_ch, device=down.weight.device)
-        cut_mlp(model, layer, keep_ch)
-        down = fam.gate_up_down(layer)[2]
-    normal.solve(down, damp, cols)
     ys = []
     while hs:  # free each batch's activations as its output is made
         h, m = hs.pop(0), acts.pop(0)
-        ys.append(h + down(m if cols is None else m.index_select(-1, cols)))
-    return ys, (keep_kv, keep_ch)
+        ys.append(h + down(m))
+    return ys, (list(range(n_kv)) if keep_kv is None else keep_kv,
+                list(range(gate.out_features)) if keep_ch is None else keep_ch)

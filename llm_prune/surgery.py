@@ -21,7 +21,9 @@ def _slice_linear(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.
         w = w.index_select(0, rows.to(w.device))
     if cols is not None:
         w = w.index_select(1, cols.to(w.device))
-    new = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    # skip_init: no random initialisation of weights that are overwritten next.
+    new = nn.utils.skip_init(nn.Linear, w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device,
+                             dtype=w.dtype)
     new.weight.data.copy_(w)
     if lin.bias is not None:
         b = lin.bias.data if rows is None else lin.bias.data.index_select(0, rows.to(w.device))

@@ -84,12 +84,54 @@ def test_reconstruction_restores_what_the_kept_units_can_express(wide, family):
     for rec in (False, True):
         model = copy.deepcopy(dense)
         with LayerTargets(model, CALIB, batch_size=2) as targets:
-            apply_plan(model, plan)
-            if rec:
-                reconstruct(model, targets, kept_layers=list(range(4)), changed=set(range(4)), damp=1e-8)
+            if rec:  # the layers arrive uncut: reconstruction cuts them to the plan
+                reconstruct(model, targets, kept_layers=list(range(4)), changed=set(range(4)), damp=1e-8,
+                            keep={lp.index: (lp.keep_kv_groups, lp.keep_channels) for lp in plan.layers})
+            else:
+                apply_plan(model, plan)
         with torch.no_grad():
             errors[rec] = (model(HELD_OUT).logits - reference).pow(2).mean().item()
     assert errors[True] < 1e-3 * errors[False], errors
+
+
+def test_token_scale_weights_the_squared_error():
+    """`scale` multiplies a token's row: the solution is weighted least squares, so a token with a
+    huge state (an attention sink) can be given no more say than any other."""
+    gen = torch.Generator().manual_seed(1)
+    x, t = torch.randn(60, 6, generator=gen), torch.randn(60, 3, generator=gen)
+    scale = torch.rand(60, 1, generator=gen) + 0.1
+    lin = nn.Linear(6, 3, bias=False)
+    normal = _Normal(lin)
+    normal.add(x[:30], t[:30], scale[:30])
+    normal.add(x[30:], t[30:], scale[30:])
+    normal.solve(lin, damp=0.0)
+    expected = torch.linalg.lstsq(x * scale, t * scale).solution.t()
+    assert torch.allclose(lin.weight, expected, atol=1e-4)
+
+
+def test_correction_sets_how_much_upstream_error_a_layer_undoes(wide):
+    """Only layer 0 is cut. With correction 0 the later layers' target is their own uncut output,
+    so their refit (ridge towards their own weights) gives those weights back; with 1 they move
+    to undo layer 0's error and the output comes closer to the unpruned model's."""
+    dense, _ = load_model(str(wide["llama"]))
+    keep = {0: ([0, 1, 2], list(range(0, 256, 2)))}
+    calib = torch.randint(3, 300, (64, 32), generator=torch.Generator().manual_seed(2))  # 2,048 tokens
+    models = {}
+    for correction in (0.0, 1.0):
+        model = copy.deepcopy(dense)
+        with LayerTargets(model, calib, batch_size=16) as targets:
+            reconstruct(model, targets, kept_layers=list(range(4)), changed={0}, damp=0.1, correction=correction,
+                        keep=keep)
+        models[correction] = model
+    for j in (1, 2, 3):
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            w = dense.model.layers[j].get_submodule(name).weight
+            assert torch.allclose(models[0.0].model.layers[j].get_submodule(name).weight, w, atol=1e-4), (j, name)
+            assert not torch.allclose(models[1.0].model.layers[j].get_submodule(name).weight, w, atol=1e-3)
+    with torch.no_grad():  # on the calibration tokens, whose error the refit minimises
+        reference = dense(calib).logits
+        errors = {c: (m(calib).logits - reference).pow(2).mean().item() for c, m in models.items()}
+    assert errors[1.0] < errors[0.0], errors
 
 
 def test_reconstruction_leaves_unchanged_layers_alone(wide):
@@ -192,7 +234,7 @@ def test_reconstruction_chooses_units_that_reproduce_the_layer(wide, family):
         reference = dense(HELD_OUT).logits
     with LayerTargets(dense, CALIB, batch_size=2) as targets:
         kept = reconstruct(dense, targets, kept_layers=list(range(4)), changed=set(range(4)), damp=1e-8,
-                           select={j: (3, 128) for j in range(4)})
+                           keep={j: ([0, 1, 2], list(range(128))) for j in range(4)}, choose=True)
     for j, (kv, ch) in kept.items():
         assert kv == [0, 1, 2] and sorted(c % 128 for c in ch) == list(range(128))
         gate = fresh.model.layers[j].mlp.gate_proj.weight[ch]
