@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -388,6 +389,23 @@ def _columns(units: list[int], block: int, device) -> torch.Tensor:
     return head_rows(units, block, 1).to(device)
 
 
+@contextmanager
+def _input_of(lin: nn.Linear):
+    """While open, a forward pass that reaches `lin` leaves its input in the yielded dict under
+    "in" and stops there (`_Stop`): nothing after the projection is computed."""
+    grab: dict[str, torch.Tensor] = {}
+
+    def stop(module, args):
+        grab["in"] = args[0]
+        raise _Stop
+
+    handle = lin.register_forward_pre_hook(stop)
+    try:
+        yield grab
+    finally:
+        handle.remove()
+
+
 def _refit_layer(model: nn.Module, fam: Family, layer: nn.Module, xs: list[torch.Tensor], kwargs: list[dict],
                  targets: LayerTargets, src: int, damp: float, correction: float,
                  units: tuple[list[int], list[int]] | None, choose: bool):
@@ -398,13 +416,8 @@ def _refit_layer(model: nn.Module, fam: Family, layer: nn.Module, xs: list[torch
     n_kv, n_rep = k.out_features // hd, q.out_features // k.out_features
     gate, _, down = fam.gate_up_down(layer)
     mlp = fam.mlp_block(layer)
-    grab: dict[str, torch.Tensor] = {}
 
-    def stop_at(module, args):
-        grab["in"] = args[0]
-        raise _Stop
-
-    def attention_batches():  # towards the unpruned mid-layer state h
+    def attention_batches(grab):  # towards the unpruned mid-layer state h
         for b, (x, kw) in enumerate(zip(xs, kwargs)):
             _run(layer, x, kw)
             h = targets.load(src, b, "h").to(x.device)
@@ -414,19 +427,16 @@ def _refit_layer(model: nn.Module, fam: Family, layer: nn.Module, xs: list[torch
         cut_attention(model, layer, kv)
         return fam.qkvo(layer)[3]
 
-    handle = o_proj.register_forward_pre_hook(stop_at)
-    try:
-        o_proj, keep_kv, acts = _refit_projection(o_proj, attention_batches(), n_rep * hd,
+    with _input_of(o_proj) as grab:
+        o_proj, keep_kv, acts = _refit_projection(o_proj, attention_batches(grab), n_rep * hd,
                                                   None if units is None else units[0], choose, damp, correction,
                                                   cut_heads)
-    finally:
-        handle.remove()
     hs = [x + o_proj(a) for x, a in zip(xs, acts)]
     del acts
     xs.clear()  # the caller's list: this layer's inputs are no longer needed
     release_freed_memory()
 
-    def mlp_batches():  # towards the unpruned layer output y, from the refitted attention's h'
+    def mlp_batches(grab):  # towards the unpruned layer output y, from the refitted attention's h'
         for b, h in enumerate(hs):
             try:
                 mlp(fam.mlp_input(layer, h))
@@ -439,12 +449,9 @@ def _refit_layer(model: nn.Module, fam: Family, layer: nn.Module, xs: list[torch
         cut_mlp(model, layer, ch)
         return fam.gate_up_down(layer)[2]
 
-    handle = down.register_forward_pre_hook(stop_at)
-    try:
-        down, keep_ch, acts = _refit_projection(down, mlp_batches(), 1, None if units is None else units[1], choose,
-                                                damp, correction, cut_channels)
-    finally:
-        handle.remove()
+    with _input_of(down) as grab:
+        down, keep_ch, acts = _refit_projection(down, mlp_batches(grab), 1, None if units is None else units[1],
+                                                choose, damp, correction, cut_channels)
     ys = []
     while hs:  # free each batch's activations as its output is made
         h, m = hs.pop(0), acts.pop(0)
