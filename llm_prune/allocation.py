@@ -27,7 +27,7 @@ class AllocationConfig:
     round_to: int = 8
     skip_first: int | None = None  # None: the first 10% of layers, at least one
     skip_last: int = 1
-    adaptive_strength: float = 0.02
+    adaptive_strength: float = 2.0
     prune_attention: bool = True
     prune_mlp: bool = True
     prune_layers: int = 0

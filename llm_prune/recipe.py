@@ -53,8 +53,9 @@ class PruningConfig(_Strict):
     skip_first: int | None = Field(None, ge=0, description="leading layers left unpruned (uniform allocation); "
                                    "default: the first 10% of layers, at least one")
     skip_last: int = Field(1, ge=0, description="trailing layers left unpruned (uniform allocation)")
-    adaptive_strength: float = Field(0.02, ge=0, description="A in Adapt-Pruner's per-step update "
-                                     "s_l <- clip(s_l + ds - A * I_l, 0, 0.95) (adaptive allocation)")
+    adaptive_strength: float = Field(2.0, ge=0, description="A in Adapt-Pruner's per-step update "
+                                     "s_l <- clip(s_l + ds - A * I_l, 0, 0.95) (adaptive allocation; 2 measured "
+                                     "best on SmolLM2-135M, bench/README.md)")
     adaptive_step: float = Field(0.05, gt=0, le=1, description="ds: fraction of the prunable units removed per "
                                  "incremental step (adaptive); the number of steps follows from the budget")
     rescore_every: int = Field(1, ge=1, description="adaptive: rescore units (gradients) every k incremental steps; "
