@@ -19,18 +19,21 @@ import torch
 from llm_prune.errors import UserError
 from llm_prune.importance import Scores
 from llm_prune.plan import LayerPlan, PrunePlan, UnitCosts
+from llm_prune.recipe import PruningConfig
+
+_DEFAULT = {name: f.default for name, f in PruningConfig.model_fields.items()}  # the Recipe's, not copies
 
 
 @dataclass
 class AllocationConfig:
-    allocation: str = "uniform"
-    round_to: int = 8
-    skip_first: int | None = None  # None: the first 10% of layers, at least one
-    skip_last: int = 1
-    adaptive_strength: float = 2.0
-    prune_attention: bool = True
-    prune_mlp: bool = True
-    prune_layers: int = 0
+    allocation: str = _DEFAULT["allocation"]
+    round_to: int = _DEFAULT["round_to"]
+    skip_first: int | None = _DEFAULT["skip_first"]  # None: the first 10% of layers, at least one
+    skip_last: int = _DEFAULT["skip_last"]
+    adaptive_strength: float = _DEFAULT["adaptive_strength"]
+    prune_attention: bool = _DEFAULT["prune_attention"]
+    prune_mlp: bool = _DEFAULT["prune_mlp"]
+    prune_layers: int = _DEFAULT["prune_layers"]
     max_layer_sparsity: float = 0.95
 
 
