@@ -71,7 +71,10 @@ def main() -> None:
     for spec in args.row:
         name, _, flags = spec.partition("=")
         ROWS[name] = flags.split()
-        args.rows = name if args.rows == ap.get_default("rows") else f"{args.rows},{name}"
+        if args.rows == ap.get_default("rows"):
+            args.rows = name
+        elif name not in args.rows.split(","):
+            args.rows = f"{args.rows},{name}"
     unknown = [r for r in args.rows.split(",") if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")

@@ -39,6 +39,16 @@ def test_calibration_token_budget():
         parse_recipe({"model": "m", "budget": {"ratio": 0.2}, "pruning": {"calibration_tokens": 4}})
 
 
+def test_default_importance_follows_where_units_are_cut():
+    # One cut: OBS (with reconstruction, reconstruction chooses); Adapt-Pruner's steps: gradients.
+    assert PruningConfig().importance == "obs"
+    assert PruningConfig(portable=True, allocation="adaptive").importance == "obs"
+    assert PruningConfig(allocation="adaptive").importance == "taylor"
+    assert PruningConfig(reconstruct=False).importance == "obs"
+    assert PruningConfig(importance="l2", allocation="adaptive").importance == "l2"
+    assert parse_recipe({"model": "m", "budget": {"ratio": 0.2}}).pruning.importance == "obs"
+
+
 def test_micro_batches_measure_the_same_layers(tiny_llama):
     model, _ = load_model(str(tiny_llama))
     whole = ImportanceScorer("l2").score(model, CALIB)
