@@ -282,19 +282,23 @@ def test_calibration_precision_choice(wide, monkeypatch):
     assert precision.resolve(model.to(torch.bfloat16), "auto") is None  # already half precision
 
 
-def test_bf16_calibration_passes_prune_as_well_as_fp32(wide):
+@pytest.mark.parametrize("importance", ["taylor", "obs"])
+def test_bf16_calibration_passes_prune_as_well_as_fp32(wide, importance):
     """Scoring, targets and refit under bf16 autocast: the same budget, nearly the same model, and
-    reconstruction still improves on the plain cut."""
+    (Taylor, gradients under autocast) reconstruction still improves on the plain cut. On a tiny
+    random model OBS's diagonal estimate and its reconstruction differ by noise, so only the
+    precisions are compared there."""
     losses = {}
     for precision in ("fp32", "bf16", "none"):
         model, tok = load_model(str(wide["llama"]))
         total = count_params(model)
-        cfg = PruningConfig(calibration_samples=8, calibration_seq_len=32, skip_first=0, skip_last=0,
-                            reconstruct=precision != "none",
+        cfg = PruningConfig(importance=importance, calibration_samples=8, calibration_seq_len=32, skip_first=0,
+                            skip_last=0, reconstruct=precision != "none",
                             calibration_precision="fp32" if precision == "none" else precision)
         prune_model(model, tok, Budget(ratio=0.3), cfg)
         assert abs(count_params(model) - round(0.7 * total)) <= 0.005 * 0.7 * total
         with torch.no_grad():
             losses[precision] = model(HELD_OUT, labels=HELD_OUT).loss.item()
     assert abs(losses["bf16"] - losses["fp32"]) < 0.02 * losses["fp32"], losses
-    assert losses["bf16"] < losses["none"], losses
+    if importance == "taylor":
+        assert losses["bf16"] < losses["none"], losses
