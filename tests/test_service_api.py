@@ -93,7 +93,7 @@ def test_submit_minimal_and_full(env, tiny_llama):
     client, _, _, (alice, _) = env
     job = client.post("/v1/jobs", headers=alice, json=MIN).json()
     assert job["status"] == "queued" and job["progress"] == 0 and job["id"].startswith("job-")
-    assert job["recipe"]["pruning"]["importance"] == "obs"  # defaults fill the rest (uniform + reconstruction: OBS)
+    assert job["recipe"]["pruning"]["importance"] == "obs"  # defaults fill the rest (obs unless allocation is adaptive)
     pool = _upload(client, alice, "pool.jsonl", b'{"instruction": "a", "output": "b"}\n').json()
     text = _upload(client, alice, "eval.txt", b"held out\n", "eval").json()
     body = {"model": str(tiny_llama), "budget": {"target_params": 50000},
