@@ -16,7 +16,7 @@ from pathlib import Path
 from llm_prune.allocation import allocate
 from llm_prune.calibration import calibration_ids
 from llm_prune.evaluate import evaluate_model
-from llm_prune.importance import ImportanceScorer
+from llm_prune.importance import ImportanceScorer, Scores
 from llm_prune.models import load_model
 from llm_prune.plan import count_params, unit_costs
 from llm_prune.precision import calibration_autocast, resolve
@@ -48,6 +48,8 @@ for v in args.variants.split(","):
     imp, damp, *rest = v.split("@")
     damp, correction = float(damp), float(rest[0]) if rest else cfg.reconstruct_correction
     model = copy.deepcopy(dense)
+    if imp not in scores and not cfg.model_copy(update={"importance": imp}).needs_scores:
+        scores[imp] = Scores.unranked(model)  # reconstruction chooses the units, as in `llm-prune prune`
     if imp not in scores:
         with calibration_autocast(model, cfg.calibration_precision):
             scores[imp] = ImportanceScorer(imp).score(model, ids, batch_size=cfg.micro_batch)

@@ -34,6 +34,16 @@ class Scores:
     layer_cos: torch.Tensor  # per layer: mean cos(h_in, h_out) over calibration tokens
     loss: float | None = None
 
+    @classmethod
+    def unranked(cls, model: nn.Module) -> "Scores":
+        """Equal scores for every unit: for a cut whose units reconstruction chooses."""
+        fam = family_for(model)
+        layers = fam.layers(model)
+        hd = head_dim(model.config)
+        return cls(kv=[torch.zeros(fam.qkvo(layer)[1].out_features // hd) for layer in layers],
+                   mlp=[torch.zeros(fam.gate_up_down(layer)[0].out_features) for layer in layers],
+                   layer_cos=torch.zeros(len(layers)))
+
     @property
     def block_influence(self) -> torch.Tensor:
         """ShortGPT's block influence, 1 - cos(h_in, h_out): low means the layer barely changes h."""

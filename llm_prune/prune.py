@@ -22,7 +22,7 @@ from llm_prune.allocation import AllocationConfig, allocate, allocate_portable, 
 from llm_prune.calibration import calibration_ids
 from llm_prune.errors import UserError
 from llm_prune.families import family_for
-from llm_prune.importance import ACTIVATION_METHODS, ImportanceScorer, Scores, layer_cosines
+from llm_prune.importance import ImportanceScorer, Scores, layer_cosines
 from llm_prune.plan import LayerPlan, PrunePlan, UnitCosts, compose, count_params, unit_costs
 from llm_prune.precision import calibration_autocast, matmul_dtype_name, resolve
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
@@ -129,7 +129,9 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
         now = count_params(model)  # the remaining cut is spread over the remaining steps
         step_target = min(now, int(round(now - (now - stage_target) / (n_steps - step + 1))))
         t = time.perf_counter()
-        if scores is None or (step - 1) % cfg.rescore_every == 0:
+        if not cfg.needs_scores:  # reconstruction chooses the units; the budget sets the widths
+            scores = Scores.unranked(model)
+        elif scores is None or (step - 1) % cfg.rescore_every == 0:
             # Uniform allocation never cuts its skipped layers: they need no gradients.
             n_layers = len(family_for(model).layers(model))
             only = None if cfg.portable else set(prunable_layers(n_layers, allocation_config(cfg)))
@@ -180,7 +182,7 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
         changed = {lp.index for lp in stage_plan.layers if not lp.drop and (
             len(lp.keep_kv_groups) < stage_reference.num_kv[lp.index]
             or len(lp.keep_channels) < stage_reference.width[lp.index])}
-        choose = cfg.importance in ACTIVATION_METHODS
+        choose = cfg.reconstruction_chooses
         with calibration_autocast(model, cfg.calibration_precision):
             chosen = reconstruct(model, targets, kept, changed, cfg.reconstruct_damp, cfg.reconstruct_correction,
                                  on_event, keep={j: (lp.keep_kv_groups, lp.keep_channels) for j, lp in enumerate(last)},

@@ -105,6 +105,20 @@ class PruningConfig(_Strict):
         return self
 
     @property
+    def reconstruction_chooses(self) -> bool:
+        """Reconstruction chooses the kept units (activation importance: greedy OBS on the refit
+        objective), not the scores."""
+        return self.reconstruct and self.importance in ACTIVATION_IMPORTANCE
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether unit scores decide anything: not when reconstruction chooses the units and the
+        widths follow from the budget alone (uniform or portable, one step, no depth pruning,
+        which ranks layers by the scoring pass's cosines)."""
+        one_step = self.allocation == "uniform" or self.portable
+        return not (self.reconstruction_chooses and one_step and self.prune_layers == 0)
+
+    @property
     def calibration_windows(self) -> int:
         if self.calibration_samples is not None:
             return self.calibration_samples

@@ -66,7 +66,8 @@ def stage_work(recipe: Recipe, pool_records: int = 0) -> dict[str, dict[str, flo
     between, steps = _steps(r, pool_records)
     p = r.pruning
     score = p.calibration_windows * p.calibration_seq_len * p.stages * (
-        TRAIN if p.importance in GRADIENT_IMPORTANCE else 1.0 if p.importance in ACTIVATION_IMPORTANCE else 0.1)
+        TRAIN if p.importance in GRADIENT_IMPORTANCE else 1.0 if p.importance in ACTIVATION_IMPORTANCE else 0.1
+    ) if p.needs_scores else 0.0
     prune = {"score": float(score), **evaluation_work(r)}
     if p.reconstruct:  # the targets' pass and one refit pass, forward only
         prune["reconstruct"] = float(p.reconstruct_windows * p.calibration_seq_len * p.stages * 2)

@@ -269,6 +269,29 @@ def test_obs_importance_prunes_to_budget_and_records_its_choice(wide):
             assert torch.equal(a.get_submodule(name).weight, b.get_submodule(name).weight), name
 
 
+def test_obs_with_reconstruction_skips_the_scoring_pass_it_would_ignore(wide, monkeypatch):
+    """Uniform allocation sets the widths from the budget and OBS inside reconstruction chooses
+    the units: the same model comes out with the scoring pass as without it."""
+    cfg = PruningConfig(importance="obs", calibration_samples=4, calibration_seq_len=32, reconstruct_tokens=256)
+    assert not cfg.needs_scores
+    assert PruningConfig(importance="obs", reconstruct=False).needs_scores
+    assert PruningConfig(importance="obs", prune_layers=1).needs_scores
+    assert PruningConfig(importance="obs", allocation="adaptive").needs_scores
+    assert not PruningConfig(importance="obs", allocation="adaptive", portable=True).needs_scores
+    assert PruningConfig(importance="taylor").needs_scores
+    calls = []
+    real_score = ImportanceScorer.score
+    monkeypatch.setattr(ImportanceScorer, "score", lambda self, *a, **k: calls.append(1) or real_score(self, *a, **k))
+    skipped, tok = load_model(str(wide["llama"]))
+    prune_model(skipped, tok, Budget(ratio=0.3), cfg)
+    assert calls == []
+    monkeypatch.setattr(PruningConfig, "needs_scores", property(lambda self: True))
+    scored = load_model(str(wide["llama"]))[0]
+    prune_model(scored, tok, Budget(ratio=0.3), cfg)
+    assert calls == [1]
+    assert torch.equal(skipped(HELD_OUT).logits, scored(HELD_OUT).logits)
+
+
 def test_calibration_precision_choice(wide, monkeypatch):
     from llm_prune import precision
 
