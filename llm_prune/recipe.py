@@ -85,7 +85,7 @@ class PruningConfig(_Strict):
                                     "what it has")
     reconstruct_damp: float = Field(0.1, ge=0, description="ridge term of the reconstruction (towards the sliced "
                                     "weights), as a fraction of the mean diagonal of the inputs' Gram matrix")
-    reconstruct_correction: float = Field(0.5, ge=0, le=1, description="how much of the upstream error each "
+    reconstruct_correction: float = Field(0.35, ge=0, le=1, description="how much of the upstream error each "
                                           "refit is asked to undo: its target is the uncut layer's output on the "
                                           "pruned model's input plus this fraction of the way to the unpruned "
                                           "model's output (1: all of it, 0: imitate the uncut layer)")

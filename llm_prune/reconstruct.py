@@ -16,8 +16,9 @@ u_a, u_m: the uncut layer's own attention and MLP updates on x' and h' (free: th
 anyway, and the kept units' activations are the same with or without the cut). c
 (`correction`) is how much of the upstream error a layer is asked to undo: c = 1 matches the
 unpruned model's states, which regresses each layer onto error it can only partly express and
-overfits the calibration text; c = 0.5 measured better on SmolLM2-135M (ppl@128 113.28 vs
-117.68 at 20%, 580.63 vs 644.24 at 50%; bench/README.md). D divides each token by
+overfits the calibration text; on SmolLM2-135M c = 0.5 measured better than 1 (ppl@128 113.28 vs
+117.68 at 20%, 580.63 vs 644.24 at 50%, Taylor) and, with OBS, 0.35 better than 0.5 (112.25 vs
+113.16 at 20%, 518.08 vs 533.81 at 50%; bench/README.md). D divides each token by
 the RMS of its unpruned state: the next RMSNorm sees a token's direction, not its scale, and
 without D the attention-sink tokens (the first of each window, whose residual stream holds one
 channel near 24,000 against ~5 elsewhere in SmolLM2) are nearly all of the objective. W0 are the
@@ -47,7 +48,11 @@ from llm_prune.errors import UserError
 from llm_prune.families import Family, family_for, head_dim
 from llm_prune.memory import release_freed_memory
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
+from llm_prune.recipe import PruningConfig
 from llm_prune.surgery import head_rows, cut_attention, cut_mlp
+
+
+_DEFAULT = {name: f.default for name, f in PruningConfig.model_fields.items()}  # the Recipe's, not copies
 
 
 class _Stop(Exception):
@@ -292,7 +297,8 @@ def _greedy_single(W: torch.Tensor, Hinv: torch.Tensor, cand: torch.Tensor, k: i
 
 @torch.no_grad()
 def reconstruct(model: nn.Module, targets: LayerTargets, kept_layers: list[int], changed: set[int],
-                damp: float = 0.1, correction: float = 0.5, on_event: ProgressCallback = null_callback,
+                damp: float = _DEFAULT["reconstruct_damp"],
+                correction: float = _DEFAULT["reconstruct_correction"], on_event: ProgressCallback = null_callback,
                 keep: dict[int, tuple[list[int], list[int]]] | None = None,
                 choose: bool = False) -> dict[int, tuple[list[int], list[int]]]:
     """Refit o_proj and down_proj of the pruned model's layers towards `targets`.
