@@ -49,7 +49,7 @@ for v in args.variants.split(","):
     damp, correction = float(damp), float(rest[0]) if rest else cfg.reconstruct_correction
     model = copy.deepcopy(dense)
     if imp not in scores and not cfg.model_copy(update={"importance": imp}).needs_scores:
-        scores[imp] = Scores.unranked(model)  # reconstruction chooses the units, as in `llm-prune prune`
+        scores[imp] = Scores.unranked(unit_costs(model))  # reconstruction chooses the units, as in `llm-prune prune`
     if imp not in scores:
         with calibration_autocast(model, cfg.calibration_precision):
             scores[imp] = ImportanceScorer(imp).score(model, ids, batch_size=cfg.micro_batch)

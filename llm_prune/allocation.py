@@ -19,9 +19,7 @@ import torch
 from llm_prune.errors import UserError
 from llm_prune.importance import Scores
 from llm_prune.plan import LayerPlan, PrunePlan, UnitCosts
-from llm_prune.recipe import PruningConfig
-
-_DEFAULT = {name: f.default for name, f in PruningConfig.model_fields.items()}  # the Recipe's, not copies
+from llm_prune.recipe import PRUNING_DEFAULTS as _DEFAULT
 
 
 @dataclass

@@ -35,14 +35,11 @@ class Scores:
     loss: float | None = None
 
     @classmethod
-    def unranked(cls, model: nn.Module) -> "Scores":
-        """Equal scores for every unit: for a cut whose units reconstruction chooses."""
-        fam = family_for(model)
-        layers = fam.layers(model)
-        hd = head_dim(model.config)
-        return cls(kv=[torch.zeros(fam.qkvo(layer)[1].out_features // hd) for layer in layers],
-                   mlp=[torch.zeros(fam.gate_up_down(layer)[0].out_features) for layer in layers],
-                   layer_cos=torch.zeros(len(layers)))
+    def unranked(cls, costs) -> "Scores":
+        """Equal scores for every unit of a model with these `UnitCosts`: for a cut whose units
+        reconstruction chooses."""
+        return cls(kv=[torch.zeros(n) for n in costs.num_kv], mlp=[torch.zeros(w) for w in costs.width],
+                   layer_cos=torch.zeros(len(costs.layer)))
 
     @property
     def block_influence(self) -> torch.Tensor:

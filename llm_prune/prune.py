@@ -130,7 +130,7 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
         step_target = min(now, int(round(now - (now - stage_target) / (n_steps - step + 1))))
         t = time.perf_counter()
         if not cfg.needs_scores:  # reconstruction chooses the units; the budget sets the widths
-            scores = Scores.unranked(model)
+            scores = Scores.unranked(unit_costs(model))
         elif scores is None or (step - 1) % cfg.rescore_every == 0:
             # Uniform allocation never cuts its skipped layers: they need no gradients.
             n_layers = len(family_for(model).layers(model))

@@ -135,6 +135,10 @@ class PruningConfig(_Strict):
         return max(1, self.calibration_batch_tokens // self.calibration_seq_len)
 
 
+# Each pruning field's default, for code that takes it as a keyword default (not a copy).
+PRUNING_DEFAULTS = {name: f.default for name, f in PruningConfig.model_fields.items()}
+
+
 class DataConfig(_Strict):
     pool: str | None = Field(None, description="recovery pool: JSON/JSONL/CSV/Parquet file or datasets directory")
     selection: Selection = Field("paser", description="how recovery data is chosen from the pool")

@@ -48,11 +48,8 @@ from llm_prune.errors import UserError
 from llm_prune.families import Family, family_for, head_dim
 from llm_prune.memory import release_freed_memory
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
-from llm_prune.recipe import PruningConfig
+from llm_prune.recipe import PRUNING_DEFAULTS as _DEFAULT
 from llm_prune.surgery import head_rows, cut_attention, cut_mlp
-
-
-_DEFAULT = {name: f.default for name, f in PruningConfig.model_fields.items()}  # the Recipe's, not copies
 
 
 class _Stop(Exception):
