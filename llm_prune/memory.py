@@ -11,6 +11,19 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
+
+# oneDNN, which runs PyTorch's bfloat16 CPU matmuls, keeps every compiled kernel (one per operand
+# shape) in a cache of 1,024 by default. Each step of adaptive pruning gives every layer new widths,
+# so new shapes, and the resident set grew step after step while the live tensors shrank: on an AMX
+# Xeon a 50% adaptive prune of SmolLM2-135M (13 steps) peaked at 1,706 MiB, 1,502 MiB with 256
+# entries, in the same time (bench/README.md). Read when oneDNN first compiles, hence at package
+# import; a value the user sets wins.
+KERNEL_CACHE_ENTRIES = "256"
+
+
+def bound_kernel_cache() -> None:
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", KERNEL_CACHE_ENTRIES)
 
 
 @functools.cache

@@ -266,3 +266,18 @@ def test_loaded_weights_leave_the_checkpoint_mapping(tiny_llama):
     assert mapped(model) == []
     with torch.no_grad():
         assert torch.equal(model(PROBE).logits, ref(PROBE).logits)
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "256"), ("7", "7")])
+def test_kernel_cache_is_bounded_unless_the_user_set_it(preset, expected):
+    """Importing the package caps oneDNN's kernel cache before any matmul runs (memory.py), and a
+    value already in the environment is left alone."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if preset is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    out = subprocess.run([sys.executable, "-c", "import os, llm_prune; "
+                          "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"],
+                         capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == expected
