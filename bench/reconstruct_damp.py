@@ -48,12 +48,12 @@ for v in args.variants.split(","):
     imp, damp, *rest = v.split("@")
     damp, correction = float(damp), float(rest[0]) if rest else cfg.reconstruct_correction
     model = copy.deepcopy(dense)
+    costs = unit_costs(model)
     if imp not in scores and not cfg.model_copy(update={"importance": imp}).needs_scores:
-        scores[imp] = Scores.unranked(unit_costs(model))  # reconstruction chooses the units, as in `llm-prune prune`
-    if imp not in scores:
+        scores[imp] = Scores.unranked(costs)  # reconstruction chooses the units, as in `llm-prune prune`
+    elif imp not in scores:
         with calibration_autocast(model, cfg.calibration_precision):
             scores[imp] = ImportanceScorer(imp).score(model, ids, batch_size=cfg.micro_batch)
-    costs = unit_costs(model)
     plan = allocate(scores[imp], costs, target_params(costs.total, Budget(ratio=args.ratio)), allocation_config(cfg))
     changed = {lp.index for lp in plan.layers if len(lp.keep_channels) < costs.width[lp.index]
                or len(lp.keep_kv_groups) < costs.num_kv[lp.index]}
