@@ -104,6 +104,26 @@ def test_reconstruction_restores_what_the_kept_units_can_express(wide, family):
     assert errors[True] < 1e-3 * errors[False], errors
 
 
+def test_normal_equations_match_the_explicit_products():
+    """G from its upper block rows (several blocks: 600 inputs and the bias column) and the
+    projection's own output mixed in through G equal the explicit A^T A and A^T lerp(A W^T + b, T, c)."""
+    gen = torch.Generator().manual_seed(3)
+    lin = nn.Linear(600, 7)
+    normal = _Normal(lin)
+    rows, goals = [], []
+    for _ in range(2):
+        x, t = torch.randn(50, 600, generator=gen), torch.randn(50, 7, generator=gen)
+        scale = torch.rand(50, 1, generator=gen) + 0.5
+        normal.add(x, t, scale)
+        with torch.no_grad():
+            goals.append(scale * torch.lerp(lin(x), t, 0.3))
+        rows.append(torch.cat([x * scale, scale], 1))
+    normal.add_local(lin, 0.3)
+    a = torch.cat(rows).double()
+    assert torch.allclose(normal.G, a.t() @ a, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(normal.C, a.t() @ torch.cat(goals).double(), rtol=1e-5, atol=1e-3)
+
+
 def test_token_scale_weights_the_squared_error():
     """`scale` multiplies a token's row: the solution is weighted least squares, so a token with a
     huge state (an attention sink) can be given no more say than any other."""
