@@ -105,8 +105,9 @@ def test_reconstruction_restores_what_the_kept_units_can_express(wide, family):
 
 
 def test_normal_equations_match_the_explicit_products():
-    """G from its upper block rows (several blocks: 600 inputs and the bias column) and the
-    projection's own output mixed in through G equal the explicit A^T A and A^T lerp(A W^T + b, T, c)."""
+    """G from its upper block rows (several blocks: 600 inputs and the bias column), mirrored in
+    place, and the projection's own output mixed in through G equal the explicit A^T A and
+    A^T lerp(A W^T + b, T, c)."""
     gen = torch.Generator().manual_seed(3)
     lin = nn.Linear(600, 7)
     normal = _Normal(lin)
@@ -115,6 +116,7 @@ def test_normal_equations_match_the_explicit_products():
         x, t = torch.randn(50, 600, generator=gen), torch.randn(50, 7, generator=gen)
         scale = torch.rand(50, 1, generator=gen) + 0.5
         normal.add(x, t, scale)
+        normal.G  # read between micro-batches: mirrored in place, then summed into again
         with torch.no_grad():
             goals.append(scale * torch.lerp(lin(x), t, 0.3))
         rows.append(torch.cat([x * scale, scale], 1))
