@@ -225,10 +225,14 @@ class _Normal:
         """C <- (1 - weight) A^T U + weight C for the projection's own output U = A W^T + b on the
         same inputs, without computing U: A^T U = G [W b]^T (one small product instead of one
         per micro-batch)."""
+        self.C = torch.lerp(self.G @ self._weights(lin).t(), self.C, weight)
+
+    def _weights(self, lin: nn.Linear) -> torch.Tensor:
+        """`lin`'s weights in float64, the bias as a last column when the system has one."""
         w = lin.weight.detach().to(torch.float64)
         if self.bias:
             w = torch.cat([w, lin.bias.detach().to(torch.float64)[:, None]], 1)
-        self.C = torch.lerp(self.G @ w.t(), self.C, weight)
+        return w
 
     def _system(self, lin: nn.Linear, damp: float, cols: torch.Tensor | None):
         """H = G + lam I and the right-hand side, restricted to `cols` of the inputs (bias kept)."""
@@ -241,9 +245,7 @@ class _Normal:
         C = self.C if idx is None else self.C[idx]
         # Ridge towards the current (sliced) weights, not towards zero: a large damping falls back
         # to plain slicing instead of shrinking the layer.
-        w0 = lin.weight.detach().to(torch.float64)
-        if self.bias:
-            w0 = torch.cat([w0, lin.bias.detach().to(torch.float64)[:, None]], 1)
+        w0 = self._weights(lin)
         lam = damp * self.G.diagonal().mean().clamp_min(1e-12)
         H = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
         return H, C + lam * w0.t()
