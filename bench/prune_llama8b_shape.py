@@ -2,20 +2,23 @@
 the default method (uniform widths, OBS choosing the units inside output reconstruction on 20,480
 tokens): wall time of the pruning and peak GPU memory.
 
-    python bench/prune_llama8b_shape.py --prepare bench/gpu-inputs    # here: tokenizer + text
-    python bench/prune_llama8b_shape.py --inputs bench/gpu-inputs     # on the CUDA machine
+    python bench/prune_llama8b_shape.py --prepare bench/gpu-inputs    # here: tokenizer, text, wheels
+    pip install --no-index --find-links bench/gpu-inputs/wheels pydantic   # on the CUDA machine, then
+    python bench/prune_llama8b_shape.py --inputs bench/gpu-inputs
     python bench/prune_llama8b_shape.py --shape tiny --device cpu     # the same path, small
 
 The weights are random (the cost of pruning depends on the shapes, not on what the model
 knows). Token ids come from SmolLM2's tokenizer (a 49,152-token vocabulary, inside Llama-3's
-128,256) on the built-in LAMBADA passages; `--prepare` writes both to a folder so a machine
-without the packages that ship them can run the benchmark.
+128,256) on the built-in LAMBADA passages; `--prepare` writes both to a folder, with wheels of
+pydantic (which the recipe needs), so a machine without those packages or a network can run it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +34,7 @@ SHAPES = {  # Llama-3-8B, and a small model of the same proportions for a quick 
 }
 
 
-def prepare(folder: Path) -> None:
+def prepare(folder: Path, python_version: str) -> None:
     from llm_prune.calibration import default_passages
     from llm_prune.models import load_model
 
@@ -41,7 +44,11 @@ def prepare(folder: Path) -> None:
     with open(folder / "calibration.jsonl", "w", encoding="utf-8") as fh:
         for text in default_passages():
             fh.write(json.dumps({"text": text}) + "\n")
-    print(f"wrote {folder}/tokenizer and {folder}/calibration.jsonl")
+    # The recipe's schema needs pydantic, which a bare GPU image may lack (it has no network).
+    subprocess.run([sys.executable, "-m", "pip", "download", "pydantic", "--only-binary=:all:", "--implementation",
+                    "cp", "--python-version", python_version, "--platform", "manylinux2014_x86_64", "-q",
+                    "-d", str(folder / "wheels")], check=True)
+    print(f"wrote {folder}/tokenizer, {folder}/calibration.jsonl and {folder}/wheels")
 
 
 def main() -> None:
@@ -50,10 +57,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--inputs", type=Path, help="folder written by --prepare (default: the installed packages)")
-    ap.add_argument("--prepare", type=Path, metavar="FOLDER", help="write the tokenizer and text, then stop")
+    ap.add_argument("--prepare", type=Path, metavar="FOLDER",
+                    help="write the tokenizer, the text and pydantic's wheels, then stop")
+    ap.add_argument("--python-version", default="312", help="--prepare: the GPU machine's Python (wheels)")
     args = ap.parse_args()
     if args.prepare:
-        prepare(args.prepare)
+        prepare(args.prepare, args.python_version)
         return
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
