@@ -78,6 +78,9 @@ def main() -> None:
     else:
         tokenizer, cfg = load_model("smollm2-135m")[1], PruningConfig()
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: run on the GPU machine, or pass --shape tiny --device cpu")
     torch.manual_seed(0)
     t0 = time.perf_counter()
     torch.set_default_dtype(torch.bfloat16)
@@ -85,20 +88,20 @@ def main() -> None:
         model = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).eval()
     torch.set_default_dtype(torch.float32)
     build_s = time.perf_counter() - t0
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    weights = torch.cuda.memory_allocated() if device.type == "cuda" else None
+    weights = torch.cuda.memory_allocated() if cuda else None
     before = count_params(model)
     t0 = time.perf_counter()
     result = prune_model(model, tokenizer, Budget(ratio=args.ratio), cfg)
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
-    row = {"shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    row = {"shape": args.shape, "device": torch.cuda.get_device_name() if cuda else "cpu",
            "ratio": args.ratio, "params_before": before, "params_after": count_params(result.model),
            "build_s": round(build_s, 1), "prune_s": round(time.perf_counter() - t0, 1),
            "timings": {k: round(v, 1) for k, v in result.timings.items()}}
-    if device.type == "cuda":
+    if cuda:
         row["weights_gib"] = round(weights / 2**30, 2)
         row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["peak_gpu_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
