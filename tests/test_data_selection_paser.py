@@ -64,7 +64,8 @@ def damaged_copy(model_dir, tokenizer):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     g = torch.Generator().manual_seed(1)
-    code_ids = [i for tok, i in tokenizer.get_vocab().items() if set(tok) & CODE_CHARS]
+    # Sorted: the vocabulary's dict order differs between processes, and so would the scrambling.
+    code_ids = sorted(i for tok, i in tokenizer.get_vocab().items() if set(tok) & CODE_CHARS)
     with torch.no_grad():
         for layer in model.model.layers:
             width = layer.mlp.down_proj.weight.shape[1]
