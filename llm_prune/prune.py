@@ -26,7 +26,7 @@ from llm_prune.importance import ImportanceScorer, Scores, layer_cosines
 from llm_prune.plan import LayerPlan, PrunePlan, UnitCosts, compose, count_params, unit_costs
 from llm_prune.precision import calibration_autocast, matmul_dtype_name, resolve
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
-from llm_prune.reconstruct import LayerTargets, check_projections, reconstruct
+from llm_prune.reconstruct import LayerTargets, LiveTargets, check_projections, reconstruct
 from llm_prune.recipe import Budget, PruningConfig
 from llm_prune.surgery import apply_plan, record_shapes
 
@@ -84,9 +84,13 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
         t = time.perf_counter()
         # Forward passes only, no activations kept: 2,048-token batches keep the CPU's matmuls large.
         rec_batch = max(1, 2048 // cfg.calibration_seq_len)
+        # One cut and no layer drops: every layer reaches reconstruction uncut, so its targets are
+        # computed in the same sweep; Adapt-Pruner's steps cut before it, so they are recorded first.
+        live = incremental_steps(unit_costs(model), count_params(model), stage_target, cfg) == 1 \
+            and not (stage == 1 and cfg.prune_layers)
         with calibration_autocast(model, cfg.calibration_precision):
-            targets = LayerTargets(model, rec_ids, rec_batch, resolve(model, cfg.calibration_precision)) \
-                if cfg.reconstruct else None
+            targets = (LiveTargets if live else LayerTargets)(
+                model, rec_ids, rec_batch, resolve(model, cfg.calibration_precision)) if cfg.reconstruct else None
         timings["reconstruct_s"] += time.perf_counter() - t
         try:
             plan = _prune_stage(model, ids, scorer, stage, stage_target, cfg, timings, on_event, targets)
@@ -113,7 +117,7 @@ def incremental_steps(reference: UnitCosts, params_now: int, target: int, cfg: P
 
 def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, stage_target: int,
                  cfg: PruningConfig, timings: dict, on_event: ProgressCallback,
-                 targets: LayerTargets | None = None) -> PrunePlan:
+                 targets: LayerTargets | LiveTargets | None = None) -> PrunePlan:
     """Cut the model to `stage_target` in one step (uniform) or in Adapt-Pruner's incremental steps,
     each re-measuring layer importance on the current model, then reconstruct towards `targets`;
     returns the stage's composed plan. With reconstruction on, the last step's cut is made by

@@ -1,11 +1,15 @@
 """Output reconstruction: refit each pruned layer's output projections so it reproduces the
 unpruned layer's output on calibration tokens (SlimLLM-style regression, no retraining).
 
-Before cutting, one forward pass of the unpruned model records, per decoder layer and calibration
-micro-batch, the mid-layer residual h = x + attn(x) and the layer output y (`LayerTargets`, kept on
-disk so memory does not grow with the budget or the depth). The layers reach reconstruction uncut;
-the pruned model is rebuilt layer by layer on its *own* inputs x' (so upstream errors are
-corrected, not compounded), each layer cut just before its refit:
+The targets are, per decoder layer and calibration micro-batch, the unpruned model's mid-layer
+residual h = x + attn(x) and layer output y. The layers reach reconstruction uncut, and the pruned
+model is rebuilt layer by layer on its *own* inputs x' (so upstream errors are corrected, not
+compounded), each layer cut just after its targets are taken and just before its refit. So when
+nothing was cut before reconstruction (one cut, no layer drops: the default) the unpruned stream
+x is carried through the same sweep and each layer's targets are computed from it as the sweep
+reaches the layer (`LiveTargets`: one layer's states in memory, nothing on disk). Adapt-Pruner's
+steps cut the model before reconstruction, so there one forward pass of the unpruned model records
+them first (`LayerTargets`, on disk so memory does not grow with the budget or the depth):
 
     o_proj    <- argmin_W |D (A W^T - r_a)|^2 + lam |W - W0|^2   A: kept heads' attention output
     down_proj <- argmin_W |D (M W^T - r_m)|^2 + lam |W - W0|^2   M: kept channels' act(gate) * up
@@ -130,6 +134,12 @@ class LayerTargets:
     def _path(self, layer: int, batch: int, what: str) -> Path:
         return self.root / f"{layer}-{batch}-{what}.pt"
 
+    def start(self, xs: list[torch.Tensor]) -> None:
+        """The sweep begins with the first layer's inputs `xs` (recorded targets need nothing)."""
+
+    def advance(self, index: int, layer: nn.Module, kwargs: list[dict]) -> None:
+        """The sweep reaches unpruned layer `index`, still uncut (recorded targets need nothing)."""
+
     def load(self, layer: int, batch: int, what: str) -> torch.Tensor:
         """`what` = "h" (mid-layer state) or "y" (layer output) of `layer` on micro-batch `batch`,
         in the model's dtype."""
@@ -139,6 +149,67 @@ class LayerTargets:
         self._dir.cleanup()
 
     def __enter__(self) -> "LayerTargets":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class LiveTargets:
+    """The same (h, y) as `LayerTargets`, computed from the unpruned stream as the sweep reaches
+    each layer instead of recorded beforehand: the same forward compute, no scratch files (2.8 GB
+    for SmolLM2-135M at the default budget, and their writing was a tenth of the command's time).
+    Valid only while every layer is still uncut when the sweep reaches it, i.e. no cut and no
+    layer drop before reconstruction. Holds one layer's states; each can be loaded once."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.LongTensor, batch_size: int,
+                 dtype: torch.dtype | None = None):
+        check_projections(model)
+        self._fam = family_for(model)
+        self.chunks = list(input_ids.split(batch_size))
+        self.dtype = next(model.parameters()).dtype
+        self._store = dtype  # rounded as LayerTargets stores them, so both give the same model
+        self._stream: list[torch.Tensor] = []
+        self._at = -1
+        self._states: dict[tuple[int, str], torch.Tensor] = {}
+
+    def start(self, xs: list[torch.Tensor]) -> None:
+        self._stream, self._at, self._states = list(xs), -1, {}
+
+    def advance(self, index: int, layer: nn.Module, kwargs: list[dict]) -> None:
+        if index != self._at + 1:
+            raise ValueError(f"live targets need every layer in order: layer {index} after {self._at}")
+        update: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, kw, output):
+            update["u"] = output[0] if isinstance(output, tuple) else output
+
+        self._states = {}  # the previous layer's states go before this one's are made
+        dev = _device(layer)
+        handle = self._fam.attention(layer).register_forward_hook(grab, with_kwargs=True)
+        try:
+            for b, kw in enumerate(kwargs):
+                x = self._stream[b].to(dev)
+                y = _run(layer, x, kw)
+                self._states[b, "h"] = self._stored(x + update.pop("u"))
+                self._states[b, "y"] = self._stored(y)
+                self._stream[b] = y
+        finally:
+            handle.remove()
+        self._at = index
+
+    def _stored(self, state: torch.Tensor) -> torch.Tensor:
+        return state if self._store in (None, state.dtype) else state.to(self._store)
+
+    def load(self, layer: int, batch: int, what: str) -> torch.Tensor:
+        if layer != self._at:
+            raise ValueError(f"live targets hold layer {self._at}, not {layer}")
+        return self._states.pop((batch, what)).to(self.dtype)
+
+    def close(self) -> None:
+        self._stream, self._states = [], {}
+
+    def __enter__(self) -> "LiveTargets":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -247,7 +318,8 @@ class _Normal:
         # to plain slicing instead of shrinking the layer.
         w0 = self._weights(lin)
         lam = damp * self.G.diagonal().mean().clamp_min(1e-12)
-        H = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        H = G.clone()  # + lam I without an identity matrix: two fewer n x n temporaries
+        H.diagonal().add_(lam)
         return H, C + lam * w0.t()
 
     @torch.no_grad()
@@ -261,6 +333,7 @@ class _Normal:
             chol = torch.linalg.cholesky(H)
         W = torch.cholesky_solve(rhs, chol).t()  # out x inputs: the optimum with every input kept
         Hinv = torch.cholesky_inverse(chol)
+        del H, chol, rhs  # the selection's peak: only W, Hinv and G stay
         n_blocks = self.n_in // block
         cols = torch.arange(self.n_in, device=self.device).view(n_blocks, block)
         alive = torch.ones(n_blocks, dtype=torch.bool, device=self.device)
@@ -323,7 +396,7 @@ def _greedy_single(W: torch.Tensor, Hinv: torch.Tensor, cand: torch.Tensor, k: i
 
 
 @torch.no_grad()
-def reconstruct(model: nn.Module, targets: LayerTargets, kept_layers: list[int], changed: set[int],
+def reconstruct(model: nn.Module, targets: LayerTargets | LiveTargets, kept_layers: list[int], changed: set[int],
                 damp: float = _DEFAULT["reconstruct_damp"],
                 correction: float = _DEFAULT["reconstruct_correction"], on_event: ProgressCallback = null_callback,
                 keep: dict[int, tuple[list[int], list[int]]] | None = None,
@@ -360,13 +433,21 @@ def reconstruct(model: nn.Module, targets: LayerTargets, kept_layers: list[int],
     first = next((j for j, src in enumerate(kept_layers) if src in changed or src != j or widths[j] != current[j]),
                  len(layers))
     kept = {j: (list(range(widths[j][0])), list(range(widths[j][1]))) for j in range(first)}
+    if first == len(layers):
+        return kept
     inputs = _layer_inputs(model, fam, targets.chunks)
     kwargs = [kw for _, kw in inputs]
-    xs = [x if first == 0 else targets.load(first - 1, b, "y") for b, (x, _) in enumerate(inputs)]
+    xs = [x for x, _ in inputs]
     del inputs  # each layer's inputs are freed as soon as its outputs exist
+    targets.start(xs)
+    for j in range(first):  # live targets walk the unpruned stream up to the first change
+        targets.advance(j, layers[j], kwargs)
+    if first:
+        xs = [targets.load(first - 1, b, "y") for b in range(len(xs))]
     try:
         for j in range(first, len(layers)):
             layer, dev = layers[j], _device(layers[j])
+            targets.advance(kept_layers[j], layer, kwargs)  # before the layer is cut
             xs = [x.to(dev) for x in xs]
             units = keep.get(j) if widths[j] != current[j] else None
             xs, kept[j] = _refit_layer(model, fam, layer, xs, kwargs, targets, kept_layers[j], damp, correction,
@@ -414,7 +495,8 @@ def _refit_projection(lin: nn.Linear, batches, block: int, units: list[int] | No
     if choose:
         units = normal.select(lin, damp, block, len(units))
         cols = _columns(units, block, lin.weight.device)
-        acts = [a.index_select(-1, cols) for a in acts]
+        for b, a in enumerate(acts):  # one micro-batch at a time: the uncut and cut inputs never all coexist
+            acts[b] = a.index_select(-1, cols)
     new = cut(units)
     normal.solve(new, damp, cols if choose else None)
     return new, units, acts
@@ -443,7 +525,7 @@ def _input_of(lin: nn.Linear):
 
 
 def _refit_layer(model: nn.Module, fam: Family, layer: nn.Module, xs: list[torch.Tensor], kwargs: list[dict],
-                 targets: LayerTargets, src: int, damp: float, correction: float,
+                 targets: LayerTargets | LiveTargets, src: int, damp: float, correction: float,
                  units: tuple[list[int], list[int]] | None, choose: bool):
     """Refit (and with `units`, cut) one layer; returns its outputs on `xs` and the KV groups and
     channels it kept."""

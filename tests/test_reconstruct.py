@@ -13,7 +13,7 @@ from llm_prune.importance import ImportanceScorer, Scores
 from llm_prune.models import load_model
 from llm_prune.plan import count_params, unit_costs
 from llm_prune.prune import prune_model
-from llm_prune.reconstruct import LayerTargets, _Normal, reconstruct
+from llm_prune.reconstruct import LayerTargets, LiveTargets, _Normal, reconstruct
 from llm_prune.recipe import Budget, PruningConfig, parse_recipe
 from llm_prune.surgery import apply_plan
 from tests.tiny_models import build_model
@@ -274,6 +274,49 @@ def test_reconstruction_chooses_units_that_reproduce_the_layer(wide, family):
     with torch.no_grad():
         error = (dense(HELD_OUT).logits - reference).pow(2).mean().item()
     assert error < 1e-3 * reference.var().item()
+
+
+@pytest.mark.parametrize("choose,changed,store", [(True, set(range(4)), None), (False, {2, 3}, None),
+                                                   (True, {1, 3}, torch.bfloat16)])
+def test_live_targets_give_the_recorded_targets_model(wide, choose, changed, store):
+    """Computing each layer's targets as the sweep reaches it gives the same model, bit for bit,
+    as recording them first (also from a later first change, and rounded as stored in bf16)."""
+    dense = load_model(str(wide["llama"]))[0]
+    keep = {j: ([0, 2] if j in changed else [0, 1, 2], list(range(0, 256, 2)) if j in changed else list(range(256)))
+            for j in range(4)}
+    models, kept = [], []
+    for kind in (LayerTargets, LiveTargets):
+        model = copy.deepcopy(dense)
+        with kind(model, CALIB, batch_size=2, dtype=store) as targets:
+            kept.append(reconstruct(model, targets, list(range(4)), changed, damp=0.1, keep=keep, choose=choose))
+        models.append(model)
+    assert kept[0] == kept[1]
+    recorded, live = (dict(m.named_parameters()) for m in models)
+    assert recorded.keys() == live.keys()
+    assert all(torch.equal(recorded[k], live[k]) for k in recorded)
+    assert not torch.equal(recorded["model.layers.3.mlp.down_proj.weight"],
+                           dense.model.layers[3].mlp.down_proj.weight[:, :128])
+
+
+def test_live_targets_need_every_layer_uncut_in_order(wide):
+    model = load_model(str(wide["llama"]))[0]
+    with LiveTargets(model, CALIB, batch_size=2) as targets, pytest.raises(ValueError, match="every layer"):
+        reconstruct(model, targets, kept_layers=[0, 2, 3, 1], changed={2}, keep={})
+
+
+def test_one_cut_computes_targets_live_and_steps_record_them(wide, monkeypatch):
+    """The default (one cut) records nothing on disk; Adapt-Pruner's steps and layer drops do."""
+    import llm_prune.prune as prune_mod
+    made = []
+    for kind in (LayerTargets, LiveTargets):
+        monkeypatch.setattr(prune_mod, kind.__name__,
+                            lambda *a, _k=kind, **kw: made.append(_k.__name__) or _k(*a, **kw))
+    small = dict(calibration_samples=4, calibration_seq_len=32, reconstruct_tokens=256)
+    for cfg in (PruningConfig(**small), PruningConfig(allocation="adaptive", **small),
+                PruningConfig(prune_layers=1, **small)):
+        model, tok = load_model(str(wide["llama"]))
+        prune_model(model, tok, Budget(ratio=0.3), cfg)
+    assert made == ["LiveTargets", "LayerTargets", "LayerTargets"]
 
 
 def test_obs_importance_prunes_to_budget_and_records_its_choice(wide):
