@@ -323,9 +323,12 @@ class _Normal:
         return H, C + lam * w0.t()
 
     @torch.no_grad()
-    def select(self, lin: nn.Linear, damp: float, block: int, keep: int) -> list[int]:
+    def select(self, lin: nn.Linear, damp: float, block: int, keep: int,
+               trace: list[tuple[int, float]] | None = None) -> list[int]:
         """The `keep` blocks of `block` consecutive inputs whose joint removal (others compensating)
-        raises the ridge objective least: greedy OBS, several blocks per round when many go."""
+        raises the ridge objective least: greedy OBS, several blocks per round when many go.
+        `trace` receives (blocks removed, objective increase so far) after each round: a layer's
+        error curve (bench/obs_allocation.py)."""
         H, rhs = self._system(lin, damp, None)
         chol, info = torch.linalg.cholesky_ex(H)
         if int(info) != 0:  # singular even after damping: a tiny jitter makes it invertible
@@ -355,6 +358,10 @@ class _Normal:
                 cand = live[torch.topk(cost, min(len(live), 4 * k), largest=False).indices]
                 gone = cand[_greedy_single(W, Hinv, cand, k)]
             R = cols[gone].reshape(-1)
+            if trace is not None:  # the round's exact increase: tr(W_R (Hinv_RR)^-1 W_R^T)
+                WR = W[:, R]
+                rise = float((WR * torch.linalg.solve(Hinv[R][:, R], WR.t()).t()).sum())
+                trace.append((n_blocks - keep - to_remove + k, (trace[-1][1] if trace else 0.0) + rise))
             X = torch.linalg.solve(Hinv[R][:, R], Hinv[R])  # |R| x inputs: one block update per round
             # In place, product and subtraction fused: these two are most of the selection's time.
             W.addmm_(W[:, R], X, alpha=-1)

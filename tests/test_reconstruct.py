@@ -256,6 +256,20 @@ def test_obs_selection_drops_the_redundant_inputs(block):
     assert (small(inputs[:, cols]) - target).pow(2).mean() < 1e-6 * target.pow(2).mean()
 
 
+def test_obs_trace_is_the_objective_increase():
+    """The error curve `select` traces is the least-squares error the kept inputs leave: none while
+    only redundant copies go, then exactly what refitting on the survivors cannot express."""
+    lin, normal, inputs, target = _redundant_system(1, torch.Generator().manual_seed(0))
+    trace = []
+    kept = normal.select(lin, damp=1e-9, block=1, keep=2, trace=trace)
+    assert trace[-1][0] == 6 and [n for n, _ in trace] == sorted(n for n, _ in trace)
+    free = max(rise for n, rise in trace if n <= 4)
+    sol = torch.linalg.lstsq(inputs[:, kept].double(), target.double()).solution
+    residual = (inputs[:, kept].double() @ sol - target.double()).pow(2).sum().item()
+    assert free < 1e-6 * residual
+    assert trace[-1][1] == pytest.approx(residual, rel=1e-4)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_reconstruction_chooses_units_that_reproduce_the_layer(wide, family):
     """Selecting inside reconstruction (importance `obs`) keeps one channel of each duplicate pair
