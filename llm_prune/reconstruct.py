@@ -88,47 +88,31 @@ class LayerTargets:
 
     def __init__(self, model: nn.Module, input_ids: torch.LongTensor, batch_size: int,
                  dtype: torch.dtype | None = None):
-        check_projections(model)
+        # The same layer-by-layer walk as LiveTargets (one way to compute the states), each
+        # layer's states written out as it is passed.
+        live = LiveTargets(model, input_ids, batch_size, dtype)
         self._dir = tempfile.TemporaryDirectory(prefix="llm-prune-targets-")
         self.root = Path(self._dir.name)
-        self.chunks = list(input_ids.split(batch_size))
+        self.chunks, self.dtype = live.chunks, live.dtype
         fam = family_for(model)
         layers = fam.layers(model)
         self.n_layers = len(layers)
-        self.dtype = next(model.parameters()).dtype
-        state: dict[int, torch.Tensor] = {}
-        handles = []
-        batch = [0]
-
-        def attn_hook(idx):
-            def hook(module, args, kwargs, output):
-                state[idx] = output[0] if isinstance(output, tuple) else output
-            return hook
-
-        def layer_hook(idx):
-            def hook(module, args, kwargs, output):
-                x = args[0] if args else kwargs["hidden_states"]
-                y = output[0] if isinstance(output, tuple) else output
-                h = x + state.pop(idx)
-                torch.save(h.to("cpu", dtype or h.dtype), self._path(idx, batch[0], "h"))
-                torch.save(y.to("cpu", dtype or y.dtype), self._path(idx, batch[0], "y"))
-            return hook
-
-        for i, layer in enumerate(layers):
-            handles.append(fam.attention(layer).register_forward_hook(attn_hook(i), with_kwargs=True))
-            handles.append(layer.register_forward_hook(layer_hook(i), with_kwargs=True))
         was_training = model.training
         model.eval()
-        device = model.get_input_embeddings().weight.device
         try:
             with torch.no_grad():
-                for b, chunk in enumerate(self.chunks):
-                    batch[0] = b
-                    model.get_decoder()(input_ids=chunk.to(device), use_cache=False)
+                inputs = _layer_inputs(model, fam, self.chunks)
+                kwargs = [kw for _, kw in inputs]
+                live.start([x for x, _ in inputs])
+                del inputs
+                for i, layer in enumerate(layers):
+                    live.advance(i, layer, kwargs)
+                    for b in range(len(self.chunks)):
+                        for what in ("h", "y"):
+                            torch.save(live.take(i, b, what).cpu(), self._path(i, b, what))
                     release_freed_memory()
         finally:
-            for h in handles:
-                h.remove()
+            live.close()
             model.train(was_training)
 
     def _path(self, layer: int, batch: int, what: str) -> Path:
@@ -201,10 +185,14 @@ class LiveTargets:
     def _stored(self, state: torch.Tensor) -> torch.Tensor:
         return state if self._store in (None, state.dtype) else state.to(self._store)
 
-    def load(self, layer: int, batch: int, what: str) -> torch.Tensor:
+    def take(self, layer: int, batch: int, what: str) -> torch.Tensor:
+        """The state as stored (`dtype`); it is then no longer held."""
         if layer != self._at:
             raise ValueError(f"live targets hold layer {self._at}, not {layer}")
-        return self._states.pop((batch, what)).to(self.dtype)
+        return self._states.pop((batch, what))
+
+    def load(self, layer: int, batch: int, what: str) -> torch.Tensor:
+        return self.take(layer, batch, what).to(self.dtype)
 
     def close(self) -> None:
         self._stream, self._states = [], {}
