@@ -86,14 +86,14 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
         rec_batch = max(1, 2048 // cfg.calibration_seq_len)
         # One cut and no layer drops: every layer reaches reconstruction uncut, so its targets are
         # computed in the same sweep; Adapt-Pruner's steps cut before it, so they are recorded first.
-        live = incremental_steps(unit_costs(model), count_params(model), stage_target, cfg) == 1 \
-            and not (stage == 1 and cfg.prune_layers)
+        n_steps = incremental_steps(unit_costs(model), count_params(model), stage_target, cfg)
+        live = n_steps == 1 and not (stage == 1 and cfg.prune_layers)
         with calibration_autocast(model, cfg.calibration_precision):
             targets = (LiveTargets if live else LayerTargets)(
                 model, rec_ids, rec_batch, resolve(model, cfg.calibration_precision)) if cfg.reconstruct else None
         timings["reconstruct_s"] += time.perf_counter() - t
         try:
-            plan = _prune_stage(model, ids, scorer, stage, stage_target, cfg, timings, on_event, targets)
+            plan = _prune_stage(model, ids, scorer, stage, stage_target, n_steps, cfg, timings, on_event, targets)
         finally:
             if targets is not None:
                 targets.close()
@@ -115,17 +115,15 @@ def incremental_steps(reference: UnitCosts, params_now: int, target: int, cfg: P
     return max(1, math.ceil(fraction / cfg.adaptive_step - 1e-9))
 
 
-def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, stage_target: int,
+def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, stage_target: int, n_steps: int,
                  cfg: PruningConfig, timings: dict, on_event: ProgressCallback,
                  targets: LayerTargets | LiveTargets | None = None) -> PrunePlan:
-    """Cut the model to `stage_target` in one step (uniform) or in Adapt-Pruner's incremental steps,
-    each re-measuring layer importance on the current model, then reconstruct towards `targets`;
-    returns the stage's composed plan. With reconstruction on, the last step's cut is made by
+    """Cut the model to `stage_target` in `n_steps` steps (`incremental_steps`: one for uniform,
+    Adapt-Pruner's incremental steps for adaptive), each re-measuring layer importance on the
+    current model, then reconstruct towards `targets`; returns the stage's composed plan. With reconstruction on, the last step's cut is made by
     reconstruction (each layer's uncut outputs on the pruned inputs are part of its target); with
     `obs` importance that step only fixes the widths and reconstruction chooses the units."""
-    start = count_params(model)
     stage_reference = reference = unit_costs(model)
-    n_steps = incremental_steps(reference, start, stage_target, cfg)
     deferred = targets is not None
     prior: dict[int, float] = {}
     scores, step_plans = None, []
