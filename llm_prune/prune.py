@@ -120,9 +120,10 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
                  targets: LayerTargets | LiveTargets | None = None) -> PrunePlan:
     """Cut the model to `stage_target` in `n_steps` steps (`incremental_steps`: one for uniform,
     Adapt-Pruner's incremental steps for adaptive), each re-measuring layer importance on the
-    current model, then reconstruct towards `targets`; returns the stage's composed plan. With reconstruction on, the last step's cut is made by
-    reconstruction (each layer's uncut outputs on the pruned inputs are part of its target); with
-    `obs` importance that step only fixes the widths and reconstruction chooses the units."""
+    current model, then reconstruct towards `targets`; returns the stage's composed plan. With
+    reconstruction on, the last step's cut is made by reconstruction (each layer's uncut outputs on
+    the pruned inputs are part of its target); with `obs` importance that step only fixes the
+    widths and reconstruction chooses the units."""
     stage_reference = reference = unit_costs(model)
     deferred = targets is not None
     prior: dict[int, float] = {}
