@@ -96,7 +96,6 @@ class LayerTargets:
         self.chunks, self.dtype = live.chunks, live.dtype
         fam = family_for(model)
         layers = fam.layers(model)
-        self.n_layers = len(layers)
         was_training = model.training
         model.eval()
         try:
