@@ -16,6 +16,7 @@ from llm_prune.prune import prune_model
 from llm_prune.reconstruct import LayerTargets, LiveTargets, _Normal, reconstruct
 from llm_prune.recipe import Budget, PruningConfig, parse_recipe
 from llm_prune.surgery import apply_plan
+import llm_prune.reconstruct as reconstruct_mod
 from tests.tiny_models import build_model
 
 CALIB = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -254,6 +255,20 @@ def test_obs_selection_drops_the_redundant_inputs(block):
     small.weight.data.copy_(lin.weight.data[:, cols])
     normal.solve(small, damp=1e-9, cols=cols)
     assert (small(inputs[:, cols]) - target).pow(2).mean() < 1e-6 * target.pow(2).mean()
+
+
+def test_float32_search_keeps_what_float64_keeps(monkeypatch):
+    """With the default damping the greedy search runs in float32; on a correlated system it keeps
+    the same inputs as the float64 search."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 16, generator=gen) @ torch.randn(16, 96, generator=gen)
+    x += 0.3 * torch.randn(2000, 96, generator=gen)
+    lin = nn.Linear(96, 12, bias=False)
+    normal = _Normal(lin)
+    normal.add(x, x @ torch.randn(12, 96, generator=gen).t())
+    fast = normal.select(lin, damp=0.1, block=1, keep=60)
+    monkeypatch.setattr(reconstruct_mod, "_FP32_SEARCH_DAMP", 1.0)
+    assert normal.select(lin, damp=0.1, block=1, keep=60) == fast
 
 
 def test_obs_trace_is_the_objective_increase():
