@@ -66,8 +66,11 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="extra flags for every `llm-prune prune` run")
     ap.add_argument("--row", action="append", default=[], metavar="NAME=FLAGS",
                     help="an extra row: the default command with FLAGS (repeatable)")
+    ap.add_argument("--layers", default="", metavar="N,N,...",
+                    help="extra rows plN: the default command with --prune-layers N, for each N")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "prune_smollm2.json"))
     args = ap.parse_args()
+    args.row += [f"pl{n}=--prune-layers {n}" for n in filter(None, args.layers.split(","))]
     for spec in args.row:
         name, _, flags = spec.partition("=")
         ROWS[name] = flags.split()

@@ -18,7 +18,7 @@ from typing import Callable
 
 from torch import nn
 
-from llm_prune.allocation import AllocationConfig, allocate, allocate_portable, prunable_layers
+from llm_prune.allocation import AllocationConfig, allocate, allocate_portable, auto_layer_drops, prunable_layers
 from llm_prune.calibration import calibration_ids
 from llm_prune.errors import UserError
 from llm_prune.families import family_for
@@ -64,6 +64,7 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
         check_projections(model)
     total = count_params(model)
     final_target = target_params(total, budget)
+    cfg = resolve_layer_drops(model, final_target, cfg)
     if not (cfg.prune_attention or cfg.prune_mlp or cfg.prune_layers):
         raise UserError("nothing to prune: enable attention, MLP or layer pruning", param="pruning")
     timings = {"calibration_s": 0.0, "score_s": 0.0, "allocate_s": 0.0, "surgery_s": 0.0, "reconstruct_s": 0.0}
@@ -105,6 +106,23 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
     on_event(ProgressEvent("prune", cfg.stages, cfg.stages, "pruned", kind="stage_end"))
     return PruneResult(model=model, plans=plans, params_before=total, params_after=count_params(model),
                        params_target=final_target, timings=timings)
+
+
+def resolve_layer_drops(model: nn.Module, target: int, cfg: PruningConfig) -> PruningConfig:
+    """The recipe with `prune_layers` a count. Left unset, whole layers go only in a one-step cut
+    (uniform or portable, one stage), as `auto_layer_drops` decides from depth_above/depth_share:
+    Adapt-Pruner's steps and staged pruning cut a share of the budget at a time and set their own
+    per-layer sparsities."""
+    if cfg.prune_layers is not None:
+        return cfg
+    costs = unit_costs(model)
+    n = 0
+    if cfg.stages == 1 and incremental_steps(costs, count_params(model), target, cfg) == 1 and \
+            (cfg.prune_attention or cfg.prune_mlp):
+        n_layers = len(costs.layer)
+        layers = list(range(n_layers)) if cfg.portable else prunable_layers(n_layers, allocation_config(cfg))
+        n = auto_layer_drops(costs, target, layers, cfg.depth_share, cfg.depth_above)
+    return cfg.model_copy(update={"prune_layers": n})
 
 
 def incremental_steps(reference: UnitCosts, params_now: int, target: int, cfg: PruningConfig) -> int:

@@ -63,7 +63,16 @@ class PruningConfig(_Strict):
                                "layer importance is re-measured on the current model at every step")
     prune_attention: bool = Field(True, description="prune KV groups (with their query heads)")
     prune_mlp: bool = Field(True, description="prune MLP channels")
-    prune_layers: int = Field(0, ge=0, description="whole decoder layers removed by block influence")
+    prune_layers: int | None = Field(None, ge=0, description="whole decoder layers removed, lowest block "
+                                     "influence first; default: none while cutting widths alone would remove at "
+                                     "most depth_above of the prunable layers' parameters, else as many as take "
+                                     "depth_share of the cut (one-step cuts; none in staged or adaptive pruning)")
+    depth_above: float = Field(0.4, ge=0, le=1, description="with prune_layers unset, whole layers go only when "
+                               "cutting widths alone would remove more than this fraction of the prunable layers' "
+                               "parameters (SmolLM2-135M: 29% at a 20% cut, 51% at 35%)")
+    depth_share: float = Field(0.55, ge=0, lt=1, description="with prune_layers unset and depth_above exceeded, "
+                               "the share of the parameters to remove that goes as whole layers (to the nearest "
+                               "layer), the widths cutting the rest; 0: widths only (bench/README.md)")
     calibration: str | None = Field(None, description="text file for calibration; default: built-in text")
     calibration_tokens: int | None = Field(None, ge=8, description="calibration budget in tokens, cut into "
                                            f"windows of calibration_seq_len (default {DEFAULT_CALIBRATION_TOKENS})")
@@ -116,6 +125,7 @@ class PruningConfig(_Strict):
         widths follow from the budget alone (uniform or portable, one step, no depth pruning,
         which ranks layers by the scoring pass's cosines)."""
         one_step = self.allocation == "uniform" or self.portable
+        # Unset prune_layers is resolved to a count before pruning (prune_model); until then it may drop.
         return not (self.reconstruction_chooses and one_step and self.prune_layers == 0)
 
     @property

@@ -8,14 +8,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llm_prune.allocation import AllocationConfig, allocate
+from llm_prune.allocation import AllocationConfig, allocate, auto_layer_drops
 from llm_prune.errors import UserError
 from llm_prune.export import export_checkpoint
 from llm_prune.families import layer_shapes
 from llm_prune.importance import METHODS, ImportanceScorer
 from llm_prune.models import load_model, resolve_source
-from llm_prune.plan import PrunePlan, count_params, unit_costs
-from llm_prune.prune import prune_model
+from llm_prune.plan import PrunePlan, UnitCosts, count_params, unit_costs
+from llm_prune.prune import prune_model, resolve_layer_drops
 from llm_prune.recipe import Budget, PruningConfig
 from llm_prune.surgery import apply_plan
 from tests.tiny_models import build_model
@@ -50,6 +50,42 @@ def test_budget_within_half_percent(wide_models, family, allocation, ratio):
     model(PROBE)  # still runs
 
 
+def test_depth_share_sets_how_many_layers_go():
+    # SmolLM2-135M's shape: 30 layers of 3,540,096 parameters, 134,515,008 in all; uniform
+    # allocation cuts the widths of layers 3..28.
+    total = 134_515_008
+    costs = UnitCosts(total=total, kv_group=294_912, mlp_channel=1_728, layer=[3_540_096] * 30, num_kv=[3] * 30,
+                      width=[1536] * 30, n_rep=3)
+    layers = list(range(3, 29))
+
+    def drops(ratio, share=PruningConfig().depth_share, above=PruningConfig().depth_above):
+        return auto_layer_drops(costs, round(total * (1 - ratio)), layers, share, above)
+
+    assert [drops(r) for r in (0.01, 0.2, 0.27, 0.28, 0.35, 0.5)] == [0, 0, 0, 6, 7, 10]
+    assert drops(0.2, above=0) == 4
+    assert drops(0.5, share=0) == 0
+    assert drops(0.6, share=0.99) == 22  # never more than the cut holds
+    assert drops(0.9, share=0.99) == 25  # never every layer
+
+
+def test_unset_layer_drops_resolve_for_one_cut_only(wide_models):
+    model, tok = load_model(str(wide_models["llama"]))
+    target = round(count_params(model) * 0.5)
+    one_cut = resolve_layer_drops(model, target, PruningConfig())
+    assert one_cut.prune_layers > 0
+    assert resolve_layer_drops(model, target, PruningConfig(prune_layers=0)).prune_layers == 0
+    assert resolve_layer_drops(model, target, PruningConfig(depth_share=0)).prune_layers == 0
+    assert resolve_layer_drops(model, target, PruningConfig(allocation="adaptive")).prune_layers == 0
+    assert resolve_layer_drops(model, target, PruningConfig(stages=2)).prune_layers == 0
+    assert resolve_layer_drops(model, count_params(model), PruningConfig()).prune_layers == 0
+    result = prune_model(model, tok, Budget(ratio=0.5), PruningConfig(calibration_samples=4, calibration_seq_len=32,
+                                                                      reconstruct_tokens=256))
+    assert sum(lp.drop for lp in result.plans[0].layers) == one_cut.prune_layers
+    assert model.config.num_hidden_layers == 6 - one_cut.prune_layers
+    assert abs(count_params(model) - target) <= 0.005 * target
+    model(PROBE)
+
+
 def test_target_params_budget(wide_models):
     model, tok = load_model(str(wide_models["llama"]))
     target = int(count_params(model) * 0.7)
@@ -76,7 +112,7 @@ def test_export_round_trip_same_logits(wide_models, tmp_path, family):
     info = export_checkpoint(model, tok, tmp_path / "out")
     assert info["needs_remote_code"]  # first/last layers kept whole: widths differ
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert len(cfg["per_layer_config"]) == 6 and "auto_map" in cfg
+    assert len(cfg["per_layer_config"]) == len(layer_shapes(model)) and "auto_map" in cfg
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert torch.allclose(loaded(PROBE).logits, expected, atol=1e-5)
     ours, _ = load_model(str(tmp_path / "out"))  # our loader: same code, nothing executed from the folder

@@ -334,14 +334,14 @@ def test_live_targets_need_every_layer_uncut_in_order(wide):
 
 
 def test_one_cut_computes_targets_live_and_steps_record_them(wide, monkeypatch):
-    """The default (one cut) records nothing on disk; Adapt-Pruner's steps and layer drops do."""
+    """One cut without layer drops records nothing on disk; Adapt-Pruner's steps and layer drops do."""
     import llm_prune.prune as prune_mod
     made = []
     for kind in (LayerTargets, LiveTargets):
         monkeypatch.setattr(prune_mod, kind.__name__,
                             lambda *a, _k=kind, **kw: made.append(_k.__name__) or _k(*a, **kw))
     small = dict(calibration_samples=4, calibration_seq_len=32, reconstruct_tokens=256)
-    for cfg in (PruningConfig(**small), PruningConfig(allocation="adaptive", **small),
+    for cfg in (PruningConfig(prune_layers=0, **small), PruningConfig(allocation="adaptive", **small),
                 PruningConfig(prune_layers=1, **small)):
         model, tok = load_model(str(wide["llama"]))
         prune_model(model, tok, Budget(ratio=0.3), cfg)
@@ -366,12 +366,14 @@ def test_obs_importance_prunes_to_budget_and_records_its_choice(wide):
 def test_obs_with_reconstruction_skips_the_scoring_pass_it_would_ignore(wide, monkeypatch):
     """Uniform allocation sets the widths from the budget and OBS inside reconstruction chooses
     the units: the same model comes out with the scoring pass as without it."""
-    cfg = PruningConfig(importance="obs", calibration_samples=4, calibration_seq_len=32, reconstruct_tokens=256)
+    cfg = PruningConfig(importance="obs", calibration_samples=4, calibration_seq_len=32, reconstruct_tokens=256,
+                        prune_layers=0)
     assert not cfg.needs_scores
     assert PruningConfig(importance="obs", reconstruct=False).needs_scores
     assert PruningConfig(importance="obs", prune_layers=1).needs_scores
     assert PruningConfig(importance="obs", allocation="adaptive").needs_scores
-    assert not PruningConfig(importance="obs", allocation="adaptive", portable=True).needs_scores
+    assert not PruningConfig(importance="obs", allocation="adaptive", portable=True, prune_layers=0).needs_scores
+    assert PruningConfig(importance="obs").needs_scores  # unset: layers may go, ranked by the scoring pass
     assert PruningConfig(importance="taylor").needs_scores
     calls = []
     real_score = ImportanceScorer.score
@@ -410,7 +412,7 @@ def test_bf16_calibration_passes_prune_as_well_as_fp32(wide, importance):
         model, tok = load_model(str(wide["llama"]))
         total = count_params(model)
         cfg = PruningConfig(importance=importance, calibration_samples=8, calibration_seq_len=32, skip_first=0,
-                            skip_last=0, reconstruct=precision != "none",
+                            skip_last=0, prune_layers=0, reconstruct=precision != "none",
                             calibration_precision="fp32" if precision == "none" else precision)
         prune_model(model, tok, Budget(ratio=0.3), cfg)
         assert abs(count_params(model) - round(0.7 * total)) <= 0.005 * 0.7 * total
