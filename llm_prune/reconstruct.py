@@ -324,10 +324,7 @@ class _Normal:
         # times faster on a CPU. It only ranks units; the kept ones are refit in float64 (solve).
         if damp >= _FP32_SEARCH_DAMP:
             H, rhs = H.float(), rhs.float()
-        chol, info = torch.linalg.cholesky_ex(H)
-        if int(info) != 0:  # singular even after damping: a tiny jitter makes it invertible
-            H = H + 1e-6 * H.diagonal().mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-            chol = torch.linalg.cholesky(H)
+        chol = _cholesky(H)
         W = torch.cholesky_solve(rhs, chol).t()  # out x inputs: the optimum with every input kept
         Hinv = torch.cholesky_inverse(chol)
         del H, chol, rhs  # the selection's peak: only W, Hinv and G stay
@@ -379,6 +376,25 @@ class _Normal:
             lin.bias.data.copy_(w[:, -1].to(lin.bias.dtype))
             w = w[:, :-1]
         lin.weight.data.copy_(w.to(lin.weight.dtype))
+
+
+def _cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of H, adding a growing jitter while it is not positive definite. The
+    damping makes H positive definite in exact arithmetic, but with bf16 Gram products and fewer
+    tokens than inputs (a small --reconstruct-tokens), their rounding can give G negative
+    eigenvalues larger than the damping: the jitter grows from 1e-6 of the mean diagonal until
+    the factorisation succeeds."""
+    chol, info = torch.linalg.cholesky_ex(H)
+    scale, jitter = H.diagonal().mean().abs().clamp_min(1e-12), 1e-6
+    while int(info) != 0:
+        if jitter > 1e6:
+            raise UserError("reconstruction's normal equations are not positive definite; use more "
+                            "--reconstruct-tokens or --no-reconstruct", param="pruning.reconstruct_tokens")
+        H = H.clone()
+        H.diagonal().add_(jitter * scale)
+        chol, info = torch.linalg.cholesky_ex(H)
+        jitter *= 100
+    return chol
 
 
 def _greedy_single(W: torch.Tensor, Hinv: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:

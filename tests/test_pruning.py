@@ -248,6 +248,8 @@ def test_cli_bad_input(tiny_llama, tmp_path, gpt2_dir, capsys):
          "importance"),
         (["prune", str(tiny_llama), "--ratio", "0.2", "--calibration-tokens", "4", "-o", str(tmp_path / "i")],
          "calibration-tokens"),
+        (["prune", str(tiny_llama), "--ratio", "0.2", "--calibration-seq-len", "4096", "-o", str(tmp_path / "j")],
+         "longer than the model's context of 512"),
     ]
     for args, needle in cases:
         code, _, err = run_main(capsys, *args)

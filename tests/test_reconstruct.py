@@ -271,6 +271,25 @@ def test_float32_search_keeps_what_float64_keeps(monkeypatch):
     assert normal.select(lin, damp=0.1, block=1, keep=60) == fast
 
 
+def test_obs_search_survives_rounding_that_left_the_system_indefinite():
+    """With fewer tokens than inputs G is singular, and bf16 products can give it negative
+    eigenvalues larger than the damping: the search still factorises (a growing jitter) and the
+    chosen inputs are refit."""
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(32, 4, bias=False)
+    normal = _Normal(lin)
+    x = torch.randn(8, 32, generator=gen)
+    normal.add(x, torch.randn(8, 4, generator=gen))
+    v = torch.randn(32, generator=gen, dtype=torch.float64)
+    G = normal.G
+    G -= 2 * G.diagonal().mean() * torch.outer(v, v) / v.dot(v)  # one eigenvalue far below -damp
+    kept = normal.select(lin, damp=0.1, block=1, keep=12)
+    assert len(kept) == 12
+    small = nn.Linear(12, 4, bias=False)
+    normal.solve(small, damp=0.1, cols=torch.tensor(kept))
+    assert torch.isfinite(small.weight).all()
+
+
 def test_obs_trace_is_the_objective_increase():
     """The error curve `select` traces is the least-squares error the kept inputs leave: none while
     only redundant copies go, then exactly what refitting on the survivors cannot express."""
