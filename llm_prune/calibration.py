@@ -39,11 +39,21 @@ def read_passages(path: str | Path) -> list[str]:
     text = p.read_text(encoding="utf-8", errors="replace")
     if p.suffix == ".jsonl":
         out = []
-        for line in text.splitlines():
+        for number, line in enumerate(text.splitlines(), 1):
             line = line.strip()
-            if line:
+            if not line:
+                continue
+            try:
                 rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path}, line {number}: not JSON ({exc.msg})", param="calibration") from None
+            if isinstance(rec, str):
+                out.append(rec)
+            elif isinstance(rec, dict):
                 out.append(rec.get("text") or " ".join(str(v) for v in rec.values()))
+            else:
+                raise UserError(f"{path}, line {number}: expected an object with a \"text\" field or a string, "
+                                f"got {type(rec).__name__}", param="calibration")
         return out
     # Plain text: paragraphs are samples; long files are windowed by the tokenizer below.
     return [para for para in text.split("\n\n") if para.strip()]

@@ -57,8 +57,9 @@ class PruningConfig(_Strict):
     adaptive_strength: float = Field(2.0, ge=0, description="A in Adapt-Pruner's per-step update "
                                      "s_l <- clip(s_l + ds - A * I_l, 0, 0.95) (adaptive allocation; 2 measured "
                                      "best on SmolLM2-135M, bench/README.md)")
-    adaptive_step: float = Field(0.05, gt=0, le=1, description="ds: fraction of the prunable units removed per "
-                                 "incremental step (adaptive); the number of steps follows from the budget")
+    # At least 0.005: each step is a scoring pass, so a smaller step turns one job into hundreds of them.
+    adaptive_step: float = Field(0.05, ge=0.005, le=1, description="ds: fraction of the prunable units removed "
+                                 "per incremental step (adaptive); the number of steps follows from the budget")
     rescore_every: int = Field(1, ge=1, description="adaptive: rescore units (gradients) every k incremental steps; "
                                "layer importance is re-measured on the current model at every step")
     prune_attention: bool = Field(True, description="prune KV groups (with their query heads)")

@@ -238,6 +238,9 @@ def run_main(capsys, *args) -> tuple[int, str, str]:
 
 
 def test_cli_bad_input(tiny_llama, tmp_path, gpt2_dir, capsys):
+    bad_jsonl, list_jsonl = tmp_path / "bad.jsonl", tmp_path / "list.jsonl"
+    bad_jsonl.write_text('{"text": "fine"}\nnot json\n')
+    list_jsonl.write_text("[1, 2]\n")
     cases = [
         (["prune", "no-such-alias", "--ratio", "0.2", "-o", str(tmp_path / "a")], "unknown model"),
         (["prune", str(tiny_llama), "--ratio", "1.0", "-o", str(tmp_path / "b")], "ratio"),
@@ -250,6 +253,12 @@ def test_cli_bad_input(tiny_llama, tmp_path, gpt2_dir, capsys):
          "calibration-tokens"),
         (["prune", str(tiny_llama), "--ratio", "0.2", "--calibration-seq-len", "4096", "-o", str(tmp_path / "j")],
          "longer than the model's context of 512"),
+        (["prune", str(tiny_llama), "--ratio", "0.2", "--calibration", str(bad_jsonl), "-o", str(tmp_path / "k")],
+         "line 2: not JSON"),
+        (["prune", str(tiny_llama), "--ratio", "0.2", "--calibration", str(list_jsonl), "-o", str(tmp_path / "l")],
+         "line 1: expected an object"),
+        (["prune", str(tiny_llama), "--ratio", "0.2", "--allocation", "adaptive", "--adaptive-step", "0.0001",
+          "-o", str(tmp_path / "m")], "adaptive-step"),
     ]
     for args, needle in cases:
         code, _, err = run_main(capsys, *args)
