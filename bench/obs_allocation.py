@@ -7,6 +7,7 @@ refit's objective). `obs-skip` spares the layers uniform allocation spares; `obs
 
     python bench/obs_allocation.py 0.2
     python bench/obs_allocation.py 0.5 --max-sparsity 0.9
+    python bench/obs_allocation.py 0.2 --variants uniform,obs-skip --tasks-limit 500
 """
 import argparse
 import copy
@@ -19,7 +20,7 @@ import torch
 
 from llm_prune.allocation import allocate
 from llm_prune.calibration import calibration_ids
-from llm_prune.evaluate import evaluate_model
+from llm_prune.evaluate import COMMONSENSE_TASKS, evaluate_model
 from llm_prune.families import family_for
 from llm_prune.importance import Scores
 from llm_prune.models import load_model
@@ -34,6 +35,7 @@ ap.add_argument("ratio", type=float)
 ap.add_argument("--variants", default="uniform,obs-skip,obs-all")
 ap.add_argument("--max-sparsity", type=float, default=0.8, help="the most of a layer's channels the curves reach")
 ap.add_argument("--seed", type=int, default=0)
+ap.add_argument("--tasks-limit", type=int, default=None, help="also the seven-task average, N items per task")
 args = ap.parse_args()
 text = (Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test.txt").read_text()
 dense, tok = load_model("smollm2-135m")
@@ -105,6 +107,13 @@ for variant in args.variants.split(","):
         reconstruct(model, tg, list(range(len(layers))), {i for i, w in enumerate(widths) if w < width},
                     keep=keep, choose=True)
     rec_s = time.perf_counter() - t
-    ppl = evaluate_model(model, tok, ppl_text=text, seq_len=128, max_windows=256, tasks=())["ppl"]["ppl"]
-    print(json.dumps({"variant": variant, "ratio": args.ratio, "seed": args.seed, "params": count_params(model),
-                      "widths": widths, "rec_s": round(rec_s, 1), "ppl": round(ppl, 2)}), flush=True)
+    res = evaluate_model(model, tok, ppl_text=text, seq_len=128, max_windows=256,
+                         tasks=list(COMMONSENSE_TASKS) if args.tasks_limit else (), limit=args.tasks_limit)
+    row = {"variant": variant, "ratio": args.ratio, "seed": args.seed, "params": count_params(model),
+           "widths": widths, "rec_s": round(rec_s, 1), "ppl": round(res["ppl"]["ppl"], 2)}
+    if args.tasks_limit:
+        row["avg"] = round(100 * res["average"], 2)
+        t = res["tasks"]  # standard error of the average of independent tasks
+        row["avg_stderr"] = round(100 * sum(v[v["metric"] + "_stderr"] ** 2 for v in t.values()) ** 0.5 / len(t), 2)
+        row["tasks"] = {k: round(100 * v[v["metric"]], 1) for k, v in res["tasks"].items()}
+    print(json.dumps(row), flush=True)
