@@ -1,7 +1,7 @@
 """Recovery on SmolLM2-135M: the recovery table, trainable-parameter fractions and training speed.
 
     .venv/bin/python bench/recover_smollm2.py table [--pool 20000] [--budget 200] [--steps 100]
-        [--micro-batch 2] [--cutoff 256] [--windows 256] [--limit 100]
+        [--micro-batch 2] [--cutoff 256] [--windows 256] [--limit 100] [--rows lora_paser,...]
     .venv/bin/python bench/recover_smollm2.py speed --steps 8 --out bench/results/recover_speed.json
 
 `table`: SmolLM2-135M pruned by 20% of parameters, the same data and step budget per row. Rows:
@@ -171,18 +171,26 @@ def table(args) -> None:
         return r
 
     rows = []
+    want = set(args.rows.split(","))
     s = run_row(recipe(), out / "lora_random")
     rows += [row("dense", s["baseline"]), row("pruned, no recovery", s["pruned"]["eval"]),
              row("LoRA, random data", s["final"]["eval"], s)]
+    if "lora_kd" in want:  # the same data and steps, plus 0.5 x KL to the dense model's logits
+        s = run_row(recipe(recovery={"distill_weight": 0.5}), out / "lora_kd_random", seed_from=out / "lora_random",
+                    stages=("baseline", "pruned", "selection"))
+        rows.append(row("LoRA + 0.5 KL to dense, random data", s["final"]["eval"], s))
     paser = {"selection": "paser", "sample_per_cluster": args.sample_per_cluster}
-    s = run_row(recipe(data=paser), out / "lora_paser", seed_from=out / "lora_random")
-    rows.append(row("LoRA, PASER data", s["final"]["eval"], s))
-    s = run_row(recipe(data=paser, recovery={"method": "perp", "learning_rate": args.perp_lr}),
-                out / "perp_paser", seed_from=out / "lora_paser", stages=("baseline", "pruned", "selection"))
-    rows.append(row("PERP, PASER data", s["final"]["eval"], s))
-    s = run_row(recipe(data=paser, pruning={"allocation": "adaptive", "stages": 3}),
-                out / "adaptive3_paser", seed_from=out / "lora_random", stages=("baseline",))
-    rows.append(row("adaptive, 3 stages, PASER, LoRA", s["final"]["eval"], s))
+    if want & {"lora_paser", "perp_paser"}:
+        s = run_row(recipe(data=paser), out / "lora_paser", seed_from=out / "lora_random")
+        rows.append(row("LoRA, PASER data", s["final"]["eval"], s))
+    if "perp_paser" in want:
+        s = run_row(recipe(data=paser, recovery={"method": "perp", "learning_rate": args.perp_lr}),
+                    out / "perp_paser", seed_from=out / "lora_paser", stages=("baseline", "pruned", "selection"))
+        rows.append(row("PERP, PASER data", s["final"]["eval"], s))
+    if "adaptive3_paser" in want:
+        s = run_row(recipe(data=paser, pruning={"allocation": "adaptive", "stages": 3}),
+                    out / "adaptive3_paser", seed_from=out / "lora_random", stages=("baseline",))
+        rows.append(row("adaptive, 3 stages, PASER, LoRA", s["final"]["eval"], s))
 
     budget = {"pool": args.pool, "selected": args.budget, "steps": args.steps, "micro_batch": args.micro_batch,
               "cutoff": args.cutoff, "windows": args.windows, "limit": args.limit,
@@ -232,6 +240,9 @@ def main() -> None:
     tp.add_argument("--limit", type=int, default=100, help="items per zero-shot task")
     tp.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"))
     tp.add_argument("--out", default=str(ROOT / "bench" / "results" / "recover_table"))
+    tp.add_argument("--rows", default="lora_paser,perp_paser,adaptive3_paser",
+                    help="rows after dense, pruned and LoRA on random data (always run): lora_kd, lora_paser, "
+                         "perp_paser, adaptive3_paser")
     args = ap.parse_args()
     if args.cmd == "table":
         return table(args)

@@ -383,14 +383,13 @@ def _cholesky(H: torch.Tensor) -> torch.Tensor:
     damping makes H positive definite in exact arithmetic, but with bf16 Gram products and fewer
     tokens than inputs (a small --reconstruct-tokens), their rounding can give G negative
     eigenvalues larger than the damping: the jitter grows from 1e-6 of the mean diagonal until
-    the factorisation succeeds."""
+    the factorisation succeeds. H is the caller's own copy and may be changed in place."""
     chol, info = torch.linalg.cholesky_ex(H)
     scale, jitter = H.diagonal().mean().abs().clamp_min(1e-12), 1e-6
     while int(info) != 0:
         if jitter > 1e6:
             raise UserError("reconstruction's normal equations are not positive definite; use more "
                             "--reconstruct-tokens or --no-reconstruct", param="pruning.reconstruct_tokens")
-        H = H.clone()
         H.diagonal().add_(jitter * scale)
         chol, info = torch.linalg.cholesky_ex(H)
         jitter *= 100
