@@ -242,7 +242,7 @@ def main() -> None:
     tp.add_argument("--out", default=str(ROOT / "bench" / "results" / "recover_table"))
     tp.add_argument("--rows", default="lora_paser,perp_paser,adaptive3_paser",
                     help="rows after dense, pruned and LoRA on random data (always run): lora_kd, lora_paser, "
-                         "perp_paser, adaptive3_paser")
+                         "perp_paser, adaptive3_paser; none: only those three")
     args = ap.parse_args()
     if args.cmd == "table":
         return table(args)
