@@ -95,8 +95,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=224, help="self: texts to generate (one window each)")
     args = ap.parse_args()
-    texts = {"mix": mixed, "general": general}[args.kind]() if args.kind != "self" else \
-        self_generated(args.model, args.n)
+    build = {"mix": mixed, "general": general, "self": lambda: self_generated(args.model, args.n)}
+    texts = build[args.kind]()
     with open(args.out, "w", encoding="utf-8") as fh:
         for t in texts:
             fh.write(json.dumps({"text": t}) + "\n")

@@ -20,7 +20,7 @@ import torch
 
 from llm_prune.allocation import allocate
 from llm_prune.calibration import calibration_ids
-from llm_prune.evaluate import COMMONSENSE_TASKS, evaluate_model
+from llm_prune.evaluate import COMMONSENSE_TASKS, average_stderr, evaluate_model
 from llm_prune.families import family_for
 from llm_prune.importance import Scores
 from llm_prune.models import load_model
@@ -113,7 +113,6 @@ for variant in args.variants.split(","):
            "widths": widths, "rec_s": round(rec_s, 1), "ppl": round(res["ppl"]["ppl"], 2)}
     if args.tasks_limit:
         row["avg"] = round(100 * res["average"], 2)
-        t = res["tasks"]  # standard error of the average of independent tasks
-        row["avg_stderr"] = round(100 * sum(v[v["metric"] + "_stderr"] ** 2 for v in t.values()) ** 0.5 / len(t), 2)
+        row["avg_stderr"] = round(100 * average_stderr(res["tasks"]), 2)
         row["tasks"] = {k: round(100 * v[v["metric"]], 1) for k, v in res["tasks"].items()}
     print(json.dumps(row), flush=True)

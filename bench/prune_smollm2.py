@@ -37,7 +37,7 @@ ROWS = {
 
 
 def evaluate(model_dir: str, text: str, windows: int, tasks_limit: int | None) -> dict:
-    from llm_prune.evaluate import COMMONSENSE_TASKS, evaluate_model
+    from llm_prune.evaluate import COMMONSENSE_TASKS, average_stderr, evaluate_model
     from llm_prune.models import load_model
 
     model, tok = load_model(model_dir)
@@ -47,8 +47,7 @@ def evaluate(model_dir: str, text: str, windows: int, tasks_limit: int | None) -
     if tasks_limit:
         t = res["tasks"]
         out["avg"] = res["average"]
-        # Standard error of the average of independent tasks.
-        out["avg_stderr"] = sum(v[v["metric"] + "_stderr"] ** 2 for v in t.values()) ** 0.5 / len(t)
+        out["avg_stderr"] = average_stderr(t)
         out["tasks"] = {k: v[v["metric"]] for k, v in t.items()}
     return out
 

@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_selection.pool import load_pool  # noqa: E402
+from llm_prune.evaluate import average_stderr  # noqa: E402
 from llm_prune.models import load_model  # noqa: E402
 from llm_prune.recipe import RecoveryConfig  # noqa: E402
 from recovery import parameter_counts, prepare_method, recover  # noqa: E402
@@ -134,7 +135,7 @@ def row(name: str, ev: dict, summary: dict | None = None) -> dict:
     out = {"row": name, "ppl": ev["ppl"]["ppl"], "avg": ev.get("average"), "tasks": scores,
            # standard error of the task average (independent tasks) and the average without BoolQ,
            # whose yes/no answer bias can swing it on its own
-           "avg_stderr": sum(v[v["metric"] + "_stderr"] ** 2 for v in tasks.values()) ** 0.5 / len(tasks),
+           "avg_stderr": average_stderr(tasks),
            "avg_without_boolq": statistics.mean(v for t, v in scores.items() if t != "boolq")}
     if summary is not None:
         rec = summary.get("recovered") or {}

@@ -14,6 +14,12 @@ from llm_prune.evaluate.tasks import COMMONSENSE_TASKS, PRIMARY_METRIC, load_tas
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 
 
+def average_stderr(tasks: dict) -> float:
+    """Standard error of the plain average of `evaluate_model`'s tasks (independent tasks, each
+    with its primary metric's standard error)."""
+    return sum(v[v["metric"] + "_stderr"] ** 2 for v in tasks.values()) ** 0.5 / len(tasks)
+
+
 def _seq_lens(seq_len, model_max: int) -> list[int]:
     """Window lengths: ints, or "max" for the model's context length; "128,2048" lists work too."""
     if isinstance(seq_len, (int, str)):
