@@ -131,7 +131,10 @@ def _iter_json_array(fh, name: str, chunk_chars: int = 8 << 20) -> Iterator[tupl
             return
         try:
             obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
+        except (RecursionError, ValueError) as exc:
+            if not isinstance(exc, json.JSONDecodeError):  # valid JSON the decoder refuses: nothing to resync on
+                yield f"{name}[{n}]", MalformedRecord(f"element {n}: {_undecodable(exc)}")
+                return
             if not eof:  # the buffer ends inside (or just before) this element: read on and retry
                 more = fh.read(chunk_chars)
                 text, pos, eof = text[pos:] + more, 0, not more
@@ -164,6 +167,8 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
                 # Some ".json" files are really JSON lines.
                 yield from _iter_json_lines(path)
                 return
+            except (RecursionError, ValueError) as exc:
+                raise UserError(f"{path}: {_undecodable(exc)}", param="pool") from None
             rows = obj.get("data") if isinstance(obj.get("data"), list) else [obj]
             for i, row in enumerate(rows):
                 yield f"{name}[{i}]", row
@@ -171,8 +176,12 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
             raise UserError(f"{path} is not JSON (expected '[' or '{{' at the start)", param="pool")
     elif suffix == ".csv":
         with path.open(encoding="utf-8", errors="replace", newline="") as fh:
-            for i, row in enumerate(csv.DictReader(fh), 2):  # line 1 is the header
-                yield f"{name}:{i}", dict(row)
+            reader = csv.DictReader(fh)
+            try:
+                for i, row in enumerate(reader, 2):  # line 1 is the header
+                    yield f"{name}:{i}", dict(row)
+            except csv.Error as exc:  # e.g. a field over the csv module's size limit
+                raise UserError(f"{path}, line {reader.line_num}: cannot read CSV ({exc})", param="pool") from None
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -189,9 +198,21 @@ def _iter_json_lines(path: Path) -> Iterator[tuple[str, Any]]:
         for i, line in enumerate(fh, 1):
             if line.strip():
                 try:
-                    yield f"{path.name}:{i}", json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield f"{path.name}:{i}", MalformedRecord(f"invalid JSON ({exc.msg})")
+                    obj = json.loads(line)
+                except (RecursionError, ValueError) as exc:
+                    yield f"{path.name}:{i}", MalformedRecord(_undecodable(exc))
+                    continue
+                yield f"{path.name}:{i}", obj
+
+
+def _undecodable(exc: Exception) -> str:
+    """Why a piece of JSON cannot be read: a syntax error, or valid JSON Python's decoder refuses
+    (nesting deeper than the recursion limit, an integer of more than 4,300 digits)."""
+    if isinstance(exc, json.JSONDecodeError):
+        return f"invalid JSON ({exc.msg})"
+    if isinstance(exc, RecursionError):
+        return "JSON nested too deeply to read"
+    return f"unreadable JSON ({str(exc).splitlines()[0][:120]})"
 
 
 def _iter_datasets_dir(path: Path) -> Iterator[tuple[str, Any]]:

@@ -48,6 +48,18 @@ def resolve_source(spec: str) -> ModelSource:
         raise UserError("MODEL is empty: give a hub id, a local directory, a .gguf file or an alias",
                         param="model")
     spec = str(spec).strip()
+    if not spec.isprintable():
+        raise UserError(f"MODEL {spec[:80]!r} contains characters no model name has (control characters or "
+                        "unpaired surrogates): give a hub id, a local directory, a .gguf file or an alias",
+                        param="model")
+    try:
+        return _resolve(spec)
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise UserError(f"model path {spec[:80]!r}{'...' if len(spec) > 80 else ''} is not usable: "
+                        f"{exc.strerror or exc}", param="model") from None
+
+
+def _resolve(spec: str) -> ModelSource:
     key = spec.lower()
     if key in ALIASES:
         cached = cache_dir() / "models" / key
@@ -79,6 +91,13 @@ def resolve_source(spec: str) -> ModelSource:
     if "/" not in spec:
         raise UserError(f"unknown model '{spec}': not an alias ({aliases}), a local path, or a hub id (org/name)",
                         param="model")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError as exc:
+        raise UserError(f"'{spec[:80]}{'...' if len(spec) > 80 else ''}' is not a hub id (org/name): "
+                        f"{str(exc).splitlines()[0][:200]}", param="model") from None
     return ModelSource(spec, spec, is_local=False)
 
 

@@ -23,7 +23,11 @@ Precision = Literal["auto", "fp32", "bf16"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Infinity parse from JSON, YAML and flags alike; no field means anything by them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+SEED_RANGE = {"ge": 0, "le": 2**32 - 1}  # what numpy's and torch's generators all take
 
 
 class Budget(_Strict):
@@ -99,7 +103,7 @@ class PruningConfig(_Strict):
                                           "refit is asked to undo: its target is the uncut layer's output on the "
                                           "pruned model's input plus this fraction of the way to the unpruned "
                                           "model's output (1: all of it, 0: imitate the uncut layer)")
-    seed: int = Field(0, description="seed of calibration sampling and random importance")
+    seed: int = Field(0, **SEED_RANGE, description="seed of calibration sampling and random importance")
     portable: bool = Field(False, description="every layer keeps the same widths (KV groups, MLP channels) "
                            "within the same budget, so config.json is stock and vLLM, TGI, SGLang, MLX and "
                            "transformers load it without remote code; it replaces allocation and skip_first/skip_last")
@@ -183,7 +187,7 @@ class RecoveryConfig(_Strict):
     distill_weight: float = Field(0.0, ge=0, description="weight of KL to the dense model's logits")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="held-out fraction of the selected data")
     force: bool = Field(False, description="allow QLoRA without CUDA")
-    seed: int = Field(0, description="seed of data selection and training")
+    seed: int = Field(0, **SEED_RANGE, description="seed of data selection and training")
 
 
 class EvaluationConfig(_Strict):
@@ -193,6 +197,17 @@ class EvaluationConfig(_Strict):
     tasks: list[str] = Field(default_factory=list, description="zero-shot tasks (comma list on the CLI, or 'all')")
     limit: int | None = Field(None, ge=1, description="items per task")
     speed: bool = Field(False, description="measure prefill/decode throughput and memory")
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, v: list[str]) -> list[str]:
+        from llm_prune.evaluate.tasks import parse_tasks  # a job naming no such task fails at submission
+
+        try:
+            parse_tasks(v)
+        except UserError as exc:
+            raise ValueError(exc.message) from None
+        return v
 
 
 class ExportConfig(_Strict):

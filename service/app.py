@@ -28,9 +28,18 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
+    body = {"error": {"message": _utf8(message), "type": ERROR_TYPES.get(status, "server_error"),
+                      "param": _utf8(param), "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _utf8(text: str | None) -> str | None:
+    """`text` as it can be sent: a message may quote what the client sent, unpaired surrogates included."""
+    return text if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# What Starlette says when a body cannot be decoded at all (not UTF-8, nested too deep, ...).
+_UNPARSABLE = "There was an error parsing the body"
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, str]:
@@ -54,7 +63,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _user_error(_request: Request, exc: UserError):
         status = (404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ConflictError)
                   else 413 if isinstance(exc, PayloadTooLarge) else 416 if isinstance(exc, RangeError) else 400)
-        headers = {"Content-Range": f"bytes */{exc.size}"} if isinstance(exc, RangeError) and exc.size else None
+        headers = {"Content-Range": f"bytes */{exc.size}"} if isinstance(exc, RangeError) and exc.size is not None \
+            else None
         return error_response(status, exc.message, exc.param, exc.code, headers=headers)
 
     @app.exception_handler(LimitExceeded)
@@ -69,7 +79,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return error_response(exc.status_code, detail, getattr(exc, "param", None), getattr(exc, "code", None),
+        code = getattr(exc, "code", None)
+        if exc.status_code == 400 and detail == _UNPARSABLE:
+            detail, code = "request body is not valid JSON (it must be UTF-8 JSON nested at most a few hundred " \
+                           "levels deep)", "json_invalid"
+        return error_response(exc.status_code, detail, getattr(exc, "param", None), code,
                               headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -11,7 +11,13 @@ from fastapi.responses import StreamingResponse
 from llm_prune.errors import UserError
 from service.errors import RangeError
 
-_SPEC = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+_SPEC = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$", re.ASCII)
+_HUGE = 10**18  # past any size served; longer digit strings are not converted (int() refuses 4,300 digits)
+
+
+def _byte(digits: str) -> int:
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) < 19 else _HUGE
 
 
 def parse_range(header: str | None, size: int, if_range: str | None = None,
@@ -30,17 +36,17 @@ def parse_range(header: str | None, size: int, if_range: str | None = None,
                         "bytes=-SUFFIX", param="Range", code="invalid_range")
     first, last = m.group(1), m.group(2)
     if first == "":  # suffix: the last N bytes
-        n = int(last)
+        n = _byte(last)
         if n == 0 or size == 0:
             raise RangeError(f"range {header[:100]!r} selects no byte of the {size} available", size)
         return max(0, size - n), size - 1
-    lo = int(first)
-    if last and int(last) < lo:
+    lo = _byte(first)
+    if last and _byte(last) < lo:
         raise UserError(f"malformed Range header: {header[:100]!r} ends before it starts", param="Range",
                         code="invalid_range")
     if lo >= size:
         raise RangeError(f"range starts at byte {lo}, past the end of the {size} bytes available", size)
-    return lo, min(int(last) if last else size - 1, size - 1)
+    return lo, min(_byte(last) if last else size - 1, size - 1)
 
 
 def ranged_response(request_headers, size: int, etag: str, chunks: Callable[[int, int], Iterator[bytes]],

@@ -4,9 +4,10 @@ the server; the route resolves them and validates the result as a `llm_prune.rec
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from llm_prune.recipe import DataConfig, Recipe
 
@@ -15,6 +16,38 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def storable_json(value: Any) -> None:
+    """Refuse what JSON can carry but a job cannot keep: text with unpaired surrogates (a `\\ud800`
+    escape; not UTF-8, so neither the database nor a response can hold it) and NaN or Infinity
+    (not JSON at all, though Python's parser reads them), anywhere in a body, keys included.
+    Iterative: a body may be nested as deep as the parser allowed."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{where[:200] or 'body'}: text with an unpaired surrogate is not valid "
+                                 "Unicode") from None
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{where[:200] or 'body'}: {item} is not a JSON number")
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                stack.append((where, key))
+                stack.append((f"{where}.{key}" if where else str(key), sub))
+        elif isinstance(item, list):
+            stack.extend((f"{where}[{i}]", sub) for i, sub in enumerate(item))
+
+
+class _Body(_Strict):
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        storable_json(data)
+        return data
 
 
 # The API body is the Recipe, derived from it field by field (a new Recipe field is an API field):
@@ -47,7 +80,7 @@ def _job_fields() -> dict:
 
 
 JobCreate = create_model(
-    "JobCreate", __base__=_Strict, __doc__="The body of `POST /v1/jobs`: a Recipe with files named by upload id.",
+    "JobCreate", __base__=_Body, __doc__="The body of `POST /v1/jobs`: a Recipe with files named by upload id.",
     **_job_fields())
 JobCreate.model_config["json_schema_extra"] = {"examples": [{"model": "smollm2-135m", "budget": {"ratio": 0.2}}]}
 JobCreate.model_rebuild(force=True)

@@ -39,7 +39,10 @@ def check_model(spec: str, settings: Settings) -> ModelSource:
                         "model roots", param="model", code="model_not_allowed")
     if not os.path.isabs(os.path.expanduser(spec)):
         raise refused
-    real = Path(spec).expanduser().resolve()
+    try:
+        real = Path(spec).expanduser().resolve()
+    except (OSError, ValueError):  # a NUL byte, a name longer than the file system allows
+        raise refused from None
     if not any(real == root or real.is_relative_to(root) for root in settings.model_roots):
         raise refused
     try:

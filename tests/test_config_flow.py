@@ -32,7 +32,7 @@ def _changed(field, path):
     if ann is float:
         return (default or 0.1) * 0.5
     if typing.get_origin(ann) is list:
-        return ["alpha", "beta"]
+        return ["piqa", "boolq"] if path[-1] == "tasks" else ["alpha", "beta"]  # task names are checked
     if typing.get_origin(ann) is dict:
         return {"label": "x"}
     if path[-1] == "model":

@@ -87,6 +87,25 @@ def test_csv_parquet_and_datasets_folder(tmp_path):
     assert len(load_pool(tmp_path / "dsdir").records) == 2
 
 
+def test_json_python_refuses_is_a_malformed_record_or_a_user_error(tmp_path):
+    good = '{"instruction": "a", "output": "b"}'
+    big = '{"instruction": ' + "9" * 5000 + ', "output": "b"}'  # over int()'s 4,300 digits
+    deep = "[" * 5000 + "]" * 5000  # deeper than the decoder recurses
+    (tmp_path / "p.jsonl").write_text("\n".join([good, big, deep, good]) + "\n")
+    load = load_pool(tmp_path / "p.jsonl")
+    assert len(load.records) == 2 and [where for where, _ in load.errors] == ["p.jsonl:2", "p.jsonl:3"]
+    assert "nested too deeply" in load.errors[1][1]
+    (tmp_path / "a.json").write_text(f"[{good}, {big}, {good}]")
+    load = load_pool(tmp_path / "a.json")  # no resync after an element the decoder refuses
+    assert len(load.records) == 1 and load.errors[0][0] == "a.json[1]"
+    (tmp_path / "o.json").write_text('{"data": ' + deep + "}")
+    with pytest.raises(UserError, match="nested too deeply"):
+        load_pool(tmp_path / "o.json")
+    (tmp_path / "c.csv").write_text("instruction,output\nhi," + "x" * 200_000 + "\n")
+    with pytest.raises(UserError, match="line .*cannot read CSV"):
+        load_pool(tmp_path / "c.csv")
+
+
 def test_pool_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="pool not found"):
         load_pool(tmp_path / "missing.jsonl")

@@ -356,3 +356,79 @@ def test_revoked_key_is_refused_at_once(env):
     owner = store.key_owner(alice["Authorization"].split()[1])
     assert store.revoke_key(owner)
     _err(client.get("/v1/jobs", headers=alice), 401)
+
+
+# --- 9: what JSON carries but a job cannot keep; names past the file system; odd headers -------
+def _raw(client, headers, body: str):
+    return client.post("/v1/jobs", headers={**headers, "Content-Type": "application/json"}, content=body.encode())
+
+
+def test_unpaired_surrogates_and_non_numbers_are_refused_before_a_job_exists(env, tiny_llama):
+    client, store, _, (alice, _) = env
+    surrogate = '"\\ud800"'
+    for body in (f'{{"model": "smollm2-135m", "budget": {{"ratio": 0.2}}, "metadata": {{"k": {surrogate}}}}}',
+                 f'{{"model": "smollm2-135m", "budget": {{"ratio": 0.2}}, "metadata": {{{surrogate}: 1}}}}',
+                 f'{{"model": "smollm2-135m", "budget": {{"ratio": 0.2}}, "evaluation": {{"tasks": [{surrogate}]}}}}',
+                 f'{{"model": "smollm2-135m", "budget": {{"ratio": 0.2}}, "data": {{"file_id": {surrogate}}}}}',
+                 f'{{"model": {surrogate}, "budget": {{"ratio": 0.2}}}}',
+                 '{"model": "smollm2-135m", "budget": {"ratio": 0.2}, "metadata": {"x": NaN}}',
+                 '{"model": "smollm2-135m", "budget": {"ratio": 0.2}, "recovery": {"learning_rate": Infinity}}',
+                 '{"model": "smollm2-135m", "budget": {"ratio": 0.2}, "recovery": {"epochs": 1e400}}'):
+        err = _err(_raw(client, alice, body), 400)
+        err["message"].encode("utf-8")
+    _err(_raw(client, alice, '{"model": "smollm2-135m", "budget": {"ratio": 0.2}, '
+                             '"evaluation": {"tasks": ["no_such_task"]}}'), 400, param="evaluation.tasks")
+    _err(client.post("/v1/jobs", headers={**alice, "Content-Type": "application/json"}, content=b'{"model": "\xff"}'),
+         400, code="json_invalid")
+    listed = client.get("/v1/jobs", headers=alice)
+    assert listed.status_code == 200 and listed.json()["data"] == []  # nothing was stored half-way
+
+
+def test_model_names_past_the_file_system_are_400(env, tiny_llama):
+    client, _, _, (alice, _) = env
+    for model in ("a" * 256, "org/" + "a" * 5000, f"{tiny_llama}/" + "x" * 300, f"{tiny_llama}\u0000x"):
+        _err(client.post("/v1/jobs", headers=alice, json={**MIN, "model": model}), 400, param="model")
+
+
+def test_long_upload_names_and_unreadable_pools_leave_no_folder(env):
+    client, _, settings, (alice, _) = env
+    record = b'{"instruction": "a", "output": "b"}\n'
+    ok = client.post("/v1/files", headers=alice, files={"file": ("n" * 300 + ".jsonl", record)})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["filename"].endswith(".jsonl") and len(ok.json()["filename"].encode()) <= 200
+    deep = b"[" * 1900 + b"]" * 1900  # valid JSON, deeper than Python's decoder recurses
+    _err(client.post("/v1/files", headers=alice, files={"file": ("p.json", deep)}), 400, param="file")
+    _err(client.post("/v1/files", headers=alice, files={"file": ("p.jsonl", deep)}), 400, param="file")
+    folders = sorted(p.name for p in settings.uploads_dir.iterdir())
+    assert folders == [ok.json()["id"]]
+
+
+def test_huge_range_numbers_and_empty_files_and_odd_event_ids(env):
+    client, _, settings, (alice, _) = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    _publish(settings, job_id, "pruned", {"config.json": b"{}", "empty.txt": b""})
+    url = f"/v1/jobs/{job_id}/checkpoints/pruned/files/config.json"
+    nines = "9" * 5000
+    _err(client.get(url, headers={**alice, "Range": f"bytes={nines}-"}), 416, code="range_not_satisfiable")
+    assert client.get(url, headers={**alice, "Range": f"bytes=0-{nines}"}).content == b"{}"
+    assert client.get(url, headers={**alice, "Range": f"bytes=-{nines}"}).content == b"{}"
+    empty = client.get(f"/v1/jobs/{job_id}/checkpoints/pruned/files/empty.txt", headers={**alice, "Range": "bytes=0-"})
+    _err(empty, 416)
+    assert empty.headers["content-range"] == "bytes */0"
+    for bad in (b"\xb2", b"1\xb2", "\u0661".encode()):  # superscript two; Arabic-Indic one (UTF-8 bytes)
+        _err(client.get(f"/v1/jobs/{job_id}/events?stream=true", headers={**alice, "Last-Event-ID": bad}), 400,
+             param="Last-Event-ID")
+
+
+def test_retry_refused_when_the_jobs_upload_is_gone(env):
+    client, store, _, (alice, _) = env
+    pool = client.post("/v1/files", headers=alice,
+                       files={"file": ("p.jsonl", b'{"instruction": "a", "output": "b"}\n')}).json()["id"]
+    job_id = client.post("/v1/jobs", headers=alice, json={**MIN, "data": {"file_id": pool}}).json()["id"]
+    store.claim("w", "cpu", 60)
+    store.finish(job_id, "w", "failed", error={"message": "boom", "type": "server_error", "param": None, "code": "x"})
+    assert client.delete(f"/v1/files/{pool}", headers=alice).status_code == 200
+    err = _err(client.post(f"/v1/jobs/{job_id}/retry", headers=alice), 409, param="data.file_id",
+               code="file_not_found")
+    assert pool in err["message"]
+    assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["status"] == "failed"

@@ -24,6 +24,23 @@ def file_object(row: FileRow) -> FileObject:
                       records=row.records, malformed=row.malformed or 0, created_at=int(row.created_at))
 
 
+MAX_NAME_BYTES = 200  # file systems allow 255; the rest is headroom
+
+
+def upload_name(name: str | None) -> str:
+    """The name an upload is stored (and listed) under: the client's base name, as valid UTF-8,
+    shortened to what a file system takes with its suffix kept (the suffix tells the pool's format)."""
+    name = Path((name or "").replace("\\", "/")).name.encode("utf-8", "replace").decode()
+    name = "".join(c if c.isprintable() else "_" for c in name)
+    if name in ("", ".", ".."):
+        return "upload"
+    suffix = Path(name).suffix if len(Path(name).suffix.encode()) <= 16 else ""
+    stem = name[:len(name) - len(suffix)] if suffix else name
+    while len((stem + suffix).encode()) > MAX_NAME_BYTES:
+        stem = stem[:-1]
+    return stem + suffix
+
+
 def _save(upload: UploadFile, target: Path, limit: int) -> tuple[int, str]:
     h, size = hashlib.sha256(), 0
     with open(target, "wb") as out:
@@ -41,9 +58,7 @@ def _save(upload: UploadFile, target: Path, limit: int) -> tuple[int, str]:
 async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form("recovery"),
                       owner: str = Depends(current_owner)) -> FileObject:
     settings, store = request.app.state.settings, request.app.state.store
-    filename = Path(file.filename or "").name
-    if filename in ("", ".", ".."):
-        filename = "upload"
+    filename = upload_name(file.filename)
     file_id = new_id("file")
     folder = settings.uploads_dir / file_id
     folder.mkdir(parents=True)
@@ -53,7 +68,7 @@ async def upload_file(request: Request, file: UploadFile = File(...), purpose: s
         if size == 0:
             raise UserError(f"{filename}: the file is empty", param="file")
         records, malformed = await run_in_threadpool(validate_upload, target, filename, purpose)
-    except UserError:
+    except BaseException:  # refused or broken: no folder is left that no file id names
         shutil.rmtree(folder, ignore_errors=True)
         raise
     row = store.add_file(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size, sha256=digest,

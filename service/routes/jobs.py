@@ -123,6 +123,13 @@ def retry_job(job_id: str, request: Request, owner: str = Depends(current_owner)
     if row.status != "failed":
         raise ConflictError(f"job {job_id} is {row.status}; only a failed job can be retried", param="job_id",
                             code="job_not_retryable")
+    for (section, key), (req_section, req_key) in FILE_FIELDS:  # an upload deleted since would fail it again
+        path = (row.recipe.get(section) or {}).get(key)
+        if path and not Path(path).is_file():
+            file_id = ((row.request or {}).get(req_section) or {}).get(req_key)
+            raise ConflictError(f"job {job_id} cannot run again: its upload '{file_id}' ({req_section}.{req_key}) "
+                                "was deleted; submit a new job with a new upload", param=f"{req_section}.{req_key}",
+                                code="file_not_found")
     retried = store.retry_job(owner, job_id, settings.max_active_jobs_per_key)
     if retried is None:
         raise ConflictError(f"job {job_id} is no longer failed", param="job_id", code="job_not_retryable")
@@ -160,7 +167,7 @@ async def job_events(job_id: str, request: Request,
 def _event_cursor(value: str) -> int:
     """`Last-Event-ID` (a reconnecting SSE client sends it): an event id, checked like `after`."""
     value = value.strip()
-    if not value.isdigit() or len(value) > 19 or int(value) > MAX_EVENT_ID:
+    if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > MAX_EVENT_ID:
         raise UserError(f"Last-Event-ID must be an event id (0 to {MAX_EVENT_ID}), got {value[:40]!r}",
                         param="Last-Event-ID", code="invalid_cursor")
     return int(value)
