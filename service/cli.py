@@ -43,6 +43,14 @@ def _settings(overrides: dict) -> Settings:
         raise UserError(f"invalid setting {message}", param=param) from None
 
 
+def _check_device(settings: Settings) -> None:
+    """A worker's --device is checked as a job's would be (cpu, cuda, cuda:N, mps or auto, and present),
+    so a bad one fails at start-up instead of failing every job."""
+    from llm_prune.models import pick_device
+
+    pick_device(settings.device)
+
+
 @with_recipe_flags(SERVE_FLAGS, into="settings")
 def serve(settings: dict = None) -> None:
     """Start the API with an embedded worker."""
@@ -54,6 +62,8 @@ def serve(settings: dict = None) -> None:
     settings = _settings(settings)
     if settings.no_auth and settings.host not in LOOPBACK:
         raise UserError(f"--no-auth is only allowed when binding to localhost, not {settings.host}")
+    if settings.worker_slots > 0:
+        _check_device(settings)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
 
@@ -64,6 +74,7 @@ def worker(settings: dict = None) -> None:
     from service.worker import Worker
 
     settings = _settings(settings)
+    _check_device(settings)
     settings.prepare()
     w = Worker(settings)
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
@@ -310,6 +321,9 @@ def jobs_download(job_id: str, out: Path = typer.Option(Path("."), help="directo
     """Download a checkpoint (.tar, sha256 checked) and unpack it."""
     from tqdm.auto import tqdm
 
+    from service.client import check_out_dir
+
+    check_out_dir(out)  # before the progress bar and any request
     with _client() as client, tqdm(unit="B", unit_scale=True, desc=checkpoint) as bar:
         def progress(n: int, total: int) -> None:
             bar.total = total

@@ -23,6 +23,10 @@ class Client:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
         self.base_url = (base_url or os.environ.get("LLM_PRUNE_SERVER") or DEFAULT_SERVER).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("LLM_PRUNE_API_KEY")
+        if key and not (key.isascii() and key.isprintable()):
+            # An HTTP header carries ASCII only; httpx would fail with an encoding error on the first request.
+            raise UserError("the API key must be printable ASCII (keys look like lp-...); check --api-key or "
+                            "LLM_PRUNE_API_KEY", param="api_key")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
@@ -100,13 +104,16 @@ class Client:
 
     def download(self, job_id: str, out_dir: str | Path, name: str = "final", progress=None) -> Path:
         """Stream the checkpoint's .tar, check its sha256, unpack it; returns the model directory."""
+        out = check_out_dir(out_dir)
         found = {c["name"]: c for c in self.checkpoints(job_id)}
         if name not in found:
             have = ", ".join(found) or "none yet"
             raise UserError(f"job {job_id} has no checkpoint '{name}' (available: {have})", param="checkpoint")
         ckpt = found[name]
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create --out directory {out}: {exc.strerror or exc}", param="out") from None
         tar_path = out / f"{job_id}-{name}.tar"
         # A broken download leaves the .part file; the next call resumes it with a Range request
         # (If-Range: a changed archive is sent whole instead).
@@ -137,6 +144,17 @@ class Client:
             tar.extractall(out, filter="data")
         tar_path.unlink()
         return out / name
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """`out_dir` if it is, or can be made, a directory; else a UserError (before anything is downloaded)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory", param="out")
+    blocker = next((p for p in out.parents if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UserError(f"cannot create --out directory {out}: {blocker} is a file, not a directory", param="out")
+    return out
 
 
 def _raise_for_error(r: httpx.Response) -> None:

@@ -63,5 +63,20 @@ class Settings(BaseSettings):
         return self.jobs_dir / job_id
 
     def prepare(self) -> None:
-        self.uploads_dir.mkdir(parents=True, exist_ok=True)
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        """Create the data directories; a path that cannot be one is the user's error, said in one line."""
+        from llm_prune.errors import UserError
+
+        if self.data_dir.exists() and not self.data_dir.is_dir():
+            raise UserError(f"data directory {self.data_dir} is a file, not a directory: give another --data-dir",
+                            param="data_dir")
+        for d in (self.uploads_dir, self.jobs_dir):
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a parent is a file, d is a file, no permission, read-only, ...
+                reason = exc.strerror or str(exc)
+                blocker = next((p for p in (d, *d.parents) if p.exists()), None)
+                if blocker is not None and not blocker.is_dir():
+                    reason = f"{blocker} is a file, not a directory"
+                elif exc.filename and str(exc.filename) != str(d):
+                    reason = f"{exc.filename}: {reason}"
+                raise UserError(f"cannot create data directory {d}: {reason}", param="data_dir") from None

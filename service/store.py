@@ -17,7 +17,11 @@ from typing import Any, Iterable, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Float, Integer, String, Text, case, create_engine, delete,
                         event, func, select, update)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from llm_prune.errors import UserError
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -99,6 +103,25 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
+def _hide_password(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url
+
+
+def _sqlite_in_memory(url: str) -> bool:
+    try:
+        database = make_url(url).database
+    except (ArgumentError, ValueError):
+        return False  # create_engine says what is wrong with it
+    return database in (None, "", ":memory:")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 class LimitExceeded(Exception):
     pass
 
@@ -109,22 +132,39 @@ class Store:
     def __init__(self, url: str, schema: str | None = None):
         self.url = url
         kwargs: dict[str, Any] = {"future": True}
+        if url.startswith("sqlite") and _sqlite_in_memory(url):
+            raise UserError(f"an in-memory SQLite database ({url}) cannot be shared by the API and the workers: "
+                            f"give a file, e.g. sqlite:///path/to/jobs.db", param="database_url")
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
             # Connections are cheap but each new one pays the pragmas: keep enough for the API's threads.
             kwargs.update(pool_size=20, max_overflow=20)
         else:
             kwargs["pool_pre_ping"] = True
-        engine = create_engine(url, **kwargs)
-        if url.startswith("sqlite"):
-            event.listen(engine, "connect", _sqlite_pragmas)
-            with engine.begin() as conn:  # persistent in the file; per connection it would take a lock
-                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-        if schema:
-            engine = engine.execution_options(schema_translate_map={None: schema})
+        try:
+            engine = create_engine(url, **kwargs)
+        except ImportError as exc:
+            raise UserError(f"the database driver for {_hide_password(url)} is not installed: {_first_line(exc)}",
+                            param="database_url") from None
+        except (ArgumentError, ValueError) as exc:  # unparsable URL or port, unknown dialect (NoSuchModuleError)
+            raise UserError(f"invalid database URL '{_hide_password(url)}': {_first_line(exc)}; expected e.g. "
+                            f"sqlite:///path/to/jobs.db or postgresql+psycopg://user:password@host/dbname",
+                            param="database_url") from None
+        base = engine
+        try:
+            if url.startswith("sqlite"):
+                event.listen(engine, "connect", _sqlite_pragmas)
+                with engine.begin() as conn:  # persistent in the file; per connection it would take a lock
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            if schema:
+                engine = engine.execution_options(schema_translate_map={None: schema})
+            Base.metadata.create_all(engine)
+        except DatabaseError as exc:  # only here, at start-up: cannot connect, not a database, ...
+            base.dispose()
+            raise UserError(f"cannot open database {_hide_password(url)}: {_first_line(exc.orig or exc)}",
+                            param="database_url") from None
         self.engine = engine
         self.session = sessionmaker(engine, expire_on_commit=False)
-        Base.metadata.create_all(engine)
 
     def close(self) -> None:
         self.engine.dispose()
