@@ -44,6 +44,10 @@ def select_records(records: list[Record], *, method: str = "paser", budget: floa
         if method_kwargs:
             raise UserError(f"method '{method}' takes no options ({', '.join(method_kwargs)})", param="method")
         selection = baselines.BASELINES[method](ctx)
+    if not selection.records and token_budget is not None:  # else recovery fails later on an empty file
+        smallest = int(ctx.token_counts().min())
+        raise UserError(f"token budget {token_budget} fits no record of the pool (the smallest takes {smallest} "
+                        "training tokens)", param="token_budget")
     selection.report = {"method": method, "pool_size": len(records), "budget": budget,
                         "budget_records": ctx.budget, "token_budget": token_budget, "selected": len(selection.records),
                         "seed": seed, **selection.report,

@@ -49,6 +49,9 @@ def read_passages(path: str | Path) -> list[str]:
                 raise UserError(f"{path}, line {number}: not JSON ({exc.msg})", param="calibration") from None
             if isinstance(rec, str):
                 out.append(rec)
+            elif isinstance(rec, dict) and "text" in rec and not isinstance(rec["text"], str):
+                raise UserError(f"{path}, line {number}: \"text\" must be a string, got "
+                                f"{type(rec['text']).__name__}", param="calibration")
             elif isinstance(rec, dict):
                 out.append(rec.get("text") or " ".join(str(v) for v in rec.values()))
             else:

@@ -194,6 +194,10 @@ class Job:
         needs_models = r.data.selection in ("paser", "loss")
         original = self.load(r.model) if needs_models else None
         pruned = self.load(str(self.out / "pruned")) if needs_models else None
+        if pruned is None and r.data.token_budget is not None:  # counting tokens needs the tokenizer alone
+            from transformers import AutoTokenizer
+
+            pruned = (None, AutoTokenizer.from_pretrained(self.out / "pruned"))
         sel = select_records(records, original=original, pruned=pruned, on_event=self.on_event,
                              **selection_kwargs(r.data, r.recovery))
         write_selection(sel, path)
@@ -273,7 +277,27 @@ class Job:
         self.emit(ProgressEvent("job", kind="plan", message="work per stage (token forward passes)",
                                 metrics={"work": {s: sum(p.values()) for s, p in self.work.items()}, "done": done}))
 
+    def check_resumable(self) -> None:
+        """Finished stages are reused only by the recipe that made them: another one (a new model,
+        budget, pruning or recovery setting) in the same directory is refused, not silently given
+        the old results. Where the job runs (`device`) and its labels (`metadata`) do not count."""
+        saved = self.out / "recipe.json"
+        if not finished_stages(self.out) or not saved.is_file():
+            return
+        try:
+            old = json.loads(saved.read_text())
+        except (OSError, ValueError):
+            old = None
+        new = json.loads(self.recipe.model_dump_json())
+        changed = _differences(old, new) if isinstance(old, dict) else ["recipe.json (unreadable)"]
+        changed = [c for c in changed if c.split(".")[0] not in RESUME_IGNORES]
+        if changed:
+            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            raise UserError(f"{self.out} holds finished stages of another recipe (differs in {shown}); give another "
+                            "--output, or delete it to start over", param="output")
+
     def run(self) -> dict[str, Any]:
+        self.check_resumable()
         (self.out / "recipe.json").write_text(self.recipe.model_dump_json(indent=2))
         self.plan_work()
         summary: dict[str, Any] = {"recipe": self.recipe.model_dump()}
@@ -312,6 +336,17 @@ def selection_kwargs(data, recovery) -> dict:
         kwargs.update(max_length=recovery.cutoff_len, sample_per_cluster=data.sample_per_cluster,
                       conflict_filter=data.conflict_filter)
     return kwargs
+
+
+RESUME_IGNORES = ("device", "metadata")  # a retried job may run on another worker's device
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    """Dotted paths at which two JSON trees differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{where}.{k}" if where else str(k))]
+    return [] if old == new else [where or "recipe"]
 
 
 def finished_stages(out_dir: str | Path) -> list[str]:

@@ -283,9 +283,13 @@ def parse_recipe(data: dict[str, Any]) -> Recipe:
 
 def load_recipe_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.exists():
-        raise UserError(f"recipe file not found: {path}", param="recipe")
-    text = p.read_text()
+    if not p.is_file():
+        raise UserError(f"recipe file not found: {path}" if not p.exists() else f"recipe {path} is not a file",
+                        param="recipe")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"cannot read recipe file {path}: {str(exc).splitlines()[0]}", param="recipe") from None
     try:
         if p.suffix in (".yaml", ".yml"):
             import yaml

@@ -82,6 +82,24 @@ def test_run_end_to_end_then_resume(tiny_llama, job_inputs, tmp_path, monkeypatc
     # A third run finds everything done and changes nothing.
     again = pipeline.run_recipe(recipe, out)
     assert again["final"] == summary["final"]
+    # Labels do not count; another budget is refused, not given the 10% model's results.
+    assert pipeline.run_recipe(recipe.model_copy(update={"metadata": {"run": 2}}), out)["final"] == summary["final"]
+    other = _recipe(tiny_llama, pool, text, budget={"ratio": 0.5}, recovery={"method": "none"})
+    with pytest.raises(UserError, match=r"another recipe \(differs in budget\.ratio, recovery\.method"):
+        pipeline.run_recipe(other, out)
+    assert json.loads((out / "recipe.json").read_text())["budget"]["ratio"] == 0.1
+
+
+def test_token_budget_with_a_selection_that_needs_no_models(tiny_llama, job_inputs, tmp_path):
+    pool, text = job_inputs
+    recipe = _recipe(tiny_llama, pool, text, data={"token_budget": 200}, recovery={"max_steps": 1},
+                     evaluation={"ppl": None})
+    summary = pipeline.run_recipe(recipe, tmp_path / "job")
+    assert 1 <= summary["selection"]["selected"] < 8  # the tokens, not the 8 records, bound it
+    tiny = _recipe(tiny_llama, pool, text, data={"token_budget": 5}, recovery={"max_steps": 1},
+                   evaluation={"ppl": None})
+    with pytest.raises(UserError, match="token budget 5 fits no record"):
+        pipeline.run_recipe(tiny, tmp_path / "job5")
 
 
 def test_adapt_accel_splits_the_step_budget(tiny_llama, job_inputs, tmp_path):

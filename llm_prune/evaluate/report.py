@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from llm_prune.evaluate.tasks import ALL_TASK_NAMES
@@ -101,8 +102,11 @@ def write_eval_results(checkpoint_dir: str | Path, results: dict, name: str = "e
     stored: dict = {}
     if path.exists():
         try:
-            stored = json.loads(path.read_text())
-        except json.JSONDecodeError:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            stored = None
+        if not isinstance(stored, dict):  # not ours to merge into, nor to destroy: set aside
+            path.replace(path.with_name(f"{RESULTS_FILE}.unreadable-{int(time.time())}"))
             stored = {}
     stored[name] = results
     tmp = path.with_suffix(".json.tmp")

@@ -1,0 +1,37 @@
+"""Bad input to `run`, `select` and `eval` (recipe files, calibration records, output paths, a
+results file that is not ours): one `error:` line before any work, and nothing of the user's lost."""
+
+import json
+
+from llm_prune.evaluate import write_eval_results
+from tests.test_pruning import run_main
+
+
+def _one_error(capsys, *args) -> str:
+    code, _, err = run_main(capsys, *args)
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert code != 0 and len(lines) == 1 and "Traceback" not in err, (args, err)
+    return lines[0]
+
+
+def test_recipe_files_that_cannot_be_read(tmp_path, capsys):
+    (tmp_path / "dir.yaml").mkdir()
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe\x00garbage\x80")
+    assert "not a file" in _one_error(capsys, "run", "--recipe", str(tmp_path / "dir.yaml"), "-o", str(tmp_path / "o"))
+    assert "cannot read recipe file" in _one_error(capsys, "run", "--recipe", str(tmp_path / "bin.json"),
+                                                   "-o", str(tmp_path / "o"))
+
+
+def test_calibration_text_that_is_not_a_string(tiny_llama, tmp_path, capsys):
+    calib = tmp_path / "c.jsonl"
+    calib.write_text('{"text": "fine words here"}\n{"text": 5}\n')
+    assert 'line 2: "text" must be a string' in _one_error(
+        capsys, "prune", str(tiny_llama), "--ratio", "0.2", "--calibration", str(calib), "-o", str(tmp_path / "o"))
+
+
+def test_eval_results_file_that_is_not_ours_is_set_aside(tmp_path):
+    (tmp_path / "eval_results.json").write_text("[1, 2]")
+    write_eval_results(tmp_path, {"params": 7}, name="pruned")
+    assert json.loads((tmp_path / "eval_results.json").read_text())["pruned"] == {"params": 7}
+    (kept,) = tmp_path.glob("eval_results.json.unreadable-*")
+    assert kept.read_text() == "[1, 2]"
