@@ -10,6 +10,8 @@ from llm_prune.families import LayerShape
 
 
 def _widths_line(shapes: list[LayerShape]) -> str:
+    if not shapes:
+        return "0 layers"
     kv = [s.num_key_value_heads for s in shapes]
     heads = [s.num_attention_heads for s in shapes]
     mlp = [s.intermediate_size for s in shapes]

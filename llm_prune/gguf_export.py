@@ -251,6 +251,21 @@ def _write(model, tokenizer, src: Path, tmp: Path, dtype: str) -> dict:
     return {"architecture": arch, "layers": len(shapes), "uniform": uniform}
 
 
+def _check_not_checkpoint_file(src: Path, out: Path) -> None:
+    """Refuse to write over a file of the checkpoint being exported (its weights, config, tokenizer):
+    --force is for an older export, not for the input. Earlier .gguf exports in the folder may go."""
+    try:
+        in_src = out.parent.resolve() == src.resolve()
+        own = [f for f in src.iterdir() if f.is_file() and not f.name.endswith(".gguf")]
+        clash = (in_src and any(f.name == out.name for f in own)) or \
+            (out.exists() and any(f.samefile(out) for f in own))
+    except OSError:
+        return  # an unreadable path is reported by the checks that follow
+    if clash:
+        raise UserError(f"output {out} is a file of the checkpoint {src} being exported; give another file name, "
+                        f"e.g. {src / 'model.gguf'}", param="output")
+
+
 def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16", force: bool = False) -> dict:
     """Write CHECKPOINT as OUT (a .gguf file); returns {"path", "architecture", "dtype", "bytes", ...}."""
     from llm_prune.models import load_model
@@ -260,6 +275,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16", for
     out = Path(out)
     if out.is_dir():
         raise UserError(f"output {out} is a directory; give a .gguf file name", param="output")
+    _check_not_checkpoint_file(src, out)
     if out.exists() and not force:
         raise UserError(f"output {out} exists; pass --force to overwrite it", param="output")
     if not out.parent.is_dir():

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from llm_prune.errors import UserError
 from llm_prune.families import SUPPORTED_MODEL_TYPES, family_for_config
@@ -115,6 +116,12 @@ def load_config(source: ModelSource):
         if "model_type" in str(exc) or "Unrecognized" in str(exc):
             raise UserError(f"unsupported architecture in {source.spec}; supported: "
                             f"{', '.join(SUPPORTED_MODEL_TYPES)}", param="model") from None
+        if source.gguf_file and "`deci`" in str(exc):  # what `export_gguf` writes for per-layer widths
+            raise UserError(f"{source.spec} has per-layer widths (llama.cpp's `deci` architecture), which "
+                            "transformers cannot load: evaluate the checkpoint folder beside it, or run the GGUF in "
+                            "llama.cpp", param="model") from None
+        if source.is_local:  # e.g. a .gguf file that is not GGUF, a config transformers cannot parse
+            raise _hub_error(source, exc) from None
         raise
     family_for_config(config)  # raises UserError listing supported families
     return config
@@ -126,25 +133,71 @@ def _hub_error(source: ModelSource, exc: Exception) -> UserError:
         hint = " (HF_HUB_OFFLINE is set)" if offline else ""
         return UserError(f"could not fetch '{source.spec}' from the Hugging Face hub{hint}: no network access "
                          f"or no such repository; give a local directory or .gguf file instead", param="model")
-    return UserError(f"could not read model at {source.spec}: {str(exc).splitlines()[0]}", param="model")
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return UserError(f"could not read model at {source.spec}: {first[:300]}", param="model")
 
 
 def is_pruned_checkpoint(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
-    if not cfg.exists():
+    if not cfg.is_file():
         return False
-    data = json.loads(cfg.read_text())
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"could not read {cfg}: {getattr(exc, 'strerror', None) or exc}", param="model") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{cfg} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+                        param="model") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{cfg} is not a model config: expected a JSON object, got {type(data).__name__}",
+                        param="model")
     return "llm_prune" in data and bool(data.get("per_layer_config"))
+
+
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
 
 
 def pick_device(device: str) -> str:
     if device == "auto":
         return "auto" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' requested but CUDA is not available", param="device")
-    if device not in ("cpu", "auto") and not device.startswith(("cuda", "mps")):
-        raise UserError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto", param="device")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device '{device}': use {DEVICES}", param="device")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device '{device}' requested but CUDA is not available", param="device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device '{device}' requested but only {torch.cuda.device_count()} CUDA device(s) "
+                            f"are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})", param="device")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError(f"device '{device}' requested but MPS (Apple GPU) is not available on this machine",
+                            param="device")
+        if dev.index not in (None, 0):
+            raise UserError(f"device '{device}': MPS has a single device, use mps", param="device")
     return device
+
+
+def _weights_error(source: ModelSource, exc: Exception) -> UserError:
+    """A weights file that safetensors (or torch) cannot read: name the file that fails to open."""
+    from safetensors import safe_open
+
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    folder = Path(source.path)
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as bad:  # noqa: BLE001 - any failure to open names this file
+            reason = (str(bad).strip().splitlines() or [type(bad).__name__])[0][:200]
+            return UserError(f"could not read model weights {f}: {reason} (corrupt or incomplete file?)",
+                             param="model")
+    return UserError(f"could not read model weights in {source.spec}: {reason} (corrupt or incomplete file?)",
+                     param="model")
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -159,10 +212,13 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
     source = resolve_source(spec)
     device = pick_device(device)
     dtype = dtype or default_dtype(device)
-    if source.path and is_pruned_checkpoint(source.path):
+    if source.path and not source.gguf_file and is_pruned_checkpoint(source.path):  # a .gguf beside it is its own
         from llm_prune.export import load_pruned
 
-        model = load_pruned(source.path, dtype=dtype, device=device)
+        try:
+            model = load_pruned(source.path, dtype=dtype, device=device)
+        except SafetensorError as exc:
+            raise _weights_error(source, exc) from None
         # Passing our config keeps the tokenizer from resolving the folder's auto_map (remote code).
         tokenizer = AutoTokenizer.from_pretrained(source.path, config=model.config)
         return _finish(model, tokenizer)
@@ -186,6 +242,8 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
             tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise _hub_error(source, exc) from None
+    except SafetensorError as exc:
+        raise _weights_error(source, exc) from None
     del config
     return _finish(model, tokenizer)
 

@@ -313,6 +313,9 @@ class Job:
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback = null_callback) -> dict:
     """Run (or resume) the job described by `recipe` in `out_dir`; returns the summary."""
+    from llm_prune.export import check_output_dir
+
+    check_output_dir(out_dir)
     recipe.check_files()
     from recovery import check_config
 

@@ -94,13 +94,48 @@ def _apply_saved(model, plan: PrunePlan, on_event: ProgressCallback):
     if before != plan.params_before:
         raise UserError(f"the plan was made for a model with {plan.params_before:,} parameters; this one has "
                         f"{before:,}", param="plan")
+    _check_fits(model, plan)
     on_event(ProgressEvent("prune", 0, 1, "applying the saved plan", kind="stage_start"))
     try:
         apply_plan(model, plan)
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, TypeError) as exc:
         raise UserError(f"the plan does not fit this model: {exc}", param="plan") from None
     on_event(ProgressEvent("prune", 1, 1, "pruned", kind="stage_end"))
     return model, before
+
+
+def _check_fits(model, plan: PrunePlan) -> None:
+    """Every index of the plan names a layer, KV group and MLP channel this model has (before any
+    surgery, so a bad plan leaves the model whole)."""
+    from llm_prune.plan import unit_costs
+
+    costs = unit_costs(model)
+    n = len(costs.layer)
+    if len(plan.layers) != n:
+        raise UserError(f"the plan does not fit this model: it has {len(plan.layers)} layers, the model {n}",
+                        param="plan")
+    for lp in plan.layers:
+        if lp.drop:
+            continue
+        for name, units, limit in (("KV group", lp.keep_kv_groups, costs.num_kv[lp.index]),
+                                   ("MLP channel", lp.keep_channels, costs.width[lp.index])):
+            bad = [u for u in units if u >= limit]
+            if bad:
+                raise UserError(f"the plan does not fit this model: layer {lp.index} keeps {name} {bad[0]}, but "
+                                f"the layer has {limit} (0 to {limit - 1})", param="plan")
+
+
+def check_plan_budget(plan: PrunePlan, budget) -> None:
+    """The plan fixes the cut: a budget given with it must be the one the plan was solved for."""
+    if budget.ratio is not None:
+        wanted, flag = int(round(plan.params_before * (1.0 - budget.ratio))), f"--ratio {budget.ratio:g}"
+    else:
+        wanted, flag = int(budget.target_params), f"--target-params {budget.target_params}"
+    if wanted != plan.params_target:
+        ratio = 1 - plan.params_target / plan.params_before
+        raise UserError(f"{flag} asks for {wanted:,} parameters but the plan was solved for "
+                        f"{plan.params_target:,} (ratio {ratio:.4g}); the plan fixes the cut: drop the budget "
+                        f"flag, or prune without --plan", param="budget")
 
 
 def load_plan(path: str | Path) -> PrunePlan:
@@ -109,5 +144,10 @@ def load_plan(path: str | Path) -> PrunePlan:
         raise UserError(f"plan file not found: {path}", param="plan")
     try:
         return PrunePlan.load(p)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{path} is not a plan.json: {exc}", param="plan") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a plan.json: not UTF-8 text", param="plan") from None
+    except OSError as exc:
+        raise UserError(f"could not read {path}: {exc.strerror or exc}", param="plan") from None
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path} is not a plan.json: {first}", param="plan") from None

@@ -35,3 +35,28 @@ def test_eval_results_file_that_is_not_ours_is_set_aside(tmp_path):
     assert json.loads((tmp_path / "eval_results.json").read_text())["pruned"] == {"params": 7}
     (kept,) = tmp_path.glob("eval_results.json.unreadable-*")
     assert kept.read_text() == "[1, 2]"
+
+
+def test_outputs_that_are_or_sit_under_files(tiny_llama, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"instruction": "a", "output": "b"}\n')
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 200)
+    assert "is a file" in _one_error(capsys, "run", str(tiny_llama), "--ratio", "0.2", "-o", str(afile))
+    assert "is a file" in _one_error(capsys, "select", str(pool), "--method", "random", "-o", str(afile / "x"))
+    assert "is a directory" in _one_error(capsys, "eval", str(tiny_llama), "--ppl", str(text), "--output",
+                                          str(tmp_path))
+    assert "is a file" in _one_error(capsys, "eval", str(tiny_llama), "--ppl", str(text), "--output",
+                                     str(afile / "r.json"))
+
+
+def test_a_gguf_beside_a_checkpoint_is_not_read_as_the_checkpoint(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "p"
+    code, _, err = run_main(capsys, "prune", str(tiny_llama), "--ratio", "0.3", "--calibration-samples", "2",
+                            "--calibration-seq-len", "16", "-o", str(out), "--gguf", "f16")
+    assert code == 0, err
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 200)
+    assert "per-layer widths" in _one_error(capsys, "eval", str(out / "model-f16.gguf"), "--ppl", str(text))

@@ -27,10 +27,10 @@ def register(app: typer.Typer) -> None:
         recipe_data: dict = None,
     ) -> None:
         """Prune MODEL structurally to a parameter budget and export a Hugging Face checkpoint."""
-        from llm_prune.export import weights_bytes
+        from llm_prune.export import check_output_dir, weights_bytes
         from llm_prune.families import layer_shapes
         from llm_prune.progress import TqdmRenderer
-        from llm_prune.prune_stage import load_plan, peak_rss_bytes, prune_to_checkpoint
+        from llm_prune.prune_stage import check_plan_budget, load_plan, peak_rss_bytes, prune_to_checkpoint
 
         if save_plan is not None:
             typer.echo("warning: --save-plan/--no-save-plan is deprecated and ignored: plan.json is always "
@@ -41,9 +41,11 @@ def register(app: typer.Typer) -> None:
         if "budget" not in recipe_data:
             raise UserError("give --ratio or --target-params", param="budget")
         recipe = recipe_from_data({"model": model, **recipe_data}, FLAGS)
+        if saved is not None:
+            check_plan_budget(saved, recipe.budget)  # the plan fixes the cut: a budget flag must agree
         recipe.check_files()
-        if output.exists() and output.is_file():
-            raise UserError(f"output {output} is a file; give a directory", param="output")
+        check_output_dir(output)
+        _check_not_input(model, output)
         if recipe.export.gguf:
             from llm_prune.gguf_export import check_exportable
             from llm_prune.models import load_config, resolve_source
@@ -75,6 +77,16 @@ def register(app: typer.Typer) -> None:
             emit_json(summary)
             return
         typer.echo(render_table(summary))
+
+
+def _check_not_input(model: str, output: Path) -> None:
+    """Writing the checkpoint into the model's own folder would overwrite the weights being pruned."""
+    from llm_prune.models import resolve_source
+
+    source = resolve_source(model)
+    if source.is_local and not source.gguf_file and output.exists() \
+            and Path(source.path).resolve() == output.resolve():
+        raise UserError(f"output {output} is the input model's folder; give another directory", param="output")
 
 
 def _width_summary(layers: list[dict]) -> str:

@@ -49,8 +49,9 @@ def register(app: typer.Typer) -> None:
         trust = bool(recipe_data.get("trust_remote_code", False))
         if not pool.exists():
             raise UserError(f"pool not found: {pool}", param="pool")
-        if output.exists() and not output.is_dir():
-            raise UserError(f"output {output} is a file; give a folder", param="output")
+        from llm_prune.export import check_output_dir
+
+        check_output_dir(output)
         method = data.selection
         if method in ("paser", "loss") and (original is None or pruned is None):
             raise UserError(f"--method {method} needs --original and --pruned", param="original")
