@@ -173,6 +173,8 @@ def _settings_value(name, field):
         return "/tmp/llm-prune-data"
     if name == "host":
         return "localhost"
+    if name == "device":  # checked at start-up: another value that exists on every machine
+        return "auto"
     return _changed(field, (name,))
 
 
