@@ -52,6 +52,10 @@ class SelectionContext:
         if self.original is None or self.pruned is None:
             raise UserError(f"method '{method}' compares the original and the pruned model: "
                             f"give both --original and --pruned", param="original")
+        sizes = [m.get_output_embeddings().weight.shape[0] for m, _ in (self.original, self.pruned)]
+        if sizes[0] != sizes[1] or len(self.original[1]) != len(self.pruned[1]):
+            raise UserError(f"--original and --pruned have different vocabularies ({sizes[0]:,} and {sizes[1]:,} "
+                            "logits): the pruned model must come from the original", param="pruned")
 
     def tokenizer(self):
         for pair in (self.original, self.pruned):

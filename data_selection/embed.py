@@ -44,6 +44,9 @@ def _load_embedder(spec: str, device: str):
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") in ("1", "true") else ""
         raise UserError(f"could not load embedding model '{spec}'{offline}: {str(exc).splitlines()[0]}",
                         param="embedding_model") from None
+    except ValueError as exc:  # a folder that holds no model transformers recognises
+        raise UserError(f"'{spec}' is not a sentence-transformers or transformers model: "
+                        f"{(str(exc).splitlines() or ['unrecognised'])[0][:200]}", param="embedding_model") from None
 
 
 def embed_texts(texts: list[str], model: str | None = None, *, batch_size: int = 64, max_seq_length: int = 128,

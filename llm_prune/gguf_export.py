@@ -73,7 +73,14 @@ def _tokenizer_json(path: Path) -> dict:
     if not f.is_file():
         raise UserError(f"{path} has no tokenizer.json: GGUF export needs the fast (byte-level BPE) tokenizer",
                         param="checkpoint")
-    data = json.loads(f.read_text())
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"{f} is not a tokenizer file: {str(exc).splitlines()[0][:200]}", param="checkpoint") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model") or {}, dict) or \
+            not isinstance(data.get("decoder") or {}, dict):
+        raise UserError(f"{f} is not a tokenizer file: expected an object with \"model\" and \"decoder\" objects",
+                        param="checkpoint")
     model = data.get("model") or {}
     decoder = (data.get("decoder") or {}).get("type")
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":

@@ -7,6 +7,7 @@ Placement is accelerate's: CPU here, one or several GPUs elsewhere."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
+from llm_prune.errors import UserError
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 from recovery.data import IGNORE_INDEX, ResponseOnlyCollator, TokenizedSplit
 from recovery.merge import TRAINABLE_FILE, load_trainable, save_trainable
@@ -128,13 +130,15 @@ def training_arguments(settings: TrainSettings, checkpoint_dir: Path, has_eval: 
     on_gpu = torch.cuda.is_available()
     steps = settings.max_steps if settings.epochs is None else -1
     save_steps = settings.save_steps or max(10, steps // 10 if steps > 0 else 50)
+    # A float < 1 is a ratio, rounded up: a single step would be all warmup, at learning rate 0.
+    warmup = settings.warmup_ratio if steps <= 0 or steps * settings.warmup_ratio >= 1 else 0
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
         max_steps=steps, num_train_epochs=settings.epochs or 1.0,
         per_device_train_batch_size=settings.micro_batch_size,
         per_device_eval_batch_size=settings.micro_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation,
-        learning_rate=settings.learning_rate, warmup_steps=settings.warmup_ratio,  # a float < 1 is a ratio
+        learning_rate=settings.learning_rate, warmup_steps=warmup,
         lr_scheduler_type=settings.lr_scheduler, weight_decay=0.0,
         logging_steps=1, save_strategy="steps", save_steps=save_steps,
         save_total_limit=settings.save_total_limit, eval_strategy="no", do_eval=has_eval,
@@ -174,6 +178,11 @@ def train(model: nn.Module, split: TokenizedSplit, pad_token_id: int, settings: 
     }
     if split.eval:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])
+    bad = [k for k in ("train_loss_last", "eval_loss") if metrics.get(k) is not None and not math.isfinite(metrics[k])]
+    if bad:  # the weights are then NaN or Inf too: nothing worth publishing as a recovered model
+        raise UserError(f"recovery training diverged ({bad[0]} is {metrics[bad[0]]} after "
+                        f"{metrics['steps']} steps at learning rate {settings.learning_rate:g}): lower --lr",
+                        param="recovery.learning_rate")
     return metrics
 
 

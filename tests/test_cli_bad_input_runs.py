@@ -60,3 +60,53 @@ def test_a_gguf_beside_a_checkpoint_is_not_read_as_the_checkpoint(tiny_llama, tm
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. " * 200)
     assert "per-layer widths" in _one_error(capsys, "eval", str(out / "model-f16.gguf"), "--ppl", str(text))
+
+
+def test_a_tokenizer_file_that_is_not_one_is_an_error_for_gguf(tiny_llama, tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llama, ckpt)
+    for bad in ('{"model": ', "[1, 2]", '{"model": {"type": "BPE"}, "decoder": "x"}'):
+        (ckpt / "tokenizer.json").write_text(bad)
+        assert "is not a tokenizer file" in _one_error(capsys, "export", str(ckpt), "-o", str(tmp_path / "m.gguf"),
+                                                       "--force")
+
+
+def test_diverged_recovery_is_not_published(tiny_llama, tmp_path):
+    import pytest
+
+    from llm_prune import pipeline
+    from llm_prune.errors import UserError
+    from llm_prune.recipe import parse_recipe
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"instruction": f"Say {i}.", "output": f"It is {i}."}) + "\n"
+                            for i in range(12)))
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 200)
+    recipe = parse_recipe({"model": str(tiny_llama), "budget": {"ratio": 0.1},
+                           "pruning": {"calibration": str(text), "calibration_samples": 2, "calibration_seq_len": 16},
+                           "data": {"pool": str(pool), "selection": "random", "budget": 8},
+                           "recovery": {"method": "full", "max_steps": 2, "micro_batch_size": 2, "cutoff_len": 32,
+                                        "learning_rate": 1e30}})
+    with pytest.raises(UserError, match="recovery training diverged"):
+        pipeline.run_recipe(recipe, tmp_path / "job")
+    assert not (tmp_path / "job" / "final").exists()
+
+
+def test_original_and_pruned_with_other_vocabularies_are_refused(tiny_llama):
+    import pytest
+
+    from data_selection import select_records
+    from data_selection.pool import Record
+    from llm_prune.errors import UserError
+    from llm_prune.models import load_model
+
+    original = load_model(str(tiny_llama))
+    other, tok = load_model(str(tiny_llama))
+    other.resize_token_embeddings(other.get_input_embeddings().weight.shape[0] - 20)
+    records = [Record(prompt=f"Say {i}.", response=f"It is {i}.", source_id=str(i)) for i in range(6)]
+    for method in ("loss", "paser"):
+        with pytest.raises(UserError, match="different vocabularies"):
+            select_records(records, method=method, budget=2, original=original, pruned=(other, tok))
