@@ -110,3 +110,16 @@ def test_original_and_pruned_with_other_vocabularies_are_refused(tiny_llama):
     for method in ("loss", "paser"):
         with pytest.raises(UserError, match="different vocabularies"):
             select_records(records, method=method, budget=2, original=original, pruned=(other, tok))
+
+
+def test_recovery_cutoff_longer_than_the_context_is_refused(tiny_llama, tmp_path):
+    import pytest
+
+    from llm_prune.errors import UserError
+    from llm_prune.models import load_model
+    from recovery import recover
+
+    model, tok = load_model(str(tiny_llama))
+    with pytest.raises(UserError, match="longer than the model's context of 512"):
+        recover(model, tok, [{"prompt": "Say 1.", "response": "One."}],
+                {"method": "lora", "max_steps": 1, "cutoff_len": 4096}, tmp_path / "r")
