@@ -2,6 +2,12 @@
 the API maps it to a 4xx error object. Anything else is a bug and keeps its traceback."""
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name when it has none), for a
+    one-line error that quotes a library's reason."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 class UserError(Exception):
     """A problem with what the user asked for; the message says what to do."""
 

@@ -11,7 +11,6 @@ remote code to read its own output.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import types
 from functools import lru_cache
@@ -20,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llm_prune.errors import UserError
 from llm_prune.families import head_dim, layer_shapes
 
 TEMPLATE = Path(__file__).parent / "export_templates" / "modeling_pruned.py"
@@ -86,35 +84,6 @@ def checkpoint_config(model: nn.Module) -> tuple[dict, bool]:
                 auto_map={"AutoConfig": f"modeling_pruned.Pruned{cfg_cls}",
                           "AutoModelForCausalLM": f"modeling_pruned.Pruned{causal}"})
     return data, True
-
-
-def check_output_dir(path: str | Path, param: str = "output") -> Path:
-    """Fail before any work unless PATH is a directory or can be created as one: nothing on its way
-    may be an existing file (or a dangling link), and the nearest existing folder must be writable."""
-    out = Path(path).expanduser()
-    try:
-        if out.exists():
-            if not out.is_dir():
-                raise UserError(f"output {path} is a file; give a directory", param=param)
-            existing = out
-        else:
-            existing = None
-            for p in (out, *out.parents):
-                if p.exists():
-                    if not p.is_dir():
-                        raise UserError(f"output {path} cannot be created: {p} is a file, not a directory",
-                                        param=param)
-                    existing = p
-                    break
-                if p.is_symlink():
-                    raise UserError(f"output {path} cannot be created: {p} is a link to nothing", param=param)
-            existing = existing or Path.cwd()
-    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a loop of links
-        raise UserError(f"output {str(path)[:80]!r} is not usable: {getattr(exc, 'strerror', None) or exc}",
-                        param=param) from None
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"output {path} cannot be written: no write permission in {existing}", param=param)
-    return out
 
 
 def export_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, extra_meta: dict | None = None) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from llm_prune.errors import UserError
+from llm_prune.errors import UserError, first_line
 from llm_prune.families import SUPPORTED_MODEL_TYPES, family_for_config
 from llm_prune.memory import own_mapped_weights
 
@@ -133,8 +133,7 @@ def _hub_error(source: ModelSource, exc: Exception) -> UserError:
         hint = " (HF_HUB_OFFLINE is set)" if offline else ""
         return UserError(f"could not fetch '{source.spec}' from the Hugging Face hub{hint}: no network access "
                          f"or no such repository; give a local directory or .gguf file instead", param="model")
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return UserError(f"could not read model at {source.spec}: {first[:300]}", param="model")
+    return UserError(f"could not read model at {source.spec}: {first_line(exc, 300)}", param="model")
 
 
 def is_pruned_checkpoint(path: str | Path) -> bool:
@@ -186,14 +185,14 @@ def _weights_error(source: ModelSource, exc: Exception) -> UserError:
     """A weights file that safetensors (or torch) cannot read: name the file that fails to open."""
     from safetensors import safe_open
 
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    reason = first_line(exc, 200)
     folder = Path(source.path)
     for f in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(str(f), framework="pt"):
                 pass
         except Exception as bad:  # noqa: BLE001 - any failure to open names this file
-            reason = (str(bad).strip().splitlines() or [type(bad).__name__])[0][:200]
+            reason = first_line(bad, 200)
             return UserError(f"could not read model weights {f}: {reason} (corrupt or incomplete file?)",
                              param="model")
     return UserError(f"could not read model weights in {source.spec}: {reason} (corrupt or incomplete file?)",

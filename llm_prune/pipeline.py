@@ -313,7 +313,7 @@ class Job:
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback = null_callback) -> dict:
     """Run (or resume) the job described by `recipe` in `out_dir`; returns the summary."""
-    from llm_prune.export import check_output_dir
+    from llm_prune.paths import check_output_dir
 
     check_output_dir(out_dir)
     recipe.check_files()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from llm_prune.errors import UserError
+from llm_prune.errors import UserError, first_line
 from llm_prune.plan import PrunePlan, compose, count_params
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 from llm_prune.recipe import Recipe
@@ -149,5 +149,4 @@ def load_plan(path: str | Path) -> PrunePlan:
     except OSError as exc:
         raise UserError(f"could not read {path}: {exc.strerror or exc}", param="plan") from None
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{path} is not a plan.json: {first}", param="plan") from None
+        raise UserError(f"{path} is not a plan.json: {first_line(exc)}", param="plan") from None

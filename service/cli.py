@@ -321,9 +321,9 @@ def jobs_download(job_id: str, out: Path = typer.Option(Path("."), help="directo
     """Download a checkpoint (.tar, sha256 checked) and unpack it."""
     from tqdm.auto import tqdm
 
-    from service.client import check_out_dir
+    from llm_prune.paths import check_output_dir
 
-    check_out_dir(out)  # before the progress bar and any request
+    check_output_dir(out, param="out", label="--out")  # before the progress bar and any request
     with _client() as client, tqdm(unit="B", unit_scale=True, desc=checkpoint) as bar:
         def progress(n: int, total: int) -> None:
             bar.total = total

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import httpx
 
 from llm_prune.errors import UserError
+from llm_prune.paths import check_output_dir
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
@@ -104,7 +105,7 @@ class Client:
 
     def download(self, job_id: str, out_dir: str | Path, name: str = "final", progress=None) -> Path:
         """Stream the checkpoint's .tar, check its sha256, unpack it; returns the model directory."""
-        out = check_out_dir(out_dir)
+        out = check_output_dir(out_dir, param="out", label="--out")
         found = {c["name"]: c for c in self.checkpoints(job_id)}
         if name not in found:
             have = ", ".join(found) or "none yet"
@@ -144,17 +145,6 @@ class Client:
             tar.extractall(out, filter="data")
         tar_path.unlink()
         return out / name
-
-
-def check_out_dir(out_dir: str | Path) -> Path:
-    """`out_dir` if it is, or can be made, a directory; else a UserError (before anything is downloaded)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a directory", param="out")
-    blocker = next((p for p in out.parents if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
-        raise UserError(f"cannot create --out directory {out}: {blocker} is a file, not a directory", param="out")
-    return out
 
 
 def _raise_for_error(r: httpx.Response) -> None:

@@ -65,18 +65,12 @@ class Settings(BaseSettings):
     def prepare(self) -> None:
         """Create the data directories; a path that cannot be one is the user's error, said in one line."""
         from llm_prune.errors import UserError
+        from llm_prune.paths import check_output_dir
 
-        if self.data_dir.exists() and not self.data_dir.is_dir():
-            raise UserError(f"data directory {self.data_dir} is a file, not a directory: give another --data-dir",
-                            param="data_dir")
         for d in (self.uploads_dir, self.jobs_dir):
+            check_output_dir(d, param="data_dir", label="data directory")
             try:
                 d.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:  # a parent is a file, d is a file, no permission, read-only, ...
-                reason = exc.strerror or str(exc)
-                blocker = next((p for p in (d, *d.parents) if p.exists()), None)
-                if blocker is not None and not blocker.is_dir():
-                    reason = f"{blocker} is a file, not a directory"
-                elif exc.filename and str(exc.filename) != str(d):
-                    reason = f"{exc.filename}: {reason}"
-                raise UserError(f"cannot create data directory {d}: {reason}", param="data_dir") from None
+            except OSError as exc:  # a read-only file system, a race with another process
+                raise UserError(f"cannot create data directory {d}: {exc.strerror or exc}",
+                                param="data_dir") from None

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from llm_prune.errors import UserError
+from llm_prune.errors import UserError, first_line
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -118,10 +118,6 @@ def _sqlite_in_memory(url: str) -> bool:
     return database in (None, "", ":memory:")
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-
-
 class LimitExceeded(Exception):
     pass
 
@@ -144,10 +140,10 @@ class Store:
         try:
             engine = create_engine(url, **kwargs)
         except ImportError as exc:
-            raise UserError(f"the database driver for {_hide_password(url)} is not installed: {_first_line(exc)}",
+            raise UserError(f"the database driver for {_hide_password(url)} is not installed: {first_line(exc, 300)}",
                             param="database_url") from None
         except (ArgumentError, ValueError) as exc:  # unparsable URL or port, unknown dialect (NoSuchModuleError)
-            raise UserError(f"invalid database URL '{_hide_password(url)}': {_first_line(exc)}; expected e.g. "
+            raise UserError(f"invalid database URL '{_hide_password(url)}': {first_line(exc, 300)}; expected e.g. "
                             f"sqlite:///path/to/jobs.db or postgresql+psycopg://user:password@host/dbname",
                             param="database_url") from None
         base = engine
@@ -161,7 +157,7 @@ class Store:
             Base.metadata.create_all(engine)
         except DatabaseError as exc:  # only here, at start-up: cannot connect, not a database, ...
             base.dispose()
-            raise UserError(f"cannot open database {_hide_password(url)}: {_first_line(exc.orig or exc)}",
+            raise UserError(f"cannot open database {_hide_password(url)}: {first_line(exc.orig or exc, 300)}",
                             param="database_url") from None
         self.engine = engine
         self.session = sessionmaker(engine, expire_on_commit=False)

@@ -51,7 +51,7 @@ def test_output_below_a_file_is_refused_up_front(tiny_llama, tmp_path, capsys, m
 
 
 def test_check_output_dir(tmp_path):
-    from llm_prune.export import check_output_dir
+    from llm_prune.paths import check_output_dir
 
     (tmp_path / "f").write_text("x")
     (tmp_path / "dangling").symlink_to(tmp_path / "missing")

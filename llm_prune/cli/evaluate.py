@@ -77,7 +77,7 @@ def eval_command(
     if ppl is None and ppl_dataset is None and not task_names and not speed:
         raise UserError("nothing to measure: give --ppl FILE, --ppl-dataset, --tasks and/or --speed", param="model")
     if output is not None:  # checked before the evaluation, which may take hours
-        from llm_prune.export import check_output_dir
+        from llm_prune.paths import check_output_dir
 
         if output.is_dir():
             raise UserError(f"--output {output} is a directory; give a file name", param="output")

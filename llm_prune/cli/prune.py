@@ -27,8 +27,9 @@ def register(app: typer.Typer) -> None:
         recipe_data: dict = None,
     ) -> None:
         """Prune MODEL structurally to a parameter budget and export a Hugging Face checkpoint."""
-        from llm_prune.export import check_output_dir, weights_bytes
+        from llm_prune.export import weights_bytes
         from llm_prune.families import layer_shapes
+        from llm_prune.paths import check_output_dir
         from llm_prune.progress import TqdmRenderer
         from llm_prune.prune_stage import check_plan_budget, load_plan, peak_rss_bytes, prune_to_checkpoint
 

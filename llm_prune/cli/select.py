@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         trust = bool(recipe_data.get("trust_remote_code", False))
         if not pool.exists():
             raise UserError(f"pool not found: {pool}", param="pool")
-        from llm_prune.export import check_output_dir
+        from llm_prune.paths import check_output_dir
 
         check_output_dir(output)
         method = data.selection

@@ -1,0 +1,38 @@
+"""Checks on paths a user names for output, made before any work (no heavy imports: the job
+client uses them too)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llm_prune.errors import UserError
+
+
+def check_output_dir(path: str | Path, param: str = "output", label: str = "output") -> Path:
+    """Fail before any work unless PATH is a directory or can be created as one: nothing on its way
+    may be an existing file (or a dangling link), and the nearest existing folder must be writable."""
+    out = Path(path).expanduser()
+    try:
+        if out.exists():
+            if not out.is_dir():
+                raise UserError(f"{label} {path} is a file, not a directory", param=param)
+            existing = out
+        else:
+            existing = None
+            for p in (out, *out.parents):
+                if p.exists():
+                    if not p.is_dir():
+                        raise UserError(f"{label} {path} cannot be created: {p} is a file, not a directory",
+                                        param=param)
+                    existing = p
+                    break
+                if p.is_symlink():
+                    raise UserError(f"{label} {path} cannot be created: {p} is a link to nothing", param=param)
+            existing = existing or Path.cwd()
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte, a loop of links
+        raise UserError(f"{label} {str(path)[:80]!r} is not usable: {getattr(exc, 'strerror', None) or exc}",
+                        param=param) from None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{label} {path} cannot be written: no write permission in {existing}", param=param)
+    return out
