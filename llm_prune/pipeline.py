@@ -320,11 +320,20 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
     from recovery import check_config
 
     check_config(recipe.recovery)  # bad recovery settings fail before any heavy work
+    from llm_prune.models import load_config, resolve_source
+
+    try:
+        config = load_config(resolve_source(recipe.model))
+    except UserError:
+        if not recipe.trust_remote_code or recipe.export.gguf:
+            raise
+        config = None  # a config only the model's own code reads: the stages check it on the model
+    if config is not None:
+        recipe.check_fits(config)
     if recipe.export.gguf:
         from llm_prune.gguf_export import check_exportable
-        from llm_prune.models import load_config, resolve_source
 
-        check_exportable(load_config(resolve_source(recipe.model)))
+        check_exportable(config)
     if recipe.data.pool is None and recipe.data.selection != "paser" and recipe.recovery.method != "none":
         raise UserError("data.selection given without data.pool", param="data.pool")
     return Job(recipe, out_dir, on_event).run()

@@ -60,10 +60,7 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
                 on_event: ProgressCallback = null_callback,
                 between_stages: Callable[[nn.Module, int], nn.Module | None] | None = None) -> PruneResult:
     family_for(model)  # unsupported families fail before any work
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and cfg.calibration_seq_len > limit:  # untrained positions, and attention quadratic in the window
-        raise UserError(f"--calibration-seq-len {cfg.calibration_seq_len} is longer than the model's context of "
-                        f"{limit} tokens", param="pruning.calibration_seq_len")
+    cfg.check_fits(model.config)
     if cfg.reconstruct:
         check_projections(model)
     total = count_params(model)

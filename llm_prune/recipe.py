@@ -150,6 +150,14 @@ class PruningConfig(_Strict):
         return max(1, self.calibration_batch_tokens // self.calibration_seq_len)
 
 
+    def check_fits(self, model_config) -> None:
+        """What only the model's config can refuse (`Recipe.check_fits`)."""
+        limit = getattr(model_config, "max_position_embeddings", None)
+        if limit and self.calibration_seq_len > limit:  # untrained positions; attention quadratic in the window
+            raise UserError(f"--calibration-seq-len {self.calibration_seq_len} is longer than the model's context "
+                            f"of {limit} tokens", param="pruning.calibration_seq_len")
+
+
 # Each pruning field's default, for code that takes it as a keyword default (not a copy).
 PRUNING_DEFAULTS = {name: f.default for name, f in PruningConfig.model_fields.items()}
 
@@ -188,6 +196,24 @@ class RecoveryConfig(_Strict):
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="held-out fraction of the selected data")
     force: bool = Field(False, description="allow QLoRA without CUDA")
     seed: int = Field(0, **SEED_RANGE, description="seed of data selection and training")
+
+    def check_fits(self, model_config) -> None:
+        """What only the model's config can refuse (`Recipe.check_fits`)."""
+        if self.method == "none":
+            return
+        context = getattr(model_config, "max_position_embeddings", None)
+        if context and self.cutoff_len > context:  # positions the model never learnt
+            raise UserError(f"--cutoff-len {self.cutoff_len} is longer than the model's context of {context} tokens",
+                            param="recovery.cutoff_len")
+        hidden = getattr(model_config, "hidden_size", None)
+        # Every projection of a decoder block has the hidden size on one side, so no LoRA update can
+        # have a higher rank: a larger r only allocates (2 r (in + out) per layer: gigabytes).
+        if hidden and self.method in LORA_METHODS and self.lora_r > hidden:
+            raise UserError(f"--lora-r {self.lora_r} is above the model's hidden size of {hidden}, the highest rank "
+                            "a LoRA update of its projections can have", param="recovery.lora_r")
+
+
+LORA_METHODS = ("lora", "perp_lora", "qlora")
 
 
 class EvaluationConfig(_Strict):
@@ -234,6 +260,13 @@ class Recipe(_Strict):
         if not v or not v.strip():
             raise ValueError("model must not be empty")
         return v.strip()
+
+    def check_fits(self, model_config) -> None:
+        """Settings only the model's config (transformers' PretrainedConfig) can refuse, checked before
+        any heavy work: by the job service at submission and by `llm-prune run` before it prunes.
+        Pruning and recovery check the same on the model they are given."""
+        self.pruning.check_fits(model_config)
+        self.recovery.check_fits(model_config)
 
     def check_files(self) -> None:
         """Fail before heavy work when a named file is missing."""

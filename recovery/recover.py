@@ -92,10 +92,7 @@ def recover(model: nn.Module, tokenizer, records: Sequence[Any], config: Recover
         raise ValueError("recovery.distill_weight > 0 needs the dense model passed as teacher")
     if not records:
         raise UserError("no recovery records: the selected data is empty", param="data.pool")
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and config.cutoff_len > context:  # positions the model never learnt
-        raise UserError(f"--cutoff-len {config.cutoff_len} is longer than the model's context of {context} tokens",
-                        param="recovery.cutoff_len")
+    config.check_fits(model.config)
     started = time.time()
     split = build_examples(tokenizer, records, config.cutoff_len, config.eval_fraction, seed=config.seed)
     if not split.train:

@@ -58,6 +58,24 @@ def _hub_offline() -> bool:
 
 
 @functools.lru_cache(maxsize=64)
+def _config(path: str, gguf_file: str | None, is_local: bool):
+    return load_config(ModelSource(path, path, gguf_file, is_local))
+
+
+def _model_config(source: ModelSource):
+    """The model's config, or None where only the job can read it: remote code, or a hub id on a
+    server that is online (a download at submission could fail for reasons the job would not meet)."""
+    if not source.is_local and not _hub_offline():
+        return None
+    try:
+        return _config(source.path, source.gguf_file, source.is_local)
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - a config only the job can read (remote code): it checks then
+        return None
+
+
+@functools.lru_cache(maxsize=64)
 def _dense_params(path: str, gguf_file: str | None, is_local: bool) -> int:
     """Parameter count of a model from its config alone (weights on the meta device)."""
     import torch
@@ -65,7 +83,7 @@ def _dense_params(path: str, gguf_file: str | None, is_local: bool) -> int:
 
     from llm_prune.plan import count_params
 
-    config = load_config(ModelSource(path, path, gguf_file, is_local))
+    config = _config(path, gguf_file, is_local)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return count_params(model)
@@ -127,4 +145,7 @@ def build_recipe(body: JobCreate, owner: str, store: Store, settings: Settings) 
                                                       "pruning.calibration", "eval")
     parsed = parse_recipe(recipe)
     parsed.check_files()
+    config = _model_config(source)
+    if config is not None:
+        parsed.check_fits(config)
     return parsed

@@ -123,3 +123,27 @@ def test_recovery_cutoff_longer_than_the_context_is_refused(tiny_llama, tmp_path
     with pytest.raises(UserError, match="longer than the model's context of 512"):
         recover(model, tok, [{"prompt": "Say 1.", "response": "One."}],
                 {"method": "lora", "max_steps": 1, "cutoff_len": 4096}, tmp_path / "r")
+
+
+def test_settings_the_model_cannot_take_fail_before_pruning(tiny_llama, tmp_path, capsys):
+    """A LoRA rank above the hidden size (64 here) can only allocate, and a window past the context
+    (512) reaches untrained positions: `run` refuses both from the model's config, before any stage."""
+    import pytest
+
+    from llm_prune.errors import UserError
+    from llm_prune.models import load_model
+    from recovery import recover
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"instruction": "a", "output": "b"}\n')
+    out = tmp_path / "o"
+    assert "--lora-r 65 is above the model's hidden size of 64" in _one_error(
+        capsys, "run", str(tiny_llama), "--ratio", "0.2", "--data", str(pool), "--lora-r", "65", "-o", str(out))
+    assert "--calibration-seq-len 1024 is longer than the model's context of 512" in _one_error(
+        capsys, "run", str(tiny_llama), "--ratio", "0.2", "--recovery", "none", "--calibration-seq-len", "1024",
+        "-o", str(out))
+    assert not out.exists() or not any(out.iterdir())  # no stage ran
+    model, tok = load_model(str(tiny_llama))
+    with pytest.raises(UserError, match="above the model's hidden size"):
+        recover(model, tok, [{"prompt": "Say 1.", "response": "One."}],
+                {"method": "perp_lora", "max_steps": 1, "lora_r": 100}, tmp_path / "r")
