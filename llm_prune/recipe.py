@@ -197,6 +197,13 @@ class RecoveryConfig(_Strict):
     force: bool = Field(False, description="allow QLoRA without CUDA")
     seed: int = Field(0, **SEED_RANGE, description="seed of data selection and training")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and not [m for m in v if m.strip()]:  # not silently "all of them"
+            raise ValueError("names no module; leave it out to adapt every linear layer of the decoder")
+        return v
+
     def check_fits(self, model_config) -> None:
         """What only the model's config can refuse (`Recipe.check_fits`)."""
         if self.method == "none":

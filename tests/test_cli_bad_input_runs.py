@@ -147,3 +147,8 @@ def test_settings_the_model_cannot_take_fail_before_pruning(tiny_llama, tmp_path
     with pytest.raises(UserError, match="above the model's hidden size"):
         recover(model, tok, [{"prompt": "Say 1.", "response": "One."}],
                 {"method": "perp_lora", "max_steps": 1, "lora_r": 100}, tmp_path / "r")
+
+
+def test_an_empty_module_list_is_refused_not_read_as_all(tmp_path, capsys):
+    assert "--target-modules: names no module" in _one_error(
+        capsys, "run", "smollm2-135m", "--ratio", "0.2", "--target-modules", "", "-o", str(tmp_path / "o"))

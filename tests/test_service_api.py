@@ -126,7 +126,8 @@ def test_submit_minimal_and_full(env, tiny_llama):
     ({**MIN, "trust_remote_code": True}, "trust_remote_code", "remote_code_not_allowed"),
     ({**MIN, "recovery": {"method": "lora", "max_steps": 0}}, "recovery.max_steps", None),
     ({**MIN, "export": {"gguf": "q4_k"}}, "export.gguf", None),
-    ({**MIN, "recovery": {"lora_r": 100000}}, "recovery.lora_r", None),  # above the hidden size: only allocates
+    ({**MIN, "recovery": {"lora_r": 100000}}, "recovery.lora_r", None),
+    ({**MIN, "recovery": {"target_modules": []}}, "recovery.target_modules", None),  # not "all of them"  # above the hidden size: only allocates
     ({**MIN, "recovery": {"cutoff_len": 100000}}, "recovery.cutoff_len", None),
     ({**MIN, "pruning": {"calibration_seq_len": 100000}}, "pruning.calibration_seq_len", None),
 ])
