@@ -184,9 +184,17 @@ def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: Allocati
 
     after = costs.total - sum(costs.layer[i] for i in dropped) - _removed(costs, kv, ch)
     if strict and abs(after - target_params) > 0.005 * target_params:
-        hint = " or lower skip_first/skip_last" if cfg.allocation == "uniform" else ""
-        raise UserError(f"cannot reach {target_params:,} parameters within 0.5% (best: {after:,}); the "
-                        f"prunable layers hold too little: prune less{hint}", param="budget")
+        if after > target_params:
+            hint = " or lower skip_first/skip_last" if cfg.allocation == "uniform" else ""
+            why = f"the prunable layers hold too little: prune less{hint}"
+        elif to_remove < 0:
+            why = f"dropping {len(dropped)} whole layers alone removes more: drop fewer (--prune-layers)"
+        else:  # the widths move in whole KV groups and round_to channels, and never grow back
+            knobs = ["--round-to"] + (["--adaptive-step"] if cfg.allocation == "adaptive" else []) + (
+                ["--prune-layers"] if dropped else [])
+            why = f"the cut overshoots it in whole KV groups and MLP steps: lower {' or '.join(knobs)}"
+        raise UserError(f"cannot reach {target_params:,} parameters within 0.5% (best: {after:,}); {why}",
+                        param="budget")
     info = {"allocation": cfg.allocation, "base_sparsity": base, "round_to": cfg.round_to,
             "layer_sparsity": {str(i): round(s, 4) for i, s in sparsity.items()}, **(meta or {})}
     return PrunePlan(layers=layers, params_before=costs.total, params_target=target_params,
@@ -211,8 +219,13 @@ def allocate_portable(scores: Scores, costs: UnitCosts, target_params: int, cfg:
     if cfg.prune_attention:
         unit_params = (n_kv * costs.kv_group + width * costs.mlp_channel) if cfg.prune_mlp else n_kv * costs.kv_group
         s = min(1.0, per_layer / unit_params)
-        kv = max(1, math.ceil(n_kv * (1 - s) - 1e-9)) if cfg.prune_mlp else \
-            min(n_kv, max(1, n_kv - round(per_layer / costs.kv_group)))
+        # A stock config needs the hidden size to be a multiple of the head count (transformers
+        # refuses it otherwise, even with head_dim given): only such KV-group counts are candidates.
+        valid = [k for k in range(1, n_kv + 1) if not costs.hidden or costs.hidden % (k * costs.n_rep) == 0]
+        if cfg.prune_mlp:  # the fewest groups the ratio allows; the MLP absorbs the rest
+            kv = min(k for k in valid if k >= max(1, math.ceil(n_kv * (1 - s) - 1e-9)))
+        else:
+            kv = min(valid, key=lambda k: abs((n_kv - k) * costs.kv_group - per_layer))
     ch = width
     if cfg.prune_mlp:
         drop_ch = (per_layer - (n_kv - kv) * costs.kv_group) / costs.mlp_channel

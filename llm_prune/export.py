@@ -69,7 +69,9 @@ def checkpoint_config(model: nn.Module) -> tuple[dict, bool]:
     data["num_hidden_layers"] = len(shapes)
     data["head_dim"] = hd
     uniform = len({(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size) for s in shapes}) == 1
-    if uniform:
+    # transformers refuses a stock config whose head count does not divide the hidden size (even
+    # with head_dim given): equal widths with such a count keep the per-layer layout.
+    if uniform and config.hidden_size % shapes[0].num_attention_heads == 0:
         s = shapes[0]
         data.update(num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
                     intermediate_size=s.intermediate_size, model_type=base)
@@ -95,6 +97,11 @@ def export_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, extra
         data["llm_prune"] = {**(data.get("llm_prune") or {}), **extra_meta}
     model.save_pretrained(out, safe_serialization=True)
     (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    # The weights arrive through a private temporary file (mode 0600): give them the mode every other
+    # file gets from the umask, so whoever may read the config (a model server's user) reads them too.
+    mode = (out / "config.json").stat().st_mode & 0o777
+    for f in out.glob("*.safetensors"):
+        f.chmod(mode)
     if remote:
         (out / MODELING_FILE).write_text(render_modeling(data["base_model_type"]))
     elif (out / MODELING_FILE).exists():
@@ -114,12 +121,13 @@ def weights_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load a heterogeneous llm-prune checkpoint with our own classes (no remote code executed)."""
+def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", **load_kwargs):
+    """Load a heterogeneous llm-prune checkpoint with our own classes (no remote code executed).
+    `load_kwargs` go to from_pretrained (`output_loading_info`)."""
     data = json.loads((Path(path) / "config.json").read_text())
     cfg_cls, model_cls = pruned_classes(data["base_model_type"])
     config = cfg_cls.from_pretrained(path)
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, **load_kwargs}
     if device == "auto":
         kwargs["device_map"] = "auto"
     elif device != "cpu":

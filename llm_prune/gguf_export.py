@@ -14,6 +14,7 @@ import math
 import os
 from hashlib import sha256
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -52,8 +53,9 @@ def check_exportable(config) -> None:
 
     base = base_model_type(config)
     if base not in EXPORTABLE_TYPES:
-        raise UserError(f"GGUF export supports {', '.join(EXPORTABLE_TYPES)} models, not '{base}'; "
-                        f"export a Hugging Face checkpoint instead", param="gguf")
+        raise UserError(f"GGUF export supports {', '.join(EXPORTABLE_TYPES)} models, not '{base}'; the "
+                        f"Hugging Face checkpoint folder is what serves it (transformers; vLLM with --portable)",
+                        param="gguf")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UserError("GGUF export: models with attention or MLP biases are not supported", param="gguf")
 
@@ -189,7 +191,13 @@ def _write(model, tokenizer, src: Path, tmp: Path, dtype: str) -> dict:
     w.add_name(str((json.loads((src / "config.json").read_text()).get("llm_prune") or {}).get("base_model")
                    or src.name) + " (llm-prune)")
     w.add_block_count(len(shapes))
-    w.add_context_length(int(config.max_position_embeddings))
+    context = int(config.max_position_embeddings)
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and 0 < window < context:
+        # llama.cpp's llama/deci graphs attend to every earlier token; up to the window that is what
+        # the model computes, past it it is not: the file's training context is the window.
+        context = window
+    w.add_context_length(context)
     w.add_embedding_length(int(config.hidden_size))
     heads = [s.num_attention_heads for s in shapes]
     kv = [s.num_key_value_heads for s in shapes]
@@ -255,7 +263,7 @@ def _write(model, tokenizer, src: Path, tmp: Path, dtype: str) -> dict:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"architecture": arch, "layers": len(shapes), "uniform": uniform}
+    return {"architecture": arch, "layers": len(shapes), "uniform": uniform, "context_length": context}
 
 
 def _check_not_checkpoint_file(src: Path, out: Path) -> None:
@@ -288,6 +296,12 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16", for
     if not out.parent.is_dir():
         raise UserError(f"output folder {out.parent} does not exist", param="output")
     _tokenizer_json(src)
+    try:  # refuse what llama.cpp cannot run before loading the weights (load_model reports a bad file)
+        raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raw = None
+    if isinstance(raw, dict) and isinstance(raw.get("model_type"), str):
+        check_exportable(SimpleNamespace(**{k: v for k, v in raw.items() if isinstance(k, str)}))
     model, tokenizer = load_model(str(src), dtype=torch.float32)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:

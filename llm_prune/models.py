@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from llm_prune.errors import UserError, first_line
@@ -112,6 +113,9 @@ def load_config(source: ModelSource):
             config = AutoConfig.from_pretrained(source.path)
     except OSError as exc:
         raise _hub_error(source, exc) from None
+    except StrictDataclassError as exc:  # e.g. a head count that does not divide the hidden size
+        reason = str(exc).strip().splitlines()[-1].strip().removeprefix("ValueError: ")[:300]
+        raise UserError(f"{source.spec} has a config.json transformers refuses: {reason}", param="model") from None
     except ValueError as exc:
         if "model_type" in str(exc) or "Unrecognized" in str(exc):
             raise UserError(f"unsupported architecture in {source.spec}; supported: "
@@ -215,7 +219,7 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
         from llm_prune.export import load_pruned
 
         try:
-            model = load_pruned(source.path, dtype=dtype, device=device)
+            model = _complete(source, lambda **kw: load_pruned(source.path, dtype=dtype, device=device, **kw))
         except SafetensorError as exc:
             raise _weights_error(source, exc) from None
         # Passing our config keeps the tokenizer from resolving the folder's auto_map (remote code).
@@ -236,8 +240,8 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
             if source.spec.lower() in ALIASES:
                 _cache_alias(source.spec.lower(), model, tokenizer)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source.path, trust_remote_code=trust_remote_code,
-                                                         **kwargs)
+            model = _complete(source, lambda **kw: AutoModelForCausalLM.from_pretrained(
+                source.path, trust_remote_code=trust_remote_code, **kwargs, **kw))
             tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise _hub_error(source, exc) from None
@@ -245,6 +249,25 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
         raise _weights_error(source, exc) from None
     del config
     return _finish(model, tokenizer)
+
+
+def _complete(source: ModelSource, load):
+    """`load(output_loading_info=True)` (a from_pretrained), refusing weights that do not make the
+    model: transformers would start a missing tensor from random values with only a log line, and
+    raises a page-long error for tensors whose shapes differ from config.json."""
+    try:
+        model, info = load(output_loading_info=True)
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        raise UserError(f"the weights in {source.spec} do not match its config.json: some tensors have other "
+                        "shapes (weights of another model?)", param="model") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise UserError(f"{source.spec} is incomplete: its weights lack {', '.join(missing[:3])}{more} "
+                        "(a file missing or cut short?)", param="model")
+    return model
 
 
 def _finish(model, tokenizer):

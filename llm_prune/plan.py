@@ -165,6 +165,7 @@ class UnitCosts:
     num_kv: list[int]
     width: list[int]
     n_rep: int
+    hidden: int = 0  # hidden size (0: unknown); a stock config's head count must divide it
 
 
 def count_params(model: nn.Module) -> int:
@@ -188,5 +189,5 @@ def unit_costs(model: nn.Module, family: Family | None = None) -> UnitCosts:
         layer=[sum(p.numel() for p in layer.parameters()) for layer in layers],
         num_kv=[fam.qkvo(layer)[1].out_features // hd for layer in layers],
         width=[fam.gate_up_down(layer)[0].out_features for layer in layers],
-        n_rep=n_rep,
+        n_rep=n_rep, hidden=hidden,
     )

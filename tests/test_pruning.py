@@ -196,8 +196,13 @@ def test_plan_json_round_trip(tiny_llama):
 
 def test_unreachable_budget_is_a_user_error(tiny_llama):
     model, tok = load_model(str(tiny_llama))
-    with pytest.raises(UserError, match="cannot reach"):
+    with pytest.raises(UserError, match="cannot reach.*hold too little: prune less"):
         prune_model(model, tok, Budget(ratio=0.8), PruningConfig(calibration_samples=2, calibration_seq_len=16))
+    # Too much removed points the other way: at the layer drops when they alone exceed the budget.
+    costs = unit_costs(model)
+    scores = ImportanceScorer("l1").score(model, CALIB)
+    with pytest.raises(UserError, match=r"dropping 3 whole layers alone removes more: drop fewer \(--prune-layers\)"):
+        allocate(scores, costs, int(costs.total * 0.8), AllocationConfig(prune_layers=3, prune_attention=False))
 
 
 @pytest.mark.parametrize("spec,needle", [

@@ -54,6 +54,8 @@ def test_portable_is_a_stock_checkpoint_on_budget(dense, portable):
     config = json.loads((portable / "config.json").read_text())
     assert config["model_type"] == "llama" and "auto_map" not in config and "per_layer_config" not in config
     assert not (portable / "modeling_pruned.py").exists()
+    modes = {f.name: f.stat().st_mode & 0o777 for f in portable.iterdir()}  # weights readable as the rest
+    assert modes["model.safetensors"] == modes["config.json"], modes
     stock = AutoModelForCausalLM.from_pretrained(portable)  # no trust_remote_code
     shapes = layer_shapes(stock)
     assert len({(s.num_key_value_heads, s.intermediate_size) for s in shapes}) == 1
@@ -69,6 +71,67 @@ def test_portable_budget_error(dense):
     model, tok = load_model(str(dense))
     with pytest.raises(UserError, match="portable layout cannot reach"):
         prune_model(model, tok, Budget(ratio=0.3), PruningConfig(**CAL, portable=True, round_to=64))
+
+
+def test_portable_keeps_a_head_count_that_divides_the_hidden_size(tmp_path):
+    """hidden 128 with 8 heads in 4 KV groups: 3 groups (6 heads) would make a stock config that
+    transformers refuses, so the portable layout keeps 4 or goes to 2 and the MLP absorbs the rest;
+    equal widths with such a count (any allocation) keep the per-layer layout."""
+    src = build_model(tmp_path / "d", "llama", layers=4, hidden=128, heads=8, kv_heads=4, intermediate=189)
+    _, info = _prune(src, tmp_path / "p", portable=True, round_to=1)
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert not info["needs_remote_code"] and 128 % config["num_attention_heads"] == 0
+    AutoModelForCausalLM.from_pretrained(tmp_path / "p")
+    model, tok = load_model(str(src))
+    for layer in model.model.layers:  # equal widths, 6 heads each
+        from llm_prune.surgery import cut_attention
+        cut_attention(model, layer, [0, 1, 2])
+    info = export_checkpoint(model, tok, tmp_path / "six", extra_meta={"base_model": str(src)})
+    assert info["needs_remote_code"]
+    assert load_model(str(tmp_path / "six"))[0].model.layers[0].self_attn.q_proj.out_features == 6 * 16
+
+
+def test_checkpoints_whose_weights_do_not_make_the_model_are_refused(dense, tmp_path, capsys):
+    """A missing tensor would start random and a tensor of another shape gives a page of report:
+    both are one line, as is a config.json transformers refuses."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    missing, other = tmp_path / "missing", tmp_path / "other"
+    shutil.copytree(dense, missing)
+    weights = load_file(missing / "model.safetensors")
+    weights.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(weights, missing / "model.safetensors", metadata={"format": "pt"})
+    build_model(other, "llama", layers=4, hidden=64, heads=4, kv_heads=2, intermediate=96)
+    shutil.copy(dense / "model.safetensors", other / "model.safetensors")
+    bad = tmp_path / "bad"
+    shutil.copytree(dense, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "num_attention_heads": 3, "head_dim": 16}))
+    for folder, reason in ((missing, "is incomplete: its weights lack model.layers.1.mlp.down_proj.weight"),
+                           (other, "do not match its config.json"),
+                           (bad, "not a multiple of the number of attention heads")):
+        for args in (["export", str(folder), "-o", str(tmp_path / "x.gguf")],
+                     ["eval", str(folder), "--tasks", "", "--ppl", str(tmp_path / "t.txt")]):
+            (tmp_path / "t.txt").write_text(TEXT * 20)
+            code, _, err = run_main(capsys, *args)
+            lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+            assert code != 0 and len(lines) == 1 and reason in lines[0] and "Traceback" not in err, (args, err)
+
+
+def test_gguf_of_a_sliding_window_model_has_the_window_as_its_context(tmp_path):
+    """llama.cpp's llama graph attends to every earlier token: within a Mistral-style window that is
+    what the model computes, past it it is not, so the file's training context is the window."""
+    from llm_prune.gguf_export import export_gguf
+
+    src = build_model(tmp_path / "m", "mistral", layers=2, hidden=64, heads=4, kv_heads=2, intermediate=96)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "sliding_window": 64}))
+    assert export_gguf(src, tmp_path / "w.gguf", "f32")["context_length"] == 64
+    assert _gguf_fields(tmp_path / "w.gguf")[1]["llama.context_length"] == 64
+    (src / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
+    assert export_gguf(src, tmp_path / "n.gguf", "f32")["context_length"] == 512
 
 
 def _gguf_fields(path):

@@ -33,4 +33,4 @@ def register(app: typer.Typer) -> None:
             emit_json(info)
             return
         typer.echo(f"wrote {info['path']} ({human_bytes(info['bytes'])}, {info['dtype']}, architecture "
-                   f"{info['architecture']}, {info['layers']} layers)")
+                   f"{info['architecture']}, {info['layers']} layers, context {info['context_length']:,} tokens)")
