@@ -12,8 +12,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llm_prune.errors import NotFoundError, UserError
-from service.errors import ConflictError, PayloadTooLarge, RangeError
+from llm_prune.errors import NotFoundError, UserError, first_line
+from service.errors import RETRY_AFTER, STORAGE_ERRORS, ConflictError, PayloadTooLarge, RangeError, storage_fault
 from service.guard import RequestGuard
 from service.schemas import ErrorResponse
 from service.settings import Settings
@@ -23,7 +23,8 @@ log = logging.getLogger("llm_prune.service")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-               416: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+               416: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable_error", 507: "service_unavailable_error"}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -85,6 +86,18 @@ def _install_error_handlers(app: FastAPI) -> None:
                            "levels deep)", "json_invalid"
         return error_response(exc.status_code, detail, getattr(exc, "param", None), code,
                               headers=getattr(exc, "headers", None))
+
+    async def _storage(_request: Request, exc: Exception):
+        fault = storage_fault(exc)
+        if fault is None:
+            raise exc  # a bug after all: the 500 below
+        # The server's storage, not the request: the client may retry it as it is.
+        log.warning("storage unavailable: %s", first_line(exc, 300))
+        status, message, code = fault
+        return error_response(status, message, None, code, headers={"Retry-After": RETRY_AFTER})
+
+    for kind in STORAGE_ERRORS:  # handled here, these are answered without a traceback in the log
+        app.add_exception_handler(kind, _storage)
 
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception):

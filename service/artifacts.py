@@ -6,6 +6,7 @@ the download starts, a client can check what it got, and any byte range of it ca
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -103,7 +104,9 @@ def build_manifest(job_dir: Path, name: str) -> dict | None:
         return None
     cache = job_dir / "manifests" / f"{name}.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        if _unchanged(root, cached["files"], cache.stat().st_mtime):
+            return cached
     files = checkpoint_files(root)
     entries = [{"name": f, "bytes": (root / f).stat().st_size, "sha256": _sha256_file(root / f)} for f in files]
     h, archive_bytes = hashlib.sha256(), 0
@@ -119,11 +122,29 @@ def build_manifest(job_dir: Path, name: str) -> dict | None:
     manifest = {"name": name, "files": entries, "bytes": sum(e["bytes"] for e in entries),
                 "metrics": metrics if isinstance(metrics, dict) else {"results": metrics},
                 "archive_bytes": archive_bytes, "archive_sha256": h.hexdigest()}
-    cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest))
-    tmp.replace(cache)
+    try:  # only a cache: a full disk must not fail the read
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(manifest))
+        tmp.replace(cache)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return manifest
+
+
+def _unchanged(root: Path, entries: list[dict], since: float) -> bool:
+    """Whether every file of a cached manifest is still there with its size and not written after
+    the manifest: a file removed or replaced on the server must not be announced (and then cut off
+    mid-download) with its old size and checksum."""
+    for entry in entries:
+        try:
+            st = (root / entry["name"]).stat()
+        except OSError:
+            return False
+        if st.st_size != entry["bytes"] or st.st_mtime > since:
+            return False
+    return len(entries) == len(checkpoint_files(root))
 
 
 def manifests(job_dir: Path) -> list[dict]:

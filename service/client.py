@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import httpx
 
-from llm_prune.errors import UserError
+from llm_prune.errors import UserError, first_line
 from llm_prune.paths import check_output_dir
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -121,18 +121,23 @@ class Client:
         part = tar_path.with_name(tar_path.name + ".part")
         have = part.stat().st_size if part.exists() and part.stat().st_size < ckpt["archive_bytes"] else 0
         headers = {"Range": f"bytes={have}-", "If-Range": f'"{ckpt["archive_sha256"]}"'} if have else {}
-        with self.http.stream("GET", ckpt["archive_url"], headers=headers, timeout=None) as r:
-            if r.status_code >= 400:
-                r.read()
-                _raise_for_error(r)
-            resumed = r.status_code == 206
-            with open(part, "ab" if resumed else "wb") as fh:
-                if progress is not None and resumed:
-                    progress(have, ckpt["archive_bytes"])
-                for chunk in r.iter_bytes(1024 * 1024):
-                    fh.write(chunk)
-                    if progress is not None:
-                        progress(len(chunk), ckpt["archive_bytes"])
+        try:
+            with self.http.stream("GET", ckpt["archive_url"], headers=headers, timeout=None) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    _raise_for_error(r)
+                resumed = r.status_code == 206
+                with open(part, "ab" if resumed else "wb") as fh:
+                    if progress is not None and resumed:
+                        progress(have, ckpt["archive_bytes"])
+                    for chunk in r.iter_bytes(1024 * 1024):
+                        fh.write(chunk)
+                        if progress is not None:
+                            progress(len(chunk), ckpt["archive_bytes"])
+        except httpx.TransportError as exc:  # the connection broke: what arrived stays in the .part file
+            got = part.stat().st_size if part.exists() else 0
+            raise UserError(f"download of {name} was interrupted after {got:,} of {ckpt['archive_bytes']:,} bytes "
+                            f"({first_line(exc, 200)}); run the command again to resume") from None
         h = hashlib.sha256()
         with open(part, "rb") as fh:
             for block in iter(lambda: fh.read(1024 * 1024), b""):

@@ -1,4 +1,6 @@
-"""Service-side user errors beyond `llm_prune.errors`."""
+"""Service-side user errors beyond `llm_prune.errors`, and the server faults that are not bugs."""
+
+import errno
 
 from llm_prune.errors import UserError
 
@@ -17,3 +19,31 @@ class RangeError(UserError):
     def __init__(self, message: str, size: int):
         super().__init__(message, param="Range", code="range_not_satisfiable")
         self.size = size
+
+
+RETRY_AFTER = "10"  # seconds a client is asked to wait when storage is unavailable
+
+
+def _storage_errors() -> tuple[type[BaseException], ...]:
+    from sqlalchemy.exc import DBAPIError, DisconnectionError
+
+    return OSError, DBAPIError, DisconnectionError
+
+
+STORAGE_ERRORS = _storage_errors()  # the exception types `storage_fault` may recognise
+
+
+def storage_fault(exc: BaseException) -> tuple[int, str, str] | None:
+    """(status, message, code) when `exc` is the server's storage failing rather than a bug: 507
+    while its disk is full, 503 while the job database is locked or unreachable. None otherwise."""
+    from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
+
+    full = (507, "the server's disk is full; try again later", "insufficient_storage")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return full
+    if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError)) or (
+            isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        if "full" in str(getattr(exc, "orig", None) or exc).lower():  # SQLite's "database or disk is full"
+            return full
+        return 503, "the job database is busy or unreachable; try again shortly", "store_unavailable"
+    return None

@@ -10,6 +10,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from service.auth import AuthError, authenticate
+from service.errors import RETRY_AFTER, storage_fault
 from service.settings import Settings
 
 UPLOAD_PATH = "/v1/files"
@@ -47,6 +48,14 @@ class RequestGuard:
             except AuthError as exc:
                 response = self.error_response(401, exc.message, None, "invalid_api_key",
                                                headers={"WWW-Authenticate": "Bearer", **close})
+                return await response(scope, receive, send)
+            except Exception as exc:  # noqa: BLE001 - the key store itself failing
+                fault = storage_fault(exc)
+                if fault is None:
+                    raise
+                status, message, code = fault
+                response = self.error_response(status, message, None, code, headers={"Retry-After": RETRY_AFTER,
+                                                                                      **close})
                 return await response(scope, receive, send)
             scope.setdefault("state", {})["owner"] = owner
         upload = scope["path"].rstrip("/") == UPLOAD_PATH and scope["method"] == "POST"

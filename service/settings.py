@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -42,6 +42,15 @@ class Settings(BaseSettings):
     prestart_runner: bool = Field(True, description="keep a job process with the libraries imported, "
                                                     "ready for the next job")
     worker_slots: int = Field(1, ge=0, description="jobs the embedded worker runs at once (0: none)")
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self):
+        # A lease renewed less often than it lasts expires under a healthy job, which another worker
+        # (or the same one) then runs again until its attempts are used up.
+        if self.lease_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(f"lease_seconds ({self.lease_seconds:g}) must be at least twice heartbeat_seconds "
+                             f"({self.heartbeat_seconds:g}), or a healthy job loses its lease")
+        return self
 
     @property
     def db_url(self) -> str:

@@ -95,6 +95,9 @@ class EventRow(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
+LOCK_TIMEOUT_MS = 30_000  # how long a query waits for a lock before the request gets a 503
+
+
 def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -137,6 +140,8 @@ class Store:
             kwargs.update(pool_size=20, max_overflow=20)
         else:
             kwargs["pool_pre_ping"] = True
+            if url.startswith("postgresql"):  # a lock held elsewhere fails a request (503) instead of hanging it
+                kwargs["connect_args"] = {"options": f"-c lock_timeout={LOCK_TIMEOUT_MS}"}
         try:
             engine = create_engine(url, **kwargs)
         except ImportError as exc:
@@ -438,6 +443,6 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     # WAL (set once per file) lets the API read while a worker writes; busy_timeout waits out
     # short write locks.
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={LOCK_TIMEOUT_MS}")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()

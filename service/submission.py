@@ -119,6 +119,9 @@ def _file_path(store: Store, owner: str, file_id: str, param: str, purpose: str)
     if row.purpose != purpose:
         raise UserError(f"{param}: file '{file_id}' was uploaded with purpose '{row.purpose}', "
                         f"this needs purpose '{purpose}'", param=param)
+    if not Path(row.path).is_file():  # removed on the server behind the API's back; its path stays private
+        raise UserError(f"{param}: the content of file '{file_id}' is no longer on the server; upload it again",
+                        param=param, code="file_not_found")
     return row.path
 
 

@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+from llm_prune.errors import first_line
 from service import artifacts
 from service.settings import Settings
 from service.store import JobRow, Store
@@ -32,13 +33,16 @@ class JobProgress:
     the job's estimated work) and metrics, and thins out step events so a long training run does
     not write a row per step."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: dict | None = None) -> None:
+        """`metrics`: what the job's earlier attempts recorded. A resumed run skips the stages they
+        finished, so their metrics would otherwise vanish from the job."""
         from llm_prune.progress import WorkTracker
 
         self.stage: str | None = None
         self.done: list[str] = []
         self.work = WorkTracker()
-        self.metrics: dict[str, dict] = {}
+        self.metrics: dict[str, dict] = {k: dict(v) for k, v in (metrics or {}).items()
+                                         if k != "progress" and isinstance(v, dict)}
         self._last_kept: dict[str, float] = {}
 
     def fold(self, event: dict) -> bool:
@@ -75,12 +79,45 @@ class JobProgress:
                 "metrics": {**self.metrics, "progress": self.work.snapshot()}}
 
 
+class StoreOutage:
+    """Logs a failing job store once with its traceback, then one line a minute until it answers
+    again (a worker polls several times a second: a traceback each time would fill the disk that
+    may be what is full), and backs the claim loop off up to `MAX_BACKOFF_S`."""
+
+    MAX_BACKOFF_S = 30.0
+
+    def __init__(self, worker_id: str):
+        self.worker_id, self.failures, self.last_line = worker_id, 0, 0.0
+        self._lock = threading.Lock()
+
+    def failed(self, what: str) -> None:
+        with self._lock:
+            now, self.failures = time.monotonic(), self.failures + 1
+            if self.failures == 1:
+                log.exception("worker %s: %s: job store unavailable", self.worker_id, what)
+                self.last_line = now
+            elif now - self.last_line >= 60:
+                log.warning("worker %s: job store still unavailable (%d failures): %s", self.worker_id,
+                            self.failures, first_line(sys.exc_info()[1] or Exception(), 300))
+                self.last_line = now
+
+    def ok(self) -> None:
+        with self._lock:
+            if self.failures:
+                log.warning("worker %s: job store available again after %d failures", self.worker_id, self.failures)
+            self.failures = 0
+
+    def backoff(self, poll_s: float) -> float:
+        return min(self.MAX_BACKOFF_S, poll_s * 2 ** min(self.failures, 10)) if self.failures else poll_s
+
+
 class Worker:
     def __init__(self, settings: Settings, store: Store | None = None, worker_id: str | None = None):
         self.settings = settings
         self.store = store or Store(settings.db_url)
         self.id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{id(self) & 0xffff:x}"
         self._stop = threading.Event()
+        self.outage = StoreOutage(self.id)
         self._children: dict[str, subprocess.Popen] = {}
 
     # --- loop -----------------------------------------------------------------------------
@@ -102,11 +139,12 @@ class Worker:
             try:
                 self.store.requeue_expired()
                 job = self.store.claim(self.id, self.settings.device, self.settings.lease_seconds)
+                self.outage.ok()
             except Exception:  # noqa: BLE001 - a database hiccup must not end the worker
-                log.exception("worker %s: store unavailable", self.id)
+                self.outage.failed("claiming a job")
                 job = None
             if job is None:
-                self._stop.wait(self.settings.poll_seconds)
+                self._stop.wait(self.outage.backoff(self.settings.poll_seconds))
                 continue
             try:
                 self.run_job(job, spare)
@@ -140,7 +178,7 @@ class Worker:
         job_dir.mkdir(parents=True, exist_ok=True)
         recipe = dict(job.recipe, device=self.settings.device)
         (job_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
-        tracker = JobProgress()
+        tracker = JobProgress(job.metrics)
         proc = None
         if spare is not None and spare.poll() is None:
             try:
@@ -182,13 +220,14 @@ class Worker:
             try:
                 self._drain(job_id, lines, tracker, outcome)
             except Exception:  # noqa: BLE001 - a lost progress update must not stop the job
-                log.exception("worker %s: recording events of %s failed", self.id, job_id)
+                self.outage.failed(f"recording events of {job_id}")
             if time.monotonic() >= next_beat:
                 try:
                     owned, cancel = self.store.heartbeat(job_id, self.id, self.settings.lease_seconds)
                     last_beat = time.monotonic()
+                    self.outage.ok()
                 except Exception:  # noqa: BLE001 - the database may be back by the next beat
-                    log.exception("worker %s: heartbeat for %s failed", self.id, job_id)
+                    self.outage.failed(f"heartbeat for {job_id}")
                     owned, cancel = time.monotonic() - last_beat < self.settings.lease_seconds, False
                 next_beat = time.monotonic() + self.settings.heartbeat_seconds
                 if not owned:  # requeued elsewhere, deleted, or out of touch too long: stop this run

@@ -42,6 +42,16 @@ def test_progress_folds_work_and_thins_steps():
     assert p.progress == 1.0 and p.fields()["stages_done"] == 2
 
 
+def test_a_resumed_job_keeps_the_metrics_of_stages_finished_before():
+    earlier = {"baseline": {"ppl": 41.0}, "prune": {"params": 9}, "progress": {"eta_s": 3}}
+    p = JobProgress(earlier)
+    p.fold({"kind": "metric", "stage": "recover", "time": 1.0, "metrics": {"loss": 2.5}})
+    metrics = p.fields()["metrics"]
+    assert metrics["baseline"] == {"ppl": 41.0} and metrics["prune"] == {"params": 9}
+    assert metrics["recover"] == {"loss": 2.5} and metrics["progress"] != {"eta_s": 3}
+    assert earlier["prune"] == {"params": 9}  # the row's own dict is not changed in place
+
+
 def test_eta_is_remaining_work_over_current_throughput():
     p = JobProgress()
     p.fold({"kind": "plan", "stage": "job", "time": 0.0, "metrics": {"work": {"recover": 1000, "final": 500}}})

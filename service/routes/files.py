@@ -61,18 +61,20 @@ async def upload_file(request: Request, file: UploadFile = File(...), purpose: s
     filename = upload_name(file.filename)
     file_id = new_id("file")
     folder = settings.uploads_dir / file_id
-    folder.mkdir(parents=True)
     target = folder / filename
     try:
+        folder.mkdir(parents=True)
         size, digest = await run_in_threadpool(_save, file, target, settings.max_upload_bytes)
         if size == 0:
             raise UserError(f"{filename}: the file is empty", param="file")
         records, malformed = await run_in_threadpool(validate_upload, target, filename, purpose)
-    except BaseException:  # refused or broken: no folder is left that no file id names
+        # In a thread: a database busy for seconds must not hold up every other request.
+        row = await run_in_threadpool(store.add_file, id=file_id, owner=owner, filename=filename, purpose=purpose,
+                                      bytes=size, sha256=digest, records=records, malformed=malformed,
+                                      path=str(target))
+    except BaseException:  # refused, broken or not recorded: no folder is left that no file id names
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    row = store.add_file(id=file_id, owner=owner, filename=filename, purpose=purpose, bytes=size, sha256=digest,
-                         records=records, malformed=malformed, path=str(target))
     return file_object(row)
 
 

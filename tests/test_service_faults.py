@@ -1,0 +1,146 @@
+"""The service when its own storage fails, not the client: a locked or full database, a full disk,
+checkpoint files removed on the server, a download cut off, uploads gone from disk, settings that
+would make healthy jobs lose their leases. None of these is a 500 or a traceback, and nothing a
+refused request wrote is left behind."""
+
+import errno
+import logging
+import sqlite3
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+import service.store as store_mod
+from llm_prune.errors import UserError
+from service.app import create_app
+from service.client import Client
+from service.settings import Settings
+from service.worker import StoreOutage
+from tests.api_errors import assert_error as _err
+from tests.test_service_api import MIN, _publish, _upload
+
+
+@pytest.fixture
+def env(tmp_path, tiny_llama, monkeypatch):
+    # Locks are waited out for 0.2 s here instead of 30 s (read when each connection opens).
+    monkeypatch.setattr(store_mod, "LOCK_TIMEOUT_MS", 200)
+    settings = Settings(data_dir=tmp_path / "data", worker_slots=0, allowed_model_roots=str(tiny_llama.parent),
+                        max_upload_bytes=4096)
+    app = create_app(settings)
+    with TestClient(app) as client:
+        store = app.state.store
+        yield client, store, settings, {"Authorization": f"Bearer {store.create_key('alice')[1]}"}
+
+
+def test_a_locked_database_is_a_503_and_a_refused_upload_leaves_no_file(env):
+    client, _, settings, alice = env
+    holder = sqlite3.connect(settings.data_dir / "jobs.db")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        r = client.post("/v1/jobs", headers=alice, json=MIN)
+        _err(r, 503, code="store_unavailable")
+        assert r.headers["retry-after"].isdigit()
+        _err(_upload(client, alice, "pool.jsonl", b'{"instruction": "a", "output": "b"}\n'), 503,
+             code="store_unavailable")
+    finally:
+        holder.rollback()
+        holder.close()
+    assert list(settings.uploads_dir.iterdir()) == []  # the upload's folder went with its refusal
+    assert client.post("/v1/jobs", headers=alice, json=MIN).status_code == 200  # and all is well after
+
+
+def test_a_full_disk_is_a_507(env, monkeypatch):
+    client, _, settings, alice = env
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("service.routes.files._save", full)
+    _err(_upload(client, alice, "pool.jsonl", b'{"instruction": "a", "output": "b"}\n'), 507,
+         code="insufficient_storage")
+    assert list(settings.uploads_dir.iterdir()) == []
+
+
+def test_checkpoint_files_removed_on_the_server_are_not_announced(env):
+    """The manifest is cached; a file removed (or rewritten) since is not listed with its old size
+    and checksum, so no download starts that is then cut off. A manifest cache that cannot be
+    written (a full disk) does not fail the read."""
+    client, store, settings, alice = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    files = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"w" * 5000, "tokenizer.json": b"{}"}
+    _publish(store, settings, job_id, files)
+    (ckpt,) = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice).json()["data"]
+    url = next(f["url"] for f in ckpt["files"] if f["name"] == "model.safetensors")
+    root = settings.job_dir(job_id) / "run" / "final"
+    (root / "model.safetensors").unlink()
+    (ckpt,) = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice).json()["data"]
+    assert [f["name"] for f in ckpt["files"]] == ["config.json", "tokenizer.json"]
+    _err(client.get(url, headers=alice), 404)
+    archive = client.get(ckpt["archive_url"], headers=alice)
+    assert archive.status_code == 200 and len(archive.content) == ckpt["archive_bytes"]
+    (root / "tokenizer.json").write_bytes(b'{"x": 1}')  # rewritten, same size or not
+    (ckpt,) = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice).json()["data"]
+    assert next(f for f in ckpt["files"] if f["name"] == "tokenizer.json")["bytes"] == 8
+
+    manifests = settings.job_dir(job_id) / "manifests"
+    for f in manifests.iterdir():
+        f.unlink()
+    manifests.rmdir()
+    manifests.write_text("not a folder: the cache cannot be written")
+    assert client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice).status_code == 200
+    assert client.get(ckpt["archive_url"], headers=alice).status_code == 200
+
+
+def test_an_upload_gone_from_disk_is_refused_without_its_server_path(env):
+    client, _, settings, alice = env
+    pool = _upload(client, alice, "pool.jsonl", b'{"instruction": "a", "output": "b"}\n').json()
+    (path,) = (settings.uploads_dir / pool["id"]).iterdir()
+    path.unlink()
+    err = _err(client.post("/v1/jobs", headers=alice, json={**MIN, "data": {"file_id": pool["id"]}}), 400,
+               param="data.file_id", code="file_not_found")
+    assert str(settings.data_dir) not in err["message"] and "upload it again" in err["message"]
+
+
+def test_an_interrupted_download_is_one_line_and_keeps_what_arrived(tmp_path):
+    size = 3 * 1024 * 1024
+    ckpt = {"name": "final", "archive_bytes": size, "archive_sha256": "0" * 64,
+            "archive_url": "/v1/jobs/job-1/checkpoints/final/archive"}
+
+    class CutOff(httpx.SyncByteStream):
+        def __iter__(self):
+            yield b"x" * (1024 * 1024)
+            raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+
+    def handler(request):
+        if request.url.path.endswith("/checkpoints"):
+            return httpx.Response(200, json={"data": [ckpt]})
+        return httpx.Response(200, headers={"Content-Length": str(size)}, stream=CutOff())
+
+    client = Client("http://test", api_key="k")
+    client.http = httpx.Client(base_url="http://test", transport=httpx.MockTransport(handler))
+    with pytest.raises(UserError, match=r"interrupted after 1,048,576 of 3,145,728 bytes .*run the command again"):
+        client.download("job-1", tmp_path / "out")
+    assert (tmp_path / "out" / "job-1-final.tar.part").stat().st_size == 1024 * 1024
+
+
+def test_a_lease_shorter_than_two_heartbeats_is_refused():
+    with pytest.raises(ValidationError, match="at least twice heartbeat_seconds"):
+        Settings(lease_seconds=0.3, heartbeat_seconds=0.5)
+    Settings(lease_seconds=1.0, heartbeat_seconds=0.5)
+
+
+def test_a_store_outage_is_logged_once_not_every_poll(caplog):
+    outage = StoreOutage("w1")
+    with caplog.at_level(logging.WARNING, logger="llm_prune.service"):
+        for _ in range(50):
+            try:
+                raise sqlite3.OperationalError("database is locked")
+            except sqlite3.OperationalError:
+                outage.failed("claiming a job")
+        assert outage.backoff(0.3) == StoreOutage.MAX_BACKOFF_S
+        outage.ok()
+    assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
+    assert caplog.records[0].exc_info is not None and "available again after 50" in caplog.records[1].message
+    assert outage.backoff(0.3) == 0.3
