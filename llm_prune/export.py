@@ -69,12 +69,13 @@ def checkpoint_config(model: nn.Module) -> tuple[dict, bool]:
     data["num_hidden_layers"] = len(shapes)
     data["head_dim"] = hd
     uniform = len({(s.num_attention_heads, s.num_key_value_heads, s.intermediate_size) for s in shapes}) == 1
-    # transformers refuses a stock config whose head count does not divide the hidden size (even
-    # with head_dim given): equal widths with such a count keep the per-layer layout.
-    if uniform and config.hidden_size % shapes[0].num_attention_heads == 0:
-        s = shapes[0]
-        data.update(num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
-                    intermediate_size=s.intermediate_size, model_type=base)
+    s = shapes[0]
+    stock = dict(num_attention_heads=s.num_attention_heads, num_key_value_heads=s.num_key_value_heads,
+                 intermediate_size=s.intermediate_size, model_type=base)
+    # Equal widths that the family's own config refuses (Llama: a head count that does not divide
+    # the hidden size, even with head_dim given) keep the per-layer layout.
+    if uniform and _stock_config_valid(base, {**data, **stock}):
+        data.update(stock)
         data.pop("auto_map", None)
         data.pop("base_model_type", None)
         data["architectures"] = [_CLASSES[base][2]]
@@ -86,6 +87,16 @@ def checkpoint_config(model: nn.Module) -> tuple[dict, bool]:
                 auto_map={"AutoConfig": f"modeling_pruned.Pruned{cfg_cls}",
                           "AutoModelForCausalLM": f"modeling_pruned.Pruned{causal}"})
     return data, True
+
+
+def _stock_config_valid(base: str, data: dict) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.for_model(base, **{k: v for k, v in data.items() if k != "model_type"})
+    except Exception:  # noqa: BLE001 - transformers' validators raise their own error types
+        return False
+    return True
 
 
 def export_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, extra_meta: dict | None = None) -> dict:
