@@ -11,6 +11,7 @@ remote code to read its own output.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import types
 from functools import lru_cache
@@ -22,6 +23,20 @@ from torch import nn
 from llm_prune.families import head_dim, layer_shapes
 
 TEMPLATE = Path(__file__).parent / "export_templates" / "modeling_pruned.py"
+
+
+class _KnownGlobalReads(logging.Filter):
+    """transformers warns whenever a per-layer attribute (num_attention_heads, ...) is read from a
+    heterogeneous config's global values. This package reads each layer's widths from its modules
+    (`families.layer_shapes`) and writes `head_dim` into every checkpoint, so those reads only meet
+    the values the global fields are meant to hold; the warning, printed on every evaluation and
+    export of a per-layer checkpoint, would only alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Reading global config value for per-layer attribute")
+
+
+logging.getLogger("transformers.integrations.heterogeneity.configuration_utils").addFilter(_KnownGlobalReads())
 MODELING_FILE = "modeling_pruned.py"
 
 # model_type -> (module under transformers.models, config class, CausalLM class, decoder layer class)
