@@ -274,17 +274,34 @@ def load_pool(path: str | Path, limit: int | None = None) -> PoolLoad:
     return load
 
 
+def _chat_texts(tokenizer, messages: list[dict], response: str) -> tuple[str, str]:
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    return prompt, full
+
+
 def format_example(tokenizer, record: Record) -> tuple[str, str]:
     """(prompt_text, response_text) as the model sees them: the chat template when the tokenizer has
     one, otherwise the Alpaca template. Training masks the prompt part, so this is the one place that
     decides where the prompt ends."""
     eos = tokenizer.eos_token or ""
     if getattr(tokenizer, "chat_template", None):
+        from jinja2 import TemplateError
+
         messages = ([{"role": "system", "content": record.system}] if record.system else [])
         messages.append({"role": "user", "content": record.prompt})
-        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": record.response}],
-                                             tokenize=False)
+        try:
+            prompt_text, full = _chat_texts(tokenizer, messages, record.response)
+        except TemplateError as exc:
+            if not record.system:
+                raise UserError(f"the tokenizer's chat template refuses a record: {exc}", param="data.pool") from None
+            # Templates without a system role (Mistral-Instruct v0.1, Gemma): its text leads the prompt.
+            merged = [{"role": "user", "content": f"{record.system}\n\n{record.prompt}"}]
+            try:
+                prompt_text, full = _chat_texts(tokenizer, merged, record.response)
+            except TemplateError as again:
+                raise UserError(f"the tokenizer's chat template refuses a record: {again}",
+                                param="data.pool") from None
         if full.startswith(prompt_text) and len(full) > len(prompt_text):
             return prompt_text, full[len(prompt_text):]
         return prompt_text, record.response + eos

@@ -55,6 +55,23 @@ def select_records(records: list[Record], *, method: str = "paser", budget: floa
     return selection
 
 
+SELECTION_FILES = ("selected.jsonl", "report.json", "report.png")
+
+
+def check_output_beside_pool(pool: str | Path, out_dir: str | Path) -> None:
+    """Refuse an output that would overwrite the pool (re-selecting from a selection in place) or
+    sit inside a pool folder, where the next read of the pool would take the outputs in as records."""
+    from llm_prune.errors import UserError
+
+    src, out = Path(pool).resolve(), Path(out_dir).expanduser().resolve()
+    if src.is_dir() and (out == src or src in out.parents):
+        raise UserError(f"output {out_dir} is inside the pool folder {pool}: its files would be read as records "
+                        "the next time; write it elsewhere", param="output")
+    if src.is_file() and src in {out / name for name in SELECTION_FILES}:
+        raise UserError(f"output {out_dir} would overwrite the pool {pool} with the selection; write it elsewhere",
+                        param="output")
+
+
 def write_selection(selection: Selection, out_dir: str | Path) -> dict[str, str]:
     """Write selected.jsonl (normalised records with source ids), report.json and report.png."""
     from data_selection.report import plot_report

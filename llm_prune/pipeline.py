@@ -169,14 +169,20 @@ class Job:
         rng = random.Random(r.recovery.seed)
         sample = rng.sample(records, min(len(records), budget_count(r.data.budget, len(records))))
         steps, _ = adapt_accel_steps(r)
+        teacher: list = []  # the dense model, loaded once when distillation asks for it
 
         def between(model, stage: int):
             tok = tokenizer()
             cfg = r.recovery.model_copy(update={"max_steps": steps, "keep_adapter": False,
                                                 "method": "lora" if r.recovery.method == "qlora" else r.recovery.method})
+            if cfg.distill_weight > 0 and not teacher:
+                teacher.append(self.load(r.model)[0])
             self.event("prune", "metric", f"recovery between stages {stage} and {stage + 1} ({steps} steps)")
-            result = recover(model, tok, sample, cfg, self.out / "pruned" / f"interstage-{stage}",
+            # A hidden folder: nothing of it is published with the checkpoint, and it goes once done.
+            work = self.out / "pruned" / f".interstage-{stage}"
+            result = recover(model, tok, sample, cfg, work, teacher=teacher[0] if teacher else None,
                              on_event=self.on_event)
+            shutil.rmtree(work, ignore_errors=True)
             log.append({"after_stage": stage, **result.metrics})
             return result.model
 
@@ -282,7 +288,16 @@ class Job:
         budget, pruning or recovery setting) in the same directory is refused, not silently given
         the old results. Where the job runs (`device`) and its labels (`metadata`) do not count."""
         saved = self.out / "recipe.json"
-        if not finished_stages(self.out) or not saved.is_file():
+        if not saved.is_file():
+            # No run of a recipe wrote here: a stage folder that exists is someone else's (say a
+            # `llm-prune prune -o OUT/pruned`), and restarting the stage would delete it.
+            theirs = [d for d in STAGES if (self.out / d).is_dir() and any((self.out / d).iterdir())]
+            if theirs:
+                raise UserError(f"{self.out / theirs[0]} holds files no run of a recipe wrote there, which the "
+                                f"{theirs[0]} stage would replace; give an empty or new --output, or move it",
+                                param="output")
+            return
+        if not finished_stages(self.out):
             return
         try:
             old = json.loads(saved.read_text())

@@ -152,3 +152,27 @@ def test_settings_the_model_cannot_take_fail_before_pruning(tiny_llama, tmp_path
 def test_an_empty_module_list_is_refused_not_read_as_all(tmp_path, capsys):
     assert "--target-modules: names no module" in _one_error(
         capsys, "run", "smollm2-135m", "--ratio", "0.2", "--target-modules", "", "-o", str(tmp_path / "o"))
+
+
+def test_run_never_replaces_folders_it_did_not_write(tiny_llama, tmp_path, capsys):
+    """`llm-prune prune -o work/pruned`, then `llm-prune run -o work`: the stage would restart in a
+    folder no run wrote, deleting it (and a pool kept there)."""
+    out = tmp_path / "work"
+    (out / "selection").mkdir(parents=True)
+    pool = out / "selection" / "pool.jsonl"
+    pool.write_text('{"instruction": "a", "output": "b"}\n' * 4)
+    line = _one_error(capsys, "run", str(tiny_llama), "--ratio", "0.2", "--data", str(pool), "--selection", "random",
+                      "--max-steps", "1", "-o", str(out))
+    assert "holds files no run of a recipe wrote there" in line and "selection" in line
+    assert pool.read_text().count("\n") == 4
+
+
+def test_select_never_writes_over_or_into_its_pool(tmp_path, capsys):
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    (folder / "selected.jsonl").write_text('{"instruction": "a", "output": "b"}\n' * 6)
+    assert "would overwrite the pool" in _one_error(
+        capsys, "select", str(folder / "selected.jsonl"), "--method", "random", "--budget", "2", "-o", str(folder))
+    assert "is inside the pool folder" in _one_error(
+        capsys, "select", str(folder), "--method", "random", "--budget", "2", "-o", str(folder / "out"))
+    assert (folder / "selected.jsonl").read_text().count("\n") == 6 and not (folder / "out").exists()

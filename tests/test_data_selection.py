@@ -174,11 +174,13 @@ def test_conflict_graph_rejects_contradictions_only():
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     from llm_prune.cli import main
 
+    pool = tmp_path / "pool"
+    pool.mkdir()
     cases = [
         ([str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o"), "--method", "random"], "pool not found"),
-        ([str(tmp_path), "-o", str(tmp_path / "o"), "--budget", "0", "--method", "random"], "--budget must be > 0"),
-        ([str(tmp_path), "-o", str(tmp_path / "o"), "--budget", "-3", "--method", "random"], "--budget must be > 0"),
-        ([str(tmp_path), "-o", str(tmp_path / "o")], "needs --original and --pruned"),
+        ([str(pool), "-o", str(tmp_path / "o"), "--budget", "0", "--method", "random"], "--budget must be > 0"),
+        ([str(pool), "-o", str(tmp_path / "o"), "--budget", "-3", "--method", "random"], "--budget must be > 0"),
+        ([str(pool), "-o", str(tmp_path / "o")], "needs --original and --pruned"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:

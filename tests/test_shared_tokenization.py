@@ -60,3 +60,24 @@ def test_paser_scores_the_tokens_recovery_trains_on(tiny_llama, tmp_path, templa
     # BOS (from the tokenizer, or written by the template) starts every record that was not cut ...
     assert {ids[0] for ids, _ in trained if len(ids) < CUTOFF} == {tok.bos_token_id}
     assert max(len(ids) for ids, _ in trained) == CUTOFF  # ... and the long one is cut the same way
+
+
+MISTRAL_V01 = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+               "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+               "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_a_template_without_a_system_role_gets_the_system_text_in_the_prompt(tiny_llama):
+    """Mistral-Instruct v0.1's template raises on a system turn: the record's system text leads the
+    user turn instead of the whole selection or training failing with a traceback."""
+    from data_selection.pool import format_example
+    from llm_prune.errors import UserError
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = MISTRAL_V01
+    prompt, response = format_example(tok, Record(prompt="Hi", response="Hello", system="Be brief.", source_id="s"))
+    assert prompt.endswith("[INST] Be brief.\n\nHi [/INST]") and response.startswith("Hello")
+    tok.chat_template = "{{ raise_exception('no chat here') }}"
+    with pytest.raises(UserError, match="chat template refuses a record: no chat here"):
+        format_example(tok, Record(prompt="Hi", response="Hello", source_id="s"))

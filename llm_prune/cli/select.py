@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
         """Select recovery data for a pruned model and write selected.jsonl, report.json, report.png.
         PASER scores each record exactly as recovery trains on it (`--cutoff-len` tokens, as `run`)."""
         from data_selection import load_pool, select_records, write_selection
+        from data_selection.selection import check_output_beside_pool
         from llm_prune.models import load_model
         from llm_prune.progress import TqdmRenderer
         from llm_prune.recipe import DataConfig, RecoveryConfig
@@ -52,6 +53,7 @@ def register(app: typer.Typer) -> None:
         from llm_prune.paths import check_output_dir
 
         check_output_dir(output)
+        check_output_beside_pool(pool, output)
         method = data.selection
         if method in ("paser", "loss") and (original is None or pruned is None):
             raise UserError(f"--method {method} needs --original and --pruned", param="original")
