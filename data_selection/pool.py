@@ -4,8 +4,10 @@ why, never dropped silently and never fatal."""
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,6 +18,12 @@ FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
 USER_ROLES = {"human", "user", "prompter"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model", "bot"}
 SYSTEM_ROLES = {"system"}
+
+# A byte-order mark is dropped (what Excel and Notepad write); bytes that are not UTF-8 survive as
+# surrogates, so the record holding them is reported (`_text`) instead of trained on as U+FFFD.
+ENCODING, UNDECODABLE = "utf-8-sig", "surrogateescape"
+# One long field (a 5 MB answer) is a record like any other, not the end of the file.
+csv.field_size_limit(2**31 - 1)
 
 ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately "
                    "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n")
@@ -55,9 +63,15 @@ def _text(value: Any, what: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and math.isfinite(value):
             return str(value)
-        raise MalformedRecord(f"'{what}' is {type(value).__name__}, expected text")
+        shown = value if isinstance(value, float) else type(value).__name__  # NaN, Infinity: no text to learn
+        raise MalformedRecord(f"'{what}' is {shown}, expected text")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding, kept as surrogates by the reader
+        raise MalformedRecord(f"'{what}' is not UTF-8 text (Latin-1 or another encoding?); save the pool as "
+                              "UTF-8") from None
     return value.strip()
 
 
@@ -150,17 +164,22 @@ def _iter_json_array(fh, name: str, chunk_chars: int = 8 << 20) -> Iterator[tupl
 def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
     name = path.name
     suffix = path.suffix.lower()
+    if suffix != ".parquet":
+        with path.open("rb") as fh:
+            head = fh.read(4)
+        if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            raise UserError(f"{path} is UTF-16 or UTF-32 text; save it as UTF-8", param="pool")
     if suffix in (".jsonl", ".ndjson"):
         yield from _iter_json_lines(path)
     elif suffix == ".json":
-        with path.open(encoding="utf-8", errors="replace") as fh:
+        with path.open(encoding=ENCODING, errors=UNDECODABLE) as fh:
             head = fh.read(4096).lstrip()[:1]
             if head == "[":
                 fh.seek(0)
                 yield from _iter_json_array(fh, name)
                 return
         if head == "{":
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = path.read_text(encoding=ENCODING, errors=UNDECODABLE)
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError:
@@ -175,11 +194,11 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
         else:
             raise UserError(f"{path} is not JSON (expected '[' or '{{' at the start)", param="pool")
     elif suffix == ".csv":
-        with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+        with path.open(encoding=ENCODING, errors=UNDECODABLE, newline="") as fh:
             reader = csv.DictReader(fh)
             try:
-                for i, row in enumerate(reader, 2):  # line 1 is the header
-                    yield f"{name}:{i}", dict(row)
+                for row in reader:  # located by the line the record ends on (a field may span lines)
+                    yield f"{name}:{reader.line_num}", dict(row)
             except csv.Error as exc:  # e.g. a field over the csv module's size limit
                 raise UserError(f"{path}, line {reader.line_num}: cannot read CSV ({exc})", param="pool") from None
     elif suffix == ".parquet":
@@ -194,7 +213,7 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_json_lines(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", errors="replace") as fh:
+    with path.open(encoding=ENCODING, errors=UNDECODABLE) as fh:
         for i, line in enumerate(fh, 1):
             if line.strip():
                 try:

@@ -101,9 +101,33 @@ def test_json_python_refuses_is_a_malformed_record_or_a_user_error(tmp_path):
     (tmp_path / "o.json").write_text('{"data": ' + deep + "}")
     with pytest.raises(UserError, match="nested too deeply"):
         load_pool(tmp_path / "o.json")
-    (tmp_path / "c.csv").write_text("instruction,output\nhi," + "x" * 200_000 + "\n")
-    with pytest.raises(UserError, match="line .*cannot read CSV"):
-        load_pool(tmp_path / "c.csv")
+    # A field over the csv module's default limit (128 KiB) is a record like a long JSONL line.
+    (tmp_path / "c.csv").write_text("instruction,output\nhi," + "x" * 200_000 + "\nok,fine\n")
+    assert [len(r.response) for r in load_pool(tmp_path / "c.csv").records] == [200_000, 4]
+
+
+def test_pools_in_other_encodings_are_reported_not_garbled(tmp_path):
+    """A byte-order mark is dropped; Latin-1 bytes make their record malformed instead of training on
+    U+FFFD; UTF-16 is refused by name; NaN and Infinity are not text."""
+    rows = [{"instruction": "Café crème?", "output": "Oui."}, {"instruction": "Plain", "output": "ascii"}]
+    lines = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n"
+    (tmp_path / "latin1.jsonl").write_bytes(lines.encode("latin-1"))
+    load = load_pool(tmp_path / "latin1.jsonl")
+    assert [r.prompt for r in load.records] == ["Plain"]
+    assert load.errors == [("latin1.jsonl:1", "'instruction' is not UTF-8 text (Latin-1 or another encoding?); "
+                                              "save the pool as UTF-8")]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfinstruction,output\nCaf\xc3\xa9?,Oui.\n")
+    assert [r.prompt for r in load_pool(tmp_path / "bom.jsonl").records] == ["Café crème?", "Plain"]
+    assert [r.prompt for r in load_pool(tmp_path / "bom.csv").records] == ["Café?"]
+    (tmp_path / "u16.jsonl").write_bytes(lines.encode("utf-16"))
+    with pytest.raises(UserError, match="u16.jsonl is UTF-16 or UTF-32 text; save it as UTF-8"):
+        load_pool(tmp_path / "u16.jsonl")
+    (tmp_path / "n.jsonl").write_text('{"instruction": "a", "output": NaN}\n{"instruction": "b", "output": 12}\n'
+                                      '{"instruction": "c", "output": -Infinity}\n')
+    load = load_pool(tmp_path / "n.jsonl")
+    assert [r.response for r in load.records] == ["12"] and [e[1] for e in load.errors] == [
+        "'output' is nan, expected text", "'output' is -inf, expected text"]
 
 
 def test_pool_errors_are_user_errors(tmp_path):
