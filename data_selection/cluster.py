@@ -131,12 +131,8 @@ def eigengap_k(eigenvalues: np.ndarray, max_clusters: int) -> int:
     return int(np.argmax(gaps[1:]) + 2)
 
 
-def cluster_embeddings(x: np.ndarray, num_clusters: int | None = None, *, n_neighbors: int = 15,
-                       max_clusters: int | None = None, seed: int = 0) -> Clustering:
-    """Cluster embeddings (N x d). `num_clusters=None` picks k by the eigengap heuristic."""
-    from sklearn.cluster import KMeans
-
-    n = x.shape[0]
+def check_cluster_count(n: int, num_clusters: int | None) -> None:
+    """What clustering `n` records into `num_clusters` (None: chosen) needs; `run` asks before it prunes."""
     if n < 4:
         raise UserError(f"the pool has {n} records; clustering needs at least 4", param="pool")
     if num_clusters is not None:
@@ -145,6 +141,15 @@ def cluster_embeddings(x: np.ndarray, num_clusters: int | None = None, *, n_neig
         if num_clusters > n // 2:
             raise UserError(f"--clusters {num_clusters} is too many for {n} records (at most {n // 2})",
                             param="num_clusters")
+
+
+def cluster_embeddings(x: np.ndarray, num_clusters: int | None = None, *, n_neighbors: int = 15,
+                       max_clusters: int | None = None, seed: int = 0) -> Clustering:
+    """Cluster embeddings (N x d). `num_clusters=None` picks k by the eigengap heuristic."""
+    from sklearn.cluster import KMeans
+
+    n = x.shape[0]
+    check_cluster_count(n, num_clusters)
     if max_clusters is None:
         # Enough room for many capabilities, while every cluster keeps a few dozen samples on average.
         max_clusters = int(np.clip(np.sqrt(n / 2), 2, 50))

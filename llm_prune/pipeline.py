@@ -19,7 +19,7 @@ from typing import Any
 
 from llm_prune.errors import UserError
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
-from llm_prune.recipe import Recipe
+from llm_prune.recipe import LORA_METHODS, Recipe
 from llm_prune.workload import adapt_accel_steps, budget_count
 
 STAGES = ("baseline", "pruned", "selection", "recovered", "final")
@@ -277,6 +277,10 @@ class Job:
 
         r = self.recipe
         pool = len(self.records()) if r.data.pool and r.recovery.method != "none" else 0
+        if pool and r.data.selection == "paser":  # fail now, not after the model is pruned
+            from data_selection.cluster import check_cluster_count
+
+            check_cluster_count(pool, r.data.num_clusters)
         work = stage_work(r, pool)
         self.work = {EVENT_NAMES[s]: phases for s, phases in work.items()}
         done = [EVENT_NAMES[s] for s in finished_stages(self.out)]
@@ -345,6 +349,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
         config = None  # a config only the model's own code reads: the stages check it on the model
     if config is not None:
         recipe.check_fits(config)
+        _check_target_modules(recipe, config)
     if recipe.export.gguf:
         from llm_prune.gguf_export import check_exportable
 
@@ -352,6 +357,24 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
     if recipe.data.pool is None and recipe.data.selection != "paser" and recipe.recovery.method != "none":
         raise UserError("data.selection given without data.pool", param="data.pool")
     return Job(recipe, out_dir, on_event).run()
+
+
+def _check_target_modules(recipe: Recipe, config) -> None:
+    """LoRA's module names exist in the model (built on the meta device: no weights), checked before
+    pruning rather than after it."""
+    if not recipe.recovery.target_modules or recipe.recovery.method not in LORA_METHODS:
+        return
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from recovery.lora import check_targets
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # noqa: BLE001 - a config only the model's own code builds: recovery checks it then
+        return
+    check_targets(skeleton, recipe.recovery.target_modules)
 
 
 def selection_kwargs(data, recovery) -> dict:

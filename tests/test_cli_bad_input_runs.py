@@ -176,3 +176,17 @@ def test_select_never_writes_over_or_into_its_pool(tmp_path, capsys):
     assert "is inside the pool folder" in _one_error(
         capsys, "select", str(folder), "--method", "random", "--budget", "2", "-o", str(folder / "out"))
     assert (folder / "selected.jsonl").read_text().count("\n") == 6 and not (folder / "out").exists()
+
+
+def test_run_refuses_what_selection_and_recovery_would_refuse_before_it_prunes(tiny_llama, tmp_path, capsys):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(3)))
+    base = ["run", str(tiny_llama), "--ratio", "0.2", "--data", str(pool), "--max-steps", "1"]
+    assert "the pool has 3 records; clustering needs at least 4" in _one_error(capsys, *base, "-o", str(tmp_path / "a"))
+    pool.write_text("".join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(8)))
+    assert "--clusters 5 is too many for 8 records" in _one_error(capsys, *base, "--clusters", "5",
+                                                                   "-o", str(tmp_path / "b"))
+    assert "no linear layer named qkv" in _one_error(capsys, *base, "--selection", "random", "--target-modules",
+                                                      "qkv", "-o", str(tmp_path / "c"))
+    for name in "abc":  # refused before the first stage: no stage folder was made
+        assert not (tmp_path / name / "baseline").exists()
