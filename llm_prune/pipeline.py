@@ -9,6 +9,7 @@ finished stages and resumes after the last one. Stages report through `on_event`
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -310,6 +311,13 @@ class Job:
         new = json.loads(self.recipe.model_dump_json())
         changed = _differences(old, new) if isinstance(old, dict) else ["recipe.json (unreadable)"]
         changed = [c for c in changed if c.split(".")[0] not in RESUME_IGNORES]
+        try:  # the same file name with other content is another recipe too (absent: an older run)
+            made_from = json.loads((self.out / INPUTS).read_text())
+        except (OSError, ValueError):
+            made_from = None
+        if isinstance(made_from, dict) and not changed:
+            now = input_fingerprints(self.recipe)
+            changed = [f"the content of {k}" for k in sorted(set(made_from) | set(now)) if made_from.get(k) != now.get(k)]
         if changed:
             shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
             raise UserError(f"{self.out} holds finished stages of another recipe (differs in {shown}); give another "
@@ -318,6 +326,7 @@ class Job:
     def run(self) -> dict[str, Any]:
         self.check_resumable()
         (self.out / "recipe.json").write_text(self.recipe.model_dump_json(indent=2))
+        (self.out / INPUTS).write_text(json.dumps(input_fingerprints(self.recipe), indent=2))
         self.plan_work()
         summary: dict[str, Any] = {"recipe": self.recipe.model_dump()}
         summary["baseline"] = self.baseline()
@@ -386,6 +395,31 @@ def selection_kwargs(data, recovery) -> dict:
         kwargs.update(max_length=recovery.cutoff_len, sample_per_cluster=data.sample_per_cluster,
                       conflict_filter=data.conflict_filter)
     return kwargs
+
+
+INPUTS = "inputs.json"  # fingerprints of the files the recipe names, beside recipe.json
+
+
+def input_fingerprints(recipe: Recipe) -> dict[str, str]:
+    """sha256 of each file the recipe names (a folder: of its files' names, sizes and times), so a
+    rerun notices a pool, evaluation text or calibration text that changed under the same name."""
+    out = {}
+    for param, value in (("data.pool", recipe.data.pool), ("evaluation.ppl", recipe.evaluation.ppl),
+                         ("pruning.calibration", recipe.pruning.calibration)):
+        path = Path(value) if value else None
+        if path is None or not path.exists():
+            continue
+        h = hashlib.sha256()
+        if path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                st = f.stat()
+                h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        else:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        out[param] = h.hexdigest()
+    return out
 
 
 RESUME_IGNORES = ("device", "metadata")  # a retried job may run on another worker's device

@@ -190,3 +190,16 @@ def test_run_refuses_what_selection_and_recovery_would_refuse_before_it_prunes(t
                                                       "qkv", "-o", str(tmp_path / "c"))
     for name in "abc":  # refused before the first stage: no stage folder was made
         assert not (tmp_path / name / "baseline").exists()
+
+
+def test_a_rerun_notices_an_input_file_that_changed_under_its_name(tiny_llama, tmp_path, capsys):
+    text = tmp_path / "held_out.txt"
+    text.write_text("the cat sat on the mat. " * 100)
+    argv = ["run", str(tiny_llama), "--ratio", "0.2", "--recovery", "none", "--eval-ppl", str(text),
+            "--calibration-samples", "2", "--calibration-seq-len", "16", "--reconstruct-tokens", "64",
+            "-o", str(tmp_path / "job")]
+    code, _, err = run_main(capsys, *argv)
+    assert code == 0, err
+    assert run_main(capsys, *argv)[0] == 0  # unchanged: resumes (everything is done)
+    text.write_text("a different held-out text. " * 100)
+    assert "differs in the content of evaluation.ppl" in _one_error(capsys, *argv)
