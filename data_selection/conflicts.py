@@ -10,7 +10,8 @@ the polarity of that link. A new sample contradicts the graph when
     answer sharing no concept with the accepted answers ("capital of France" -> Paris, then Lyon).
 Only short answers (at most `short_answer_words` content words) are read as assertions: long
 open-ended answers legitimately differ and use negation freely, so they neither enter the graph nor
-get rejected by it. Edges stay bounded by (question phrases x short-answer phrases) per sample.
+get rejected by it. Edges stay bounded by (question phrases x short-answer phrases) per sample,
+the question phrases those of the prompt's last `question_words` content words.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ def _stopwords() -> frozenset[str]:
 STOPWORDS = _stopwords()
 
 
-def key_phrases(text: str) -> tuple[frozenset[str], bool]:
-    """Content-word unigrams and adjacent bigrams, and whether a negation word occurs."""
+def key_phrases(text: str, last: int | None = None) -> tuple[frozenset[str], bool]:
+    """Content-word unigrams and adjacent bigrams (of the `last` content words only, when given),
+    and whether a negation word occurs."""
     words = _WORD.findall(text.lower())
     negated = any(w in NEGATIONS for w in words)
     content = [w for w in words if w not in STOPWORDS and w not in NEGATIONS and len(w) > 1]
+    if last is not None:
+        content = content[-last:]
     bigrams = {f"{a} {b}" for a, b in zip(content, content[1:])}
     return frozenset(content) | frozenset(bigrams), negated
 
@@ -47,6 +51,7 @@ def key_phrases(text: str) -> tuple[frozenset[str], bool]:
 @dataclass
 class ConceptGraph:
     short_answer_words: int = 12
+    question_words: int = 128
     edges: dict[tuple[str, str], int] = field(default_factory=dict)  # (question, answer) -> +1 / -1
     answers: dict[frozenset[str], set[str]] = field(default_factory=lambda: defaultdict(set))
     rejected: int = 0
@@ -72,7 +77,9 @@ class ConceptGraph:
         a, negated = key_phrases(record.response)
         if sum(1 for c in a if " " not in c) > self.short_answer_words:
             return None, None, False
-        q, _ = key_phrases(record.prompt)
+        # The question is read from the end of the prompt (where recovery's truncation keeps it too):
+        # a book-length prompt would otherwise add millions of edges for one short answer.
+        q, _ = key_phrases(record.prompt, last=self.question_words)
         return q, a, negated
 
     def add(self, record: Record) -> None:

@@ -195,6 +195,14 @@ def test_conflict_graph_rejects_contradictions_only():
     assert graph.check(Record("Is the Earth flat?", "Yes, the Earth is flat.", "y"))
 
 
+def test_conflict_graph_stays_small_for_a_book_length_prompt():
+    graph = ConceptGraph()
+    words = " ".join(f"word{i} topic{i % 997}" for i in range(20_000))  # ~40,000 distinct phrases
+    graph.add(Record(words + " What is the capital of France?", "Paris is the capital.", "long"))
+    assert len(graph.edges) <= 2 * graph.question_words * 8
+    assert graph.check(Record("What is the capital of France?", "Paris is not the capital.", "x"))  # still read
+
+
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
     from llm_prune.cli import main
 
