@@ -232,6 +232,8 @@ class Job:
         export_checkpoint(result.model, tok, path / "checkpoint",
                           extra_meta={"recipe": r.model_dump(), "base_model": r.model})
         self.event("recover", "metric", metrics=result.metrics)
+        if result.adapter_dir is not None:  # --keep-adapter: say where it went
+            return {**result.metrics, "adapter": str(result.adapter_dir)}
         return result.metrics
 
     @_stage("final", "final evaluation")

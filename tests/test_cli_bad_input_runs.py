@@ -203,3 +203,11 @@ def test_a_rerun_notices_an_input_file_that_changed_under_its_name(tiny_llama, t
     assert run_main(capsys, *argv)[0] == 0  # unchanged: resumes (everything is done)
     text.write_text("a different held-out text. " * 100)
     assert "differs in the content of evaluation.ppl" in _one_error(capsys, *argv)
+
+
+def test_select_takes_the_training_limits(tiny_llama, tmp_path, capsys):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"instruction": "a", "output": "b"}\n' * 8)
+    assert "--cutoff-len 100000 is longer than the model's context of 512" in _one_error(
+        capsys, "select", str(pool), "--method", "loss", "--original", str(tiny_llama), "--pruned", str(tiny_llama),
+        "--cutoff-len", "100000", "-o", str(tmp_path / "o"))

@@ -1,6 +1,7 @@
 """`llm-prune run` / run_recipe: end to end on a tiny model, resume, and early failure on bad recipes."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def test_run_end_to_end_then_resume(tiny_llama, job_inputs, tmp_path, monkeypatc
     pool, text = job_inputs
     out = tmp_path / "job"
     events = []
-    recipe = _recipe(tiny_llama, pool, text)
+    recipe = _recipe(tiny_llama, pool, text, recovery={"keep_adapter": True})
 
     # Interrupt after pruning: the selection stage blows up once.
     import data_selection
@@ -66,6 +67,7 @@ def test_run_end_to_end_then_resume(tiny_llama, job_inputs, tmp_path, monkeypatc
     assert str(tiny_llama) not in loads  # the dense model was not loaded again (no PASER, no distillation)
     assert summary["selection"]["selected"] == 8
     assert summary["recovered"]["steps"] == 3
+    assert (Path(summary["recovered"]["adapter"]) / "adapter_config.json").is_file()  # --keep-adapter says where
     assert abs(summary["pruned"]["params_after"] / summary["pruned"]["params_before"] - 0.9) < 0.005
     assert any(e.kind == "warning" and "malformed" in e.message for e in events)
     assert {e.stage for e in events} >= {"prune", "train"}
@@ -85,7 +87,7 @@ def test_run_end_to_end_then_resume(tiny_llama, job_inputs, tmp_path, monkeypatc
     # Labels do not count; another budget is refused, not given the 10% model's results.
     assert pipeline.run_recipe(recipe.model_copy(update={"metadata": {"run": 2}}), out)["final"] == summary["final"]
     other = _recipe(tiny_llama, pool, text, budget={"ratio": 0.5}, recovery={"method": "none"})
-    with pytest.raises(UserError, match=r"another recipe \(differs in budget\.ratio, recovery\.method"):
+    with pytest.raises(UserError, match=r"another recipe \(differs in budget\.ratio, recovery\.keep_adapter, recovery\.method"):
         pipeline.run_recipe(other, out)
     assert json.loads((out / "recipe.json").read_text())["budget"]["ratio"] == 0.1
 

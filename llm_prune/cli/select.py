@@ -63,6 +63,8 @@ def register(app: typer.Typer) -> None:
         loaded = load_pool(pool)
         original_pair = load_model(original, device=device, trust_remote_code=trust) if original else None
         pruned_pair = load_model(pruned, device=device, trust_remote_code=trust) if pruned else None
+        if pruned_pair is not None:  # PASER scores --cutoff-len tokens, as training would: the same limits
+            recovery.check_fits(pruned_pair[0].config)
         try:
             selection = select_records(loaded.records, original=original_pair, pruned=pruned_pair,
                                        **selection_kwargs(data, recovery), on_event=renderer)
