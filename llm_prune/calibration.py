@@ -35,8 +35,12 @@ def default_passages() -> list[str]:
 def read_passages(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"calibration file not found: {path}", param="calibration")
-    text = p.read_text(encoding="utf-8", errors="replace")
+        what = "is a directory, not a file" if p.is_dir() else "not found"
+        raise UserError(f"calibration file {what}: {path}", param="calibration")
+    try:  # scoring on replacement characters would prune for text nobody gave
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"calibration file is not UTF-8 text: {path}", param="calibration") from None
     if p.suffix == ".jsonl":
         out = []
         for number, line in enumerate(text.splitlines(), 1):

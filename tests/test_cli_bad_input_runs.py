@@ -211,3 +211,40 @@ def test_select_takes_the_training_limits(tiny_llama, tmp_path, capsys):
     assert "--cutoff-len 100000 is longer than the model's context of 512" in _one_error(
         capsys, "select", str(pool), "--method", "loss", "--original", str(tiny_llama), "--pruned", str(tiny_llama),
         "--cutoff-len", "100000", "-o", str(tmp_path / "o"))
+
+
+def test_eval_and_prune_never_write_over_what_they_read_or_what_is_not_theirs(tiny_llama, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    weights = (model / "model.safetensors").read_bytes()
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 200)
+    ev = ["eval", str(model), "--ppl", str(text), "--seq-len", "16", "--max-windows", "2"]
+    assert "inside the model folder" in _one_error(capsys, *ev, "--output", str(model / "model.safetensors"))
+    assert "is the text being measured" in _one_error(capsys, *ev, "--output", str(text))
+    code, out, err = run_main(capsys, *ev, "--compare", str(tmp_path / "nothere"))
+    assert code == 2 and "model path not found" in err and "ppl" not in out  # refused before any evaluation
+    assert "is not usable: File name too long" in _one_error(capsys, *ev, "--output", str(tmp_path / ("a" * 300)))
+    assert (model / "model.safetensors").read_bytes() == weights and text.read_text().startswith("the cat")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "README.md").write_text("my notes")
+    assert "holds other files (it is not an llm-prune checkpoint)" in _one_error(
+        capsys, "prune", str(model), "--ratio", "0.2", "--no-reconstruct", "-o", str(theirs))
+    assert (theirs / "README.md").read_text() == "my notes"
+    assert "not both" in _one_error(capsys, "prune", str(model), "--ratio", "0.2", "--target-params", "9",
+                                    "-o", str(tmp_path / "p"))
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)) * 8)
+    assert "calibration file is not UTF-8 text" in _one_error(
+        capsys, "prune", str(model), "--ratio", "0.2", "--calibration", str(tmp_path / "bin.txt"),
+        "-o", str(tmp_path / "p"))
+
+
+def test_eval_refuses_a_dataset_column_that_is_not_text(tiny_llama, tmp_path, capsys):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["hello world " * 50] * 4, "num": [1, 2, 3, 4]}).save_to_disk(tmp_path / "ds")
+    assert "column 'num' of the dataset holds" in _one_error(
+        capsys, "eval", str(tiny_llama), "--ppl-dataset", str(tmp_path / "ds"), "--column", "num", "--seq-len", "16")

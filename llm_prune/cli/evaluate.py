@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from llm_prune.errors import UserError
+from llm_prune.errors import UserError, first_line
 
 
 def _seq_lens(values: list[str]) -> list[str]:
@@ -21,6 +21,25 @@ def _seq_lens(values: list[str]) -> list[str]:
                 raise UserError(f"--seq-len takes integers of at least 2 or 'max', got '{part}'", param="seq_len")
             lens.append(part)
     return lens or ["128"]
+
+
+def _check_not_an_input(output: Path, sources, files) -> None:
+    """--output must not replace what the evaluation reads: a file of a model folder or the text."""
+    target = output.expanduser().resolve()
+    for f in files:
+        if f is not None and Path(f).expanduser().resolve() == target:
+            raise UserError(f"--output {output} is the text being measured; give another file name", param="output")
+    for source in sources:
+        if not source.is_local:
+            continue
+        root = Path(source.path).expanduser().resolve()
+        if source.gguf_file:  # a .gguf file: only the file itself
+            if target == root / source.gguf_file:
+                raise UserError(f"--output {output} is the model file; give another file name", param="output")
+            continue
+        if target == root or (root.is_dir() and root in target.parents):
+            raise UserError(f"--output {output} is inside the model folder {source.path}; give a file elsewhere "
+                            "(--record stores results with the model)", param="output")
 
 
 def _evaluate_one(spec: str, *, device: str, text: str | None, lens: list[str], max_windows, tasks, limit,
@@ -76,15 +95,22 @@ def eval_command(
     lens = _seq_lens(seq_len)
     if ppl is None and ppl_dataset is None and not task_names and not speed:
         raise UserError("nothing to measure: give --ppl FILE, --ppl-dataset, --tasks and/or --speed", param="model")
-    if output is not None:  # checked before the evaluation, which may take hours
+    # Everything that can be refused is, before the evaluation, which may take hours.
+    sources = [resolve_source(model)] + ([resolve_source(compare)] if compare else [])
+    if output is not None:
         from llm_prune.paths import check_output_dir
 
-        if output.is_dir():
+        try:
+            is_dir = output.is_dir()
+        except OSError as exc:  # a name longer than the file system takes
+            raise UserError(f"--output {str(output)[:80]!r} is not usable: {exc.strerror or exc}", param="output") from None
+        if is_dir:
             raise UserError(f"--output {output} is a directory; give a file name", param="output")
         check_output_dir(output.parent, param="output")
+        _check_not_an_input(output, sources, [ppl])
     record_dir = None
     if record:
-        source = resolve_source(model)
+        source = sources[0]
         if not (source.is_local and Path(source.path).is_dir()) or source.gguf_file:
             raise UserError("--record needs MODEL to be a local model directory", param="record")
         record_dir = source.path
@@ -100,17 +126,23 @@ def eval_command(
     finally:
         renderer.close()
     payload = {"model": results, "compare": other} if other is not None else results
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    if record_dir is not None:
-        write_eval_results(record_dir, results, name=record)
+    # The results are shown first: a file that cannot be written afterwards does not lose them.
     if as_json:
         emit_json(payload)
-        return
-    typer.echo(format_table(results, compare=other, names=(model, compare or "")))
-    if results.get("ppl"):
-        typer.echo(f"\nperplexity: {results['ppl']['convention']}")
+    else:
+        typer.echo(format_table(results, compare=other, names=(model, compare or "")))
+        if results.get("ppl"):
+            typer.echo(f"\nperplexity: {results['ppl']['convention']}")
+    try:
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        if record_dir is not None:
+            write_eval_results(record_dir, results, name=record)
+    except (OSError, UnicodeError) as exc:
+        where = getattr(exc, "filename", None) or output or record_dir
+        raise UserError(f"results shown above, but could not write {where}: "
+                        f"{getattr(exc, 'strerror', None) or first_line(exc, 200)}", param="output") from None
 
 
 def register(app) -> None:

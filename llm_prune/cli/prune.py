@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +48,7 @@ def register(app: typer.Typer) -> None:
         recipe.check_files()
         check_output_dir(output)
         _check_not_input(model, output)
+        _check_output_is_ours(output)
         if recipe.export.gguf:
             from llm_prune.gguf_export import check_exportable
             from llm_prune.models import load_config, resolve_source
@@ -88,6 +90,21 @@ def _check_not_input(model: str, output: Path) -> None:
     if source.is_local and not source.gguf_file and output.exists() \
             and Path(source.path).resolve() == output.resolve():
         raise UserError(f"output {output} is the input model's folder; give another directory", param="output")
+
+
+def _check_output_is_ours(output: Path) -> None:
+    """The checkpoint replaces config.json, README.md and plan.json, and saving it deletes weight
+    shards of another model: an existing folder with files is taken only when it is an earlier
+    llm-prune checkpoint (pruning again into the same place)."""
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    try:
+        ours = isinstance(data := json.loads((output / "config.json").read_text()), dict) and "llm_prune" in data
+    except (OSError, ValueError):
+        ours = False
+    if not ours:
+        raise UserError(f"output {output} holds other files (it is not an llm-prune checkpoint), which the checkpoint "
+                        "would overwrite or delete; give an empty or new folder", param="output")
 
 
 def _width_summary(layers: list[dict]) -> str:

@@ -240,7 +240,10 @@ def recipe_from_data(data: dict[str, Any], flags: list[Flag], model: type[BaseMo
         elif flag is not None:
             message = f"{flag}: {message.split(': ', 1)[-1]}"
         elif param == "budget":
-            message = "give --ratio or --target-params (or `budget` in the recipe)"
+            budget = data.get("budget") if isinstance(data, dict) else None
+            both = isinstance(budget, dict) and all(budget.get(k) is not None for k in ("ratio", "target_params"))
+            message = ("give --ratio or --target-params, not both" if both else
+                       "give --ratio or --target-params (or `budget` in the recipe)")
         else:
             message = f"invalid recipe: {message}"
         raise UserError(message, param=param) from None

@@ -25,7 +25,8 @@ CONVENTION = "non-overlapping windows, exp(mean token loss) (LLM-Pruner)"
 def read_text_file(path: str | Path) -> str:
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"perplexity text file not found: {path}", param="ppl")
+        what = "is a directory, not a text file" if path.is_dir() else "not found"
+        raise UserError(f"perplexity text file {what}: {path}", param="ppl")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -57,7 +58,11 @@ def read_text_dataset(name_or_dir: str, split: str = "test", column: str = "text
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", param="ppl_dataset") from None
     if column not in ds.column_names:
         raise UserError(f"column '{column}' not in dataset; it has: {', '.join(ds.column_names)}", param="column")
-    return "\n\n".join(str(t) for t in ds[column])
+    feature = ds.features.get(column)
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):  # numbers, lists: no text to score
+        raise UserError(f"column '{column}' of the dataset holds {feature}, not text; give a string column with "
+                        "--column", param="column")
+    return "\n\n".join(t for t in ds[column] if t is not None)
 
 
 def perplexity(model, tokenizer, text: str, seq_len: int = 128, max_windows: int | None = None,
