@@ -248,3 +248,13 @@ def test_eval_refuses_a_dataset_column_that_is_not_text(tiny_llama, tmp_path, ca
     datasets.Dataset.from_dict({"text": ["hello world " * 50] * 4, "num": [1, 2, 3, 4]}).save_to_disk(tmp_path / "ds")
     assert "column 'num' of the dataset holds" in _one_error(
         capsys, "eval", str(tiny_llama), "--ppl-dataset", str(tmp_path / "ds"), "--column", "num", "--seq-len", "16")
+
+
+def test_eval_refuses_windows_past_the_context_as_run_does(tiny_llama, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat. " * 200)
+    assert "--seq-len 100000 is longer than the model's context of 512 tokens" in _one_error(
+        capsys, "eval", str(tiny_llama), "--ppl", str(text), "--seq-len", "16,100000", "--json")
+    code, out, err = run_main(capsys, "eval", str(tiny_llama), "--ppl", str(text), "--seq-len", "16,max",
+                              "--max-windows", "1", "--json")
+    assert code == 0 and set(json.loads(out)["ppl_by_seq_len"]) == {"16", "512"}, err

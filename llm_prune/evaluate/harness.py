@@ -48,6 +48,11 @@ def evaluate_model(model, tokenizer, *, ppl_file: str | Path | None = None, ppl_
     task_names = parse_tasks(list(tasks) if not isinstance(tasks, str) else tasks)
     max_len = model_max_length(model, default=2048)
     lens = _seq_lens(seq_len, max_len)
+    if ppl_text is not None or ppl_file is not None:
+        too_long = [n for n in lens if n > max_len]
+        if too_long:  # positions it never learnt; `run` and `prune` refuse such windows too
+            raise UserError(f"--seq-len {too_long[0]} is longer than the model's context of {max_len} tokens; "
+                            "use 'max' for the whole context", param="seq_len")
     if ppl_file is not None and ppl_text is None:
         ppl_text = read_text_file(ppl_file)
     model.eval()
@@ -56,10 +61,6 @@ def evaluate_model(model, tokenizer, *, ppl_file: str | Path | None = None, ppl_
     if ppl_text is not None:
         by_len: dict[str, dict] = {}
         for length in lens:
-            if length > max_len:
-                on_event(ProgressEvent(stage="eval", kind="warning",
-                                       message=f"seq_len {length} exceeds the model's {max_len} positions; using {max_len}"))
-                length = max_len
             by_len[str(length)] = perplexity(model, tokenizer, ppl_text, seq_len=length, max_windows=max_windows,
                                              batch_size=batch_size, on_event=on_event)
         results["ppl"] = next(iter(by_len.values()))
