@@ -36,3 +36,18 @@ def check_output_dir(path: str | Path, param: str = "output", label: str = "outp
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{label} {path} cannot be written: no write permission in {existing}", param=param)
     return out
+
+
+def check_output_file(path: str | Path, param: str = "output", label: str = "output") -> Path:
+    """Fail before any work unless PATH can be written as a file: not a directory, not a name the
+    file system refuses, in a folder that exists or can be created."""
+    out = Path(path).expanduser()
+    try:
+        is_dir = out.is_dir()
+    except (OSError, ValueError) as exc:  # a name longer than the file system takes, a NUL byte
+        raise UserError(f"{label} {str(path)[:80]!r} is not usable: {getattr(exc, 'strerror', None) or exc}",
+                        param=param) from None
+    if is_dir:
+        raise UserError(f"{label} {path} is a directory; give a file name", param=param)
+    check_output_dir(out.parent, param=param, label=label)
+    return out

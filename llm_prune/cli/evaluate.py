@@ -98,15 +98,9 @@ def eval_command(
     # Everything that can be refused is, before the evaluation, which may take hours.
     sources = [resolve_source(model)] + ([resolve_source(compare)] if compare else [])
     if output is not None:
-        from llm_prune.paths import check_output_dir
+        from llm_prune.paths import check_output_file
 
-        try:
-            is_dir = output.is_dir()
-        except OSError as exc:  # a name longer than the file system takes
-            raise UserError(f"--output {str(output)[:80]!r} is not usable: {exc.strerror or exc}", param="output") from None
-        if is_dir:
-            raise UserError(f"--output {output} is a directory; give a file name", param="output")
-        check_output_dir(output.parent, param="output")
+        check_output_file(output, label="--output")
         _check_not_an_input(output, sources, [ppl])
     record_dir = None
     if record:
