@@ -258,3 +258,13 @@ def test_eval_refuses_windows_past_the_context_as_run_does(tiny_llama, tmp_path,
     code, out, err = run_main(capsys, "eval", str(tiny_llama), "--ppl", str(text), "--seq-len", "16,max",
                               "--max-windows", "1", "--json")
     assert code == 0 and set(json.loads(out)["ppl_by_seq_len"]) == {"16", "512"}, err
+
+
+def test_mistyped_options_and_values_are_one_line(capsys):
+    """Usage errors (parsed before any command runs) read like every other refusal."""
+    assert "--limit" in _one_error(capsys, "eval", "m", "--limit", "0")
+    assert "No such option: --bogus" in _one_error(capsys, "prune", "m", "-o", "x", "--bogus")
+    assert "Missing option '--output'" in _one_error(capsys, "prune", "m")
+    assert "No such command 'nosuch'" in _one_error(capsys, "nosuch")
+    assert "requires an argument" in _one_error(capsys, "eval", "m", "--seq-len")
+    assert "integers of at least 2" in _one_error(capsys, "eval", "m", "--seq-len", "1", "--tasks", "piqa")

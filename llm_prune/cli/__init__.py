@@ -27,14 +27,37 @@ def _register() -> None:
         module.register(app)
 
 
+def _click_exceptions():
+    """Typer 0.2x carries its own copy of click; earlier releases use click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main(argv: list[str] | None = None) -> None:
+    click = _click_exceptions()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register()
     try:
-        app(args=argv, standalone_mode=True)
+        code = app(args=argv, standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except click.NoArgsIsHelpError as exc:  # `llm-prune jobs` alone: the group's help, as click shows it
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:  # a mistyped option or value: one line, like every other refusal
+        command = exc.ctx.command_path.partition(" ")[2] if exc.ctx is not None else ""
+        hint = f" (llm-prune {command} --help)".replace("  ", " ") if exc.ctx is not None else ""
+        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        code = 130
+    if code == 130:  # typer turns Ctrl-C into Exit(130), which comes back as the return value here
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode does

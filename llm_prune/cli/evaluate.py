@@ -11,18 +11,6 @@ import typer
 from llm_prune.errors import UserError, first_line
 
 
-def _seq_lens(values: list[str]) -> list[str]:
-    lens: list[str] = []
-    for value in values:
-        for part in (p.strip().lower() for p in value.split(",")):
-            if not part:
-                continue
-            if part != "max" and (not part.isdigit() or int(part) < 2):
-                raise UserError(f"--seq-len takes integers of at least 2 or 'max', got '{part}'", param="seq_len")
-            lens.append(part)
-    return lens or ["128"]
-
-
 def _check_not_an_input(output: Path, sources, files) -> None:
     """--output must not replace what the evaluation reads: a file of a model folder or the text."""
     target = output.expanduser().resolve()
@@ -86,13 +74,14 @@ def eval_command(
     """Perplexity, zero-shot accuracy (lm-eval prompts) and speed of MODEL."""
     from llm_prune.cli.common import emit_json
     from llm_prune.evaluate import format_table, parse_tasks, read_text_dataset, read_text_file, write_eval_results
+    from llm_prune.evaluate.harness import parse_seq_lens
     from llm_prune.models import resolve_source
     from llm_prune.progress import TqdmRenderer
 
     if ppl is not None and ppl_dataset is not None:
         raise UserError("give either --ppl FILE or --ppl-dataset, not both", param="ppl")
     task_names = parse_tasks(tasks)
-    lens = _seq_lens(seq_len)
+    lens = parse_seq_lens(seq_len)
     if ppl is None and ppl_dataset is None and not task_names and not speed:
         raise UserError("nothing to measure: give --ppl FILE, --ppl-dataset, --tasks and/or --speed", param="model")
     # Everything that can be refused is, before the evaluation, which may take hours.

@@ -20,18 +20,26 @@ def average_stderr(tasks: dict) -> float:
     return sum(v[v["metric"] + "_stderr"] ** 2 for v in tasks.values()) ** 0.5 / len(tasks)
 
 
-def _seq_lens(seq_len, model_max: int) -> list[int]:
-    """Window lengths: ints, or "max" for the model's context length; "128,2048" lists work too."""
+def parse_seq_lens(seq_len) -> list[int | str]:
+    """Window lengths as given: integers of at least 2, or "max" for the model's context length;
+    repeated and "128,2048" lists both work. Checked before any model is loaded."""
     if isinstance(seq_len, (int, str)):
         seq_len = [seq_len]
-    parts = [p.strip() for s in seq_len for p in str(s).split(",") if p.strip()]
-    try:
-        values = [model_max if p.lower() == "max" else int(p) for p in parts]
-    except ValueError:
-        raise UserError(f"--seq-len takes integers or 'max', got {','.join(parts)!r}", param="seq_len") from None
+    values: list[int | str] = []
+    for part in (p.strip().lower() for s in seq_len for p in str(s).split(",")):
+        if not part:
+            continue
+        if part != "max" and (not part.isdigit() or int(part) < 2):
+            raise UserError(f"--seq-len takes integers of at least 2 or 'max', got '{part}'", param="seq_len")
+        values.append(part if part == "max" else int(part))
     if not values:
         raise UserError("--seq-len needs at least one value", param="seq_len")
-    return list(dict.fromkeys(values))
+    return values
+
+
+def _seq_lens(seq_len, model_max: int) -> list[int]:
+    """`parse_seq_lens` with "max" made the model's context length, each length once."""
+    return list(dict.fromkeys(model_max if v == "max" else v for v in parse_seq_lens(seq_len)))
 
 
 def evaluate_model(model, tokenizer, *, ppl_file: str | Path | None = None, ppl_text: str | None = None,
