@@ -58,6 +58,7 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
     timings = {"load_s": time.perf_counter() - t0}
     shapes_before = layer_shapes(model)
     t1 = time.perf_counter()
+    applied = plan is not None
     if plan is None:
         from llm_prune.prune import prune_model
 
@@ -72,13 +73,17 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
         timings["score_s"] = 0.0
     timings["prune_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
-    meta = {"recipe": recipe.model_dump(), "base_model": recipe.model}
+    record = recipe.model_dump()
+    if applied:  # the pruning settings did not run: the card and config must not claim they did
+        record["pruning"] = {"plan": "a saved plan.json re-applied: its kept heads, channels and layers, "
+                                     "sliced weights (no scoring, no reconstruction)"}
+    meta = {"recipe": record, "base_model": recipe.model}
     info = export_checkpoint(model, tok, out, extra_meta=meta)
     plan.save(out / "plan.json")
     timings["export_s"] = time.perf_counter() - t2
     measured = {"params_before": before, "params_after": after, "removed_fraction": 1 - after / before,
                 "timings": timings, "peak_rss_bytes": peak_rss_bytes()}
-    (out / "README.md").write_text(model_card(base_model=recipe.model, recipe=recipe.model_dump(),
+    (out / "README.md").write_text(model_card(base_model=recipe.model, recipe=record,
                                               shapes=layer_shapes(model), params_before=before,
                                               params_after=after, needs_remote_code=info["needs_remote_code"],
                                               metrics=measured))

@@ -89,6 +89,17 @@ def test_plan_json_reapplies_to_another_copy(tiny_llama, tmp_path, capsys):
     a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert PrunePlan.load(second / "plan.json") == PrunePlan.load(first / "plan.json")
+    # What ran is what the checkpoint says: the plan, not the default pruning settings.
+    recorded = json.loads((second / "config.json").read_text())["llm_prune"]["recipe"]["pruning"]
+    assert list(recorded) == ["plan"] and "no reconstruction" in recorded["plan"]
+    assert '"reconstruct"' not in (second / "README.md").read_text()
+    # Pruning options would be ignored beside a plan: refused, naming them.
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", str(tiny_llama), "--plan", str(first / "plan.json"), "-o", str(tmp_path / "third"),
+              "--prune-layers", "2", "--importance", "taylor"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "would not be used" in err and "--prune-layers" in err and "--importance" in err
+    assert not (tmp_path / "third").exists()
 
 
 def test_a_plan_for_another_model_is_refused(tiny_llama, tiny_qwen2, tmp_path, capsys):

@@ -45,6 +45,7 @@ def register(app: typer.Typer) -> None:
         recipe = recipe_from_data({"model": model, **recipe_data}, FLAGS)
         if saved is not None:
             check_plan_budget(saved, recipe.budget)  # the plan fixes the cut: a budget flag must agree
+            _check_no_pruning_flags(recipe_data)
         recipe.check_files()
         check_output_dir(output)
         _check_not_input(model, output)
@@ -80,6 +81,18 @@ def register(app: typer.Typer) -> None:
             emit_json(summary)
             return
         typer.echo(render_table(summary))
+
+
+def _check_no_pruning_flags(recipe_data: dict) -> None:
+    """A saved plan fixes every unit and layer and is applied without scoring or reconstruction, so
+    a pruning option given with it would be silently ignored."""
+    from llm_prune.cli.recipe_flags import flag_for
+
+    given = [flag_for(FLAGS, f"pruning.{key}") or key for key in recipe_data.get("pruning", {})]
+    if given:
+        raise UserError(f"--plan fixes the cut and is applied without scoring or reconstruction: "
+                        f"{', '.join(given)} would not be used; drop {'them' if len(given) > 1 else 'it'}, or prune "
+                        "without --plan", param="plan")
 
 
 def _check_not_input(model: str, output: Path) -> None:
