@@ -101,3 +101,8 @@ def test_ppl_text_from_saved_dataset(tmp_path):
         read_text_dataset(str(tmp_path / "ds"), split="test", column="body")
     with pytest.raises(UserError, match="split 'train' not in"):
         read_text_dataset(str(tmp_path / "ds"), split="train")
+    assert read_text_dataset(str(tmp_path / "ds")) == "a b\n\nc d"  # test, by default
+    datasets.Dataset.from_dict({"text": ["e f"]}).save_to_disk(str(tmp_path / "one"))
+    assert read_text_dataset(str(tmp_path / "one")) == "e f"
+    with pytest.raises(UserError, match="single split; --split train does not apply"):
+        read_text_dataset(str(tmp_path / "one"), split="train")

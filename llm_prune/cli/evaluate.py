@@ -50,7 +50,7 @@ def eval_command(
     ppl: Optional[Path] = typer.Option(None, "--ppl", help="Text file for perplexity."),
     ppl_dataset: Optional[str] = typer.Option(None, "--ppl-dataset",
                                               help="`datasets` name or saved folder for perplexity."),
-    split: str = typer.Option("test", "--split", help="Split of --ppl-dataset."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of --ppl-dataset (default: test)."),
     column: str = typer.Option("text", "--column", help="Text column of --ppl-dataset."),
     seq_len: List[str] = typer.Option(["128"], "--seq-len",
                                       help="Perplexity window(s): repeat or comma-separate, e.g. 128,2048; "

@@ -36,15 +36,19 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
-def read_text_dataset(name_or_dir: str, split: str = "test", column: str = "text") -> str:
+def read_text_dataset(name_or_dir: str, split: str | None = None, column: str = "text") -> str:
     """Rows of a `datasets` dataset (saved folder or hub name) joined by blank lines, as LLM-Pruner
-    joins WikiText-2."""
+    joins WikiText-2. `split` defaults to "test"; a folder saved as one split has none to choose."""
     import datasets
 
     local = Path(name_or_dir).expanduser()
+    given, split = split is not None, split or "test"
     try:
         if local.is_dir():
             ds = datasets.load_from_disk(str(local))
+            if not isinstance(ds, datasets.DatasetDict) and given:  # the flag would be silently ignored
+                raise UserError(f"{name_or_dir} is a single split; --split {split} does not apply to it",
+                                param="split")
             if isinstance(ds, datasets.DatasetDict):
                 if split not in ds:
                     raise UserError(f"split '{split}' not in {name_or_dir}; it has: {', '.join(ds)}", param="split")
