@@ -9,8 +9,10 @@ import hashlib
 import json
 import os
 import tarfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import quote
 
 import httpx
 
@@ -18,6 +20,8 @@ from llm_prune.errors import UserError, first_line
 from llm_prune.paths import check_output_dir
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+STREAM_READ_TIMEOUT = 60.0  # the server sends a keep-alive every 15 s while a job is quiet
+RECONNECTS = 5  # a followed event stream that breaks is resumed from its last event this many times
 
 
 class Client:
@@ -29,7 +33,14 @@ class Client:
             raise UserError("the API key must be printable ASCII (keys look like lp-...); check --api-key or "
                             "LLM_PRUNE_API_KEY", param="api_key")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        try:
+            self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        except (httpx.InvalidURL, ValueError) as exc:
+            raise UserError(f"invalid server URL '{self.base_url}': {first_line(exc, 200)}; expected e.g. "
+                            f"{DEFAULT_SERVER}", param="server") from None
+        # Streams wait for the next event or chunk at most this long: a server that stops answering
+        # mid-stream is reported instead of waited on forever.
+        self.stream_timeout = (timeout, max(timeout, STREAM_READ_TIMEOUT), timeout, timeout)  # connect, read, write, pool
 
     def close(self) -> None:
         self.http.close()
@@ -43,10 +54,23 @@ class Client:
     def _call(self, method: str, path: str, **kw) -> Any:
         try:
             r = self.http.request(method, path, **kw)
-        except httpx.TransportError as exc:
-            raise UserError(f"cannot reach the server at {self.base_url}: {exc}") from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # unreachable, timed out, undecodable body
+            raise UserError(f"cannot reach the server at {self.base_url}: {first_line(exc, 200)}") from None
         _raise_for_error(r)
-        return r.json()
+        return self._api_object(r)
+
+    def _api_object(self, r: httpx.Response) -> dict:
+        """The body of a successful answer, which is always an API object; anything else means the
+        URL is not an llm-prune server (another service, a proxy's page, a redirect)."""
+        try:
+            data = r.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or "object" not in data:
+            kind = r.headers.get("content-type", "no content type").split(";")[0]
+            raise UserError(f"{self.base_url} did not answer as an llm-prune server (HTTP {r.status_code}, {kind}); "
+                            "check --server / LLM_PRUNE_SERVER", param="server")
+        return data
 
     # --- files and jobs -------------------------------------------------------------------
     def upload(self, path: str | Path, purpose: str = "recovery") -> dict:
@@ -64,44 +88,60 @@ class Client:
         return self._call("GET", "/v1/jobs", params=params)
 
     def job(self, job_id: str) -> dict:
-        return self._call("GET", f"/v1/jobs/{job_id}")
+        return self._call("GET", f"/v1/jobs/{_segment(job_id)}")
 
     def cancel(self, job_id: str) -> dict:
-        return self._call("POST", f"/v1/jobs/{job_id}/cancel")
+        return self._call("POST", f"/v1/jobs/{_segment(job_id)}/cancel")
 
     def retry(self, job_id: str) -> dict:
-        return self._call("POST", f"/v1/jobs/{job_id}/retry")
+        return self._call("POST", f"/v1/jobs/{_segment(job_id)}/retry")
 
     def delete(self, job_id: str) -> dict:
-        return self._call("DELETE", f"/v1/jobs/{job_id}")
+        return self._call("DELETE", f"/v1/jobs/{_segment(job_id)}")
 
     def events(self, job_id: str, after: int | None = None, limit: int = 100) -> dict:
         params = {"limit": limit, **({"after": after} if after is not None else {})}
-        return self._call("GET", f"/v1/jobs/{job_id}/events", params=params)
+        return self._call("GET", f"/v1/jobs/{_segment(job_id)}/events", params=params)
 
     def stream_events(self, job_id: str, after: int | None = None) -> Iterator[dict]:
-        """Server-Sent Events until the job ends; yields event objects, then {'end': status}."""
-        params = {"stream": "true", **({"after": after} if after is not None else {})}
-        try:
-            with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params=params, timeout=None) as r:
-                if r.status_code >= 400:
-                    r.read()
-                    _raise_for_error(r)
-                name = None
-                for line in r.iter_lines():
-                    if line.startswith("event:"):
-                        name = line.split(":", 1)[1].strip()
-                    elif line.startswith("data:"):
-                        data = json.loads(line.split(":", 1)[1])
-                        if name == "end":
-                            yield {"end": data.get("status")}
-                            return
-                        yield data
-        except httpx.TransportError as exc:
-            raise UserError(f"lost the event stream from {self.base_url}: {exc}") from None
+        """Server-Sent Events until the job ends; yields event objects, then {'end': status}. A
+        stream that breaks (a restarted server, a dropped connection) is resumed from the last
+        event received, as an SSE client does, up to `RECONNECTS` times in a row."""
+        path, failures = f"/v1/jobs/{_segment(job_id)}/events", 0
+        while True:
+            params = {"stream": "true", **({"after": after} if after is not None else {})}
+            try:
+                with self.http.stream("GET", path, params=params, timeout=self.stream_timeout) as r:
+                    if r.status_code >= 400:
+                        r.read()
+                        _raise_for_error(r)
+                    if not r.headers.get("content-type", "").startswith("text/event-stream"):
+                        r.read()
+                        self._api_object(r)  # refuses what is not ours; an API object is not a stream either
+                        raise UserError(f"{self.base_url} did not answer with an event stream", param="server")
+                    name = None
+                    for line in r.iter_lines():
+                        if line.startswith("event:"):
+                            name = line.split(":", 1)[1].strip()
+                        elif line.startswith("data:"):
+                            data = json.loads(line.split(":", 1)[1])
+                            if name == "end":
+                                yield {"end": data.get("status")}
+                                return
+                            after, failures = data.get("id", after), 0
+                            yield data
+                reason = "the server closed the stream"
+            except (httpx.HTTPError, ValueError) as exc:  # transport, timeout, decoding; a garbled data line
+                reason = first_line(exc, 200)
+            failures += 1
+            if failures > RECONNECTS:
+                resume = f" --after {after}" if after is not None else ""
+                raise UserError(f"lost the event stream from {self.base_url} ({reason}); run `llm-prune jobs events "
+                                f"{job_id} -f{resume}` to continue")
+            time.sleep(min(2.0 * failures, 10.0))
 
     def checkpoints(self, job_id: str) -> list[dict]:
-        return self._call("GET", f"/v1/jobs/{job_id}/checkpoints")["data"]
+        return self._call("GET", f"/v1/jobs/{_segment(job_id)}/checkpoints")["data"]
 
     def download(self, job_id: str, out_dir: str | Path, name: str = "final", progress=None) -> Path:
         """Stream the checkpoint's .tar, check its sha256, unpack it; returns the model directory."""
@@ -122,7 +162,7 @@ class Client:
         have = part.stat().st_size if part.exists() and part.stat().st_size < ckpt["archive_bytes"] else 0
         headers = {"Range": f"bytes={have}-", "If-Range": f'"{ckpt["archive_sha256"]}"'} if have else {}
         try:
-            with self.http.stream("GET", ckpt["archive_url"], headers=headers, timeout=None) as r:
+            with self.http.stream("GET", ckpt["archive_url"], headers=headers, timeout=self.stream_timeout) as r:
                 if r.status_code >= 400:
                     r.read()
                     _raise_for_error(r)
@@ -134,7 +174,7 @@ class Client:
                         fh.write(chunk)
                         if progress is not None:
                             progress(len(chunk), ckpt["archive_bytes"])
-        except httpx.TransportError as exc:  # the connection broke: what arrived stays in the .part file
+        except httpx.HTTPError as exc:  # the connection broke or stalled: what arrived stays in the .part file
             got = part.stat().st_size if part.exists() else 0
             raise UserError(f"download of {name} was interrupted after {got:,} of {ckpt['archive_bytes']:,} bytes "
                             f"({first_line(exc, 200)}); run the command again to resume") from None
@@ -146,8 +186,12 @@ class Client:
             part.unlink()
             raise UserError(f"download of {name} is corrupt (sha256 mismatch); try again")
         part.replace(tar_path)
-        with tarfile.open(tar_path) as tar:
-            tar.extractall(out, filter="data")
+        try:
+            with tarfile.open(tar_path) as tar:
+                tar.extractall(out, filter="data")  # refuses members outside `out`, links, devices
+        except (tarfile.TarError, OSError) as exc:
+            raise UserError(f"could not unpack the {name} checkpoint into {out}: {first_line(exc, 200)}; the archive "
+                            f"is kept at {tar_path}") from None
         tar_path.unlink()
         return out / name
 
@@ -158,6 +202,15 @@ def _raise_for_error(r: httpx.Response) -> None:
     try:
         err = r.json()["error"]
         message, param, code = err["message"], err.get("param"), err.get("code") or "api_error"
+        if not isinstance(message, str) or not message:
+            raise TypeError
     except (ValueError, KeyError, TypeError):
-        message, param, code = f"server answered {r.status_code}: {r.text[:200]}", None, "api_error"
+        message, param, code = f"server answered {r.status_code}: {r.text[:200]}".rstrip(": "), None, "api_error"
     raise UserError(message, param=param, code=code)
+
+
+def _segment(job_id: str) -> str:
+    """A job id as one path segment: `/`, `?`, `#` and `..` in it cannot reach another route."""
+    if not job_id.strip():
+        raise UserError("give a job id (job-...)", param="job_id")
+    return quote(job_id, safe="")

@@ -46,4 +46,11 @@ def storage_fault(exc: BaseException) -> tuple[int, str, str] | None:
         if "full" in str(getattr(exc, "orig", None) or exc).lower():  # SQLite's "database or disk is full"
             return full
         return 503, "the job database is busy or unreachable; try again shortly", "store_unavailable"
+    if isinstance(exc, DBAPIError) and _missing_table(exc):  # the database was replaced behind the server
+        return 503, "the job database has lost its tables; the operator must restart the server", "store_unavailable"
     return None
+
+
+def _missing_table(exc) -> bool:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) == "42P01" or "no such table" in str(orig or exc).lower()

@@ -41,6 +41,11 @@ class RequestGuard:
         headers = Headers(scope=scope)
         has_body = "content-length" in headers or "transfer-encoding" in headers
         close = {"Connection": "close"} if has_body else {}
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            # No id, cursor or name holds one, and PostgreSQL refuses it in a query's parameters.
+            response = self.error_response(400, "the request's path or query has a NUL character (%00)", None,
+                                           "invalid_characters", headers=close)
+            return await response(scope, receive, send)
         if scope["path"].startswith("/v1/"):
             client = scope.get("client") or ("", 0)
             try:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from llm_prune.errors import UserError
 from llm_prune.recipe import DataConfig, Recipe
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -18,28 +19,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+MAX_DEPTH = 64  # nesting a job body may have (metadata included); the response must serialise it back
+
+
 def storable_json(value: Any) -> None:
     """Refuse what JSON can carry but a job cannot keep: text with unpaired surrogates (a `\\ud800`
-    escape; not UTF-8, so neither the database nor a response can hold it) and NaN or Infinity
-    (not JSON at all, though Python's parser reads them), anywhere in a body, keys included.
+    escape; not UTF-8, so neither the database nor a response can hold it), text with a NUL
+    character (PostgreSQL's text cannot hold it), NaN or Infinity (not JSON at all, though Python's
+    parser reads them), and nesting deeper than `MAX_DEPTH`, anywhere in a body, keys included.
     Iterative: a body may be nested as deep as the parser allowed."""
-    stack: list[tuple[str, Any]] = [("", value)]
+    stack: list[tuple[str, Any, int]] = [("", value, 0)]
     while stack:
-        where, item = stack.pop()
+        where, item, depth = stack.pop()
         if isinstance(item, str):
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
-                raise ValueError(f"{where[:200] or 'body'}: text with an unpaired surrogate is not valid "
-                                 "Unicode") from None
+                raise _refused(where, "text with an unpaired surrogate is not valid Unicode") from None
+            if "\x00" in item:
+                raise _refused(where, "text with a NUL character cannot be stored")
         elif isinstance(item, float) and not math.isfinite(item):
-            raise ValueError(f"{where[:200] or 'body'}: {item} is not a JSON number")
+            raise _refused(where, f"{item} is not a JSON number")
+        elif isinstance(item, (dict, list)) and depth >= MAX_DEPTH:
+            raise _refused(where, f"nested deeper than {MAX_DEPTH} levels")
         elif isinstance(item, dict):
             for key, sub in item.items():
-                stack.append((where, key))
-                stack.append((f"{where}.{key}" if where else str(key), sub))
+                stack.append((where, key, depth))
+                stack.append((f"{where}.{key}" if where else str(key), sub, depth + 1))
         elif isinstance(item, list):
-            stack.extend((f"{where}[{i}]", sub) for i, sub in enumerate(item))
+            stack.extend((f"{where}[{i}]", sub, depth + 1) for i, sub in enumerate(item))
+
+
+def _refused(where: str, why: str) -> UserError:
+    """A 400 naming the field (a UserError passes through pydantic's validation untouched)."""
+    where = where[:200]
+    return UserError(f"{where or 'body'}: {why}", param=where or None)
 
 
 class _Body(_Strict):

@@ -10,6 +10,7 @@ per-key advisory lock on PostgreSQL, so the per-key limit holds under any concur
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import time
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from llm_prune.errors import UserError, first_line
+from service.errors import ConflictError
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -208,12 +210,27 @@ class Store:
             return list(s.scalars(select(FileRow).where(FileRow.owner == owner).order_by(FileRow.seq.desc())))
 
     def delete_file(self, owner: str, file_id: str) -> bool:
-        with self.session.begin() as s:
-            return s.execute(delete(FileRow).where(FileRow.id == file_id, FileRow.owner == owner)).rowcount > 0
+        """Delete an upload no active job of its owner uses. Under the owner's admission lock, so a
+        job submitted meanwhile either sees the file gone or holds it (see `create_job`)."""
+        with self._admission(owner) as s:
+            row = s.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.owner == owner))
+            if row is None:
+                return False
+            for job in s.scalars(select(JobRow).where(JobRow.owner == owner, JobRow.status.in_(ACTIVE))):
+                r = job.recipe
+                if row.path in ((r.get("data") or {}).get("pool"), (r.get("evaluation") or {}).get("ppl"),
+                                (r.get("pruning") or {}).get("calibration")):
+                    raise ConflictError(f"file {file_id} is used by {job.status} job {job.id}; delete it once the "
+                                        "job ends", param="file_id", code="file_in_use")
+            s.delete(row)
+        return True
 
     # --- jobs -----------------------------------------------------------------------------
     def create_job(self, owner: str, model: str, request: dict, recipe: dict, *, max_attempts: int,
-                   max_active: int | None = None, job_id: str | None = None) -> JobRow:
+                   max_active: int | None = None, job_id: str | None = None,
+                   files: dict[str, str] | None = None) -> JobRow:
+        """Admit a job; `files` ({param: upload id}) must still exist when it is added (an upload
+        deleted since the body was checked is refused, not left for the job to miss)."""
         now = time.time()
         row = JobRow(id=job_id or new_id("job"), owner=owner, status="queued", model=model, request=request,
                      recipe=recipe, metrics={}, created_at=now, updated_at=now, max_attempts=max_attempts,
@@ -221,6 +238,9 @@ class Store:
         with self._admission(owner) as s:
             if max_active is not None:
                 self._check_active(s, owner, max_active)
+            for param, file_id in (files or {}).items():
+                if s.scalar(select(FileRow.id).where(FileRow.id == file_id, FileRow.owner == owner)) is None:
+                    raise UserError(f"{param}: no file with id '{file_id}'", param=param, code="file_not_found")
             s.add(row)
         return row
 
@@ -340,8 +360,13 @@ class Store:
         return owned, cancel
 
     def record(self, job_id: str, worker_id: str, events: Iterable[dict], **job_fields: Any) -> bool:
-        """Append events and update the job's progress fields, if the lease is still ours."""
+        """Append events and update the job's progress fields, if the lease is still ours. Progress
+        never goes back: a resumed attempt restarts its stage's count, not the job's."""
         now = time.time()
+        job_fields, events = storable(job_fields), storable(list(events))
+        if job_fields.get("progress") is not None:
+            value = job_fields["progress"]
+            job_fields["progress"] = case((JobRow.progress > value, JobRow.progress), else_=value)
         with self.session.begin() as s:
             owned = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker_id,
                                                    JobRow.status == "running")
@@ -371,7 +396,7 @@ class Store:
         job = self.get_job(job_id)
         if job is None:
             return None
-        now = time.time()
+        now, reason = time.time(), storable(reason)
         if job.attempts >= job.max_attempts:
             status = "failed"
             message = f"{reason}; gave up after {job.attempts} attempts"
@@ -391,13 +416,20 @@ class Store:
         return status if won else None
 
     def release(self, job_id: str, worker_id: str) -> bool:
-        """A worker shutting down hands its job back; the attempt does not count."""
+        """A worker shutting down hands its job back; the attempt does not count, and the events say
+        so (the next start reads as the same attempt again)."""
         now = time.time()
         with self.session.begin() as s:
-            return s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker_id,
-                                                  JobRow.status == "running")
-                             .values(status="queued", lease_owner=None, lease_expires=None, updated_at=now,
-                                     attempts=JobRow.attempts - 1)).rowcount > 0
+            won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker_id,
+                                                 JobRow.status == "running")
+                            .values(status="queued", lease_owner=None, lease_expires=None, updated_at=now,
+                                    attempts=JobRow.attempts - 1)).rowcount > 0
+            if won:
+                stage = s.scalar(select(JobRow.stage).where(JobRow.id == job_id))
+                s.add(EventRow(job_id=job_id, created_at=now, kind="warning", stage=stage or "job", metrics={},
+                               message="the worker shut down; job handed back, it resumes after its last "
+                                       "finished stage (the attempt does not count)"))
+        return won
 
     def requeue_expired(self, now: float | None = None) -> list[tuple[str, str]]:
         """Jobs whose worker stopped heartbeating: requeue (they resume from their last finished
@@ -437,6 +469,21 @@ class Store:
         with self.session() as s:
             rows = list(s.scalars(q.order_by(EventRow.id).limit(limit + 1)))
         return rows[:limit], len(rows) > limit
+
+
+def storable(value: Any) -> Any:
+    """What a worker writes, made storable in every database: NaN and Infinity (a diverged loss;
+    not JSON, which PostgreSQL refuses) become null, and a NUL character (PostgreSQL text cannot hold
+    one; it can come from an exception quoting its input) becomes U+FFFD."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [storable(v) for v in value]
+    return value
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

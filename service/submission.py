@@ -37,6 +37,27 @@ def check_model(spec: str, settings: Settings) -> ModelSource:
         return source
     refused = UserError(f"model path {spec} is not a model directory or .gguf file inside the server's allowed "
                         "model roots", param="model", code="model_not_allowed")
+    real = _inside_roots(spec, settings, refused)
+    try:
+        return resolve_source(str(real))
+    except UserError:
+        raise refused from None
+
+
+def check_embedding_model(spec: str, settings: Settings) -> None:
+    """PASER's embedding model is loaded on the server too: a path must be a folder inside the
+    allowed model roots, refused in the same words whether or not it exists; hub ids pass."""
+    spec = spec.strip()
+    if not looks_like_path(spec):
+        return
+    refused = UserError(f"data.embedding_model path {spec} is not a model directory inside the server's allowed "
+                        "model roots", param="data.embedding_model", code="model_not_allowed")
+    if not _inside_roots(spec, settings, refused).is_dir():
+        raise refused
+
+
+def _inside_roots(spec: str, settings: Settings, refused: UserError) -> Path:
+    """`spec` resolved (symlinks and `..` included), or `refused` unless it lies in a model root."""
     if not os.path.isabs(os.path.expanduser(spec)):
         raise refused
     try:
@@ -45,10 +66,7 @@ def check_model(spec: str, settings: Settings) -> ModelSource:
         raise refused from None
     if not any(real == root or real.is_relative_to(root) for root in settings.model_roots):
         raise refused
-    try:
-        return resolve_source(str(real))
-    except UserError:
-        raise refused from None
+    return real
 
 
 def _hub_offline() -> bool:
@@ -138,6 +156,8 @@ def build_recipe(body: JobCreate, owner: str, store: Store, settings: Settings) 
     recipe = body.model_dump(exclude_none=True, exclude={"data"})
     recipe["budget"] = body.budget.model_dump(exclude_none=True)
     if body.data is not None:
+        if body.data.embedding_model:
+            check_embedding_model(body.data.embedding_model, settings)
         data = body.data.model_dump(exclude_none=True, exclude={"file_id"})
         data["pool"] = _file_path(store, owner, body.data.file_id, "data.file_id", "recovery")
         recipe["data"] = data

@@ -134,3 +134,74 @@ def test_good_flags_still_start(tmp_path, monkeypatch):
                                             "--db", f"sqlite:///{tmp_path / 'jobs.db'}"])
     assert result.exit_code == 0, result.output
     assert ran == ["cpu"]
+
+
+def _client_on(handler):
+    """A Client whose requests go to `handler(request) -> httpx.Response` instead of a socket."""
+    import httpx
+
+    from service.client import Client
+
+    client = Client("http://srv.test", api_key="lp-x")
+    client.http = httpx.Client(base_url=client.base_url, transport=httpx.MockTransport(handler))
+    return client
+
+
+def test_client_answers_that_are_not_ours_are_one_line_errors():
+    import httpx
+
+    from service.client import Client
+
+    with pytest.raises(UserError, match="invalid server URL"):
+        Client("http://[::1")
+    seen = []
+
+    def handler(request):
+        seen.append(request.url.raw_path.decode())
+        if request.url.path.endswith("html"):
+            return httpx.Response(200, text="<html>login</html>", headers={"content-type": "text/html"})
+        if "nullmsg" in request.url.raw_path.decode():
+            return httpx.Response(500, json={"error": {"message": None}})
+        if "gzip" in request.url.raw_path.decode():
+            return httpx.Response(200, content=b"not gzip", headers={"content-encoding": "gzip"})
+        return httpx.Response(404, json={"error": {"message": "no job", "type": "not_found_error", "param": "job_id",
+                                                   "code": None}})
+
+    client = _client_on(handler)
+    with pytest.raises(UserError, match="give a job id"):
+        client.job(" ")
+    with pytest.raises(UserError, match="no job"):  # `/`, `?`, `..` stay inside the one path segment
+        client.job("../../healthz?x=1")
+    assert seen[-1] == "/v1/jobs/..%2F..%2Fhealthz%3Fx%3D1"
+    with pytest.raises(UserError, match=r"did not answer as an llm-prune server \(HTTP 200, text/html\)"):
+        client.job("html")
+    with pytest.raises(UserError, match="^server answered 500"):
+        client.job("nullmsg")
+    with pytest.raises(UserError, match="cannot reach the server"):
+        client.job("gzip")
+
+
+def test_a_followed_event_stream_resumes_after_a_break(monkeypatch):
+    import httpx
+
+    import service.client as client_module
+
+    monkeypatch.setattr(client_module.time, "sleep", lambda s: None)
+    afters = []
+
+    def handler(request):
+        afters.append(request.url.params.get("after"))
+        sse = {"content-type": "text/event-stream"}
+        if len(afters) == 1:  # the server restarts after one event
+            return httpx.Response(200, headers=sse, text='id: 7\nevent: progress\ndata: {"id": 7, "kind": "progress"}\n\n')
+        return httpx.Response(200, headers=sse, text='id: 8\nevent: stage_end\ndata: {"id": 8, "kind": "stage_end"}\n\n'
+                                                     'event: end\ndata: {"status": "succeeded"}\n\n')
+
+    got = list(_client_on(handler).stream_events("job-1"))
+    assert [e.get("id", e.get("end")) for e in got] == [7, 8, "succeeded"] and afters == [None, "7"]
+    afters.clear()
+    broken = _client_on(lambda request: afters.append(1) or httpx.Response(
+        200, headers={"content-type": "text/event-stream"}, text=": keep-alive\n\n"))
+    with pytest.raises(UserError, match=r"lost the event stream .* run `llm-prune jobs events job-1 -f` to continue"):
+        list(broken.stream_events("job-1"))
+    assert len(afters) == client_module.RECONNECTS + 1

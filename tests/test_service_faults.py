@@ -115,7 +115,7 @@ def test_an_interrupted_download_is_one_line_and_keeps_what_arrived(tmp_path):
 
     def handler(request):
         if request.url.path.endswith("/checkpoints"):
-            return httpx.Response(200, json={"data": [ckpt]})
+            return httpx.Response(200, json={"object": "list", "data": [ckpt]})
         return httpx.Response(200, headers={"Content-Length": str(size)}, stream=CutOff())
 
     client = Client("http://test", api_key="k")

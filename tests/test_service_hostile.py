@@ -432,3 +432,46 @@ def test_retry_refused_when_the_jobs_upload_is_gone(env):
                code="file_not_found")
     assert pool in err["message"]
     assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["status"] == "failed"
+
+
+def test_nul_characters_and_deep_nesting_are_400_before_the_store_sees_them(env, tiny_llama):
+    """PostgreSQL refuses a NUL in any text it is given (ids, cursors, stored bodies), and a body
+    nested past a few hundred levels cannot be serialised back: both are the client's, not a 500."""
+    client, _, _, (alice, _) = env
+    for method, url in (("GET", "/v1/jobs?after=a%00b"), ("GET", "/v1/jobs/job-%00x"),
+                        ("DELETE", "/v1/jobs/job-%00x"), ("POST", "/v1/jobs/job-%00x/cancel"),
+                        ("GET", "/v1/jobs/job-%00x/events"), ("GET", "/v1/files/file-%00x")):
+        _err(client.request(method, url, headers=alice), 400, code="invalid_characters")
+    for body in ({**MIN, "data": {"file_id": "f\u0000"}}, {**MIN, "evaluation": {"ppl": "f\u0000"}},
+                 {**MIN, "recovery": {"target_modules": ["q_proj\u0000evil"]}}, {**MIN, "metadata": {"k\u0000": 1}}):
+        assert "NUL" in _err(client.post("/v1/jobs", headers=alice, json=body), 400)["message"]
+    deep: dict = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    assert "nested deeper than" in _err(client.post("/v1/jobs", headers=alice, json={**MIN, "metadata": deep}),
+                                        400)["message"]
+    assert client.get("/v1/jobs", headers=alice).json()["data"] == []
+
+
+def test_embedding_model_paths_stay_inside_the_model_roots(env, tiny_llama):
+    """PASER's embedder is loaded on the server too: the same roots and the same words as `model`."""
+    client, _, _, (alice, _) = env
+    pool = client.post("/v1/files", headers=alice, data={"purpose": "recovery"},
+                       files={"file": ("p.jsonl", b'{"instruction": "a", "output": "b"}\n')}).json()["id"]
+    messages = []
+    for spec in ("/etc/passwd", "/nonexistent/dir", "/root", "../../../../etc", str(tiny_llama.parent / "missing")):
+        body = {**MIN, "model": str(tiny_llama), "data": {"file_id": pool, "embedding_model": spec}}
+        err = _err(client.post("/v1/jobs", headers=alice, json=body), 400, "data.embedding_model", "model_not_allowed")
+        messages.append(err["message"].replace(spec, "<path>"))
+    assert len(set(messages)) == 1, messages
+    ok = {**MIN, "model": str(tiny_llama), "data": {"file_id": pool, "embedding_model": str(tiny_llama)}}
+    assert client.post("/v1/jobs", headers=alice, json=ok).status_code == 200
+
+
+def test_deleting_a_job_that_is_stopping_says_so(env):
+    client, store, _, (alice, _) = env
+    job = client.post("/v1/jobs", headers=alice, json=MIN).json()
+    store.claim("w1", "cpu", 30)
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice).status_code == 200
+    err = _err(client.delete(f"/v1/jobs/{job['id']}", headers=alice), 409, code="job_running")
+    assert "stopping (cancel accepted)" in err["message"]

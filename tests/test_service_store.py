@@ -140,6 +140,8 @@ def test_release_and_delete(store):
     assert store.release(job.id, "w1")
     row = store.get_job(job.id)
     assert row.status == "queued" and row.attempts == 0
+    (event,) = store.list_events(job.id)[0]  # the next start is the same attempt again: the events say why
+    assert event.kind == "warning" and "handed back" in event.message
     assert store.delete_job("k1", job.id) and store.get_job(job.id) is None
 
 
@@ -179,3 +181,50 @@ def test_cancel_accepted_while_finishing_ends_cancelled(store):
     store.finish(done.id, "w1", "succeeded")
     row, accepted = store.request_cancel("k1", done.id)
     assert not accepted and row.status == "succeeded" and not row.cancel_requested
+
+
+def test_what_a_worker_writes_is_stored_in_every_database(store):
+    """A diverged loss (NaN, inf) and a NUL quoted from the user's input would make PostgreSQL refuse
+    the write, and the job's real error would be lost to a lease timeout."""
+    job = _job(store)
+    store.claim("w1", "cpu", 30)
+    nan, inf = float("nan"), float("inf")
+    assert store.record(job.id, "w1", [{"kind": "eval", "stage": "recover", "message": "bad\x00name",
+                                         "metrics": {"eval_loss": nan, "grad": [inf, 1.5]}}],
+                        metrics={"recover": {"eval_loss": nan}})
+    assert store.finish(job.id, "w1", "failed", error={"message": "no layer named q\x00x", "type": "user_error",
+                                                       "param": None, "code": None})
+    row = store.get_job(job.id)
+    assert row.status == "failed" and row.error["message"] == "no layer named q\ufffdx"
+    assert row.metrics == {"recover": {"eval_loss": None}}
+    (event,) = store.list_events(job.id)[0]
+    assert event.message == "bad\ufffdname" and event.metrics == {"eval_loss": None, "grad": [None, 1.5]}
+
+
+def test_progress_never_goes_back(store):
+    """A resumed attempt restarts its stage's count; the job's progress holds (README: never decreasing)."""
+    job = _job(store)
+    store.claim("w1", "cpu", 30)
+    store.record(job.id, "w1", [], progress=0.87)
+    store.record(job.id, "w1", [], progress=0.73)
+    assert store.get_job(job.id).progress == pytest.approx(0.87)
+    store.record(job.id, "w1", [], progress=0.9)
+    assert store.get_job(job.id).progress == pytest.approx(0.9)
+
+
+def test_a_file_deleted_before_admission_is_refused_and_a_used_one_is_kept(store):
+    from llm_prune.errors import UserError
+    from service.errors import ConflictError
+
+    row = store.add_file(id="file-a", owner="k1", filename="p.jsonl", purpose="recovery", bytes=1, sha256="0" * 64,
+                         records=1, path="/srv/files/file-a/p.jsonl")
+    assert store.delete_file("k1", "file-a") and store.get_job is not None
+    with pytest.raises(UserError, match="data.file_id: no file with id 'file-a'"):
+        _job(store, files={"data.file_id": "file-a"})
+    store.add_file(id="file-b", owner="k1", filename="p.jsonl", purpose="recovery", bytes=1, sha256="0" * 64,
+                   records=1, path="/srv/files/file-b/p.jsonl")
+    job = store.create_job("k1", "m", {}, {"model": "m", "data": {"pool": "/srv/files/file-b/p.jsonl"}},
+                           max_attempts=2, files={"data.file_id": "file-b"})
+    with pytest.raises(ConflictError, match=f"used by queued job {job.id}"):
+        store.delete_file("k1", "file-b")
+    assert store.get_file("k1", "file-b") is not None and row.id == "file-a"

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from llm_prune.errors import NotFoundError, UserError
 from service.auth import current_owner
-from service.errors import ConflictError, PayloadTooLarge
+from service.errors import PayloadTooLarge
 from service.schemas import Deleted, FileList, FileObject
 from service.store import FileRow, new_id
 from service.uploads import validate_upload
@@ -97,12 +97,7 @@ def delete_file(file_id: str, request: Request, owner: str = Depends(current_own
     row = store.get_file(owner, file_id)
     if row is None:
         raise NotFoundError(f"no file with id '{file_id}'", param="file_id")
-    for job in store.active_jobs(owner):
-        r = job.recipe
-        if row.path in (r["data"].get("pool"), r["evaluation"].get("ppl"), r["pruning"].get("calibration")):
-            raise ConflictError(f"file {file_id} is used by {job.status} job {job.id}; delete it once the job ends",
-                                param="file_id", code="file_in_use")
-    if not store.delete_file(owner, file_id):
+    if not store.delete_file(owner, file_id):  # refuses a file an active job uses (409)
         raise NotFoundError(f"no file with id '{file_id}'", param="file_id")
     # Jobs already submitted hold the resolved path; deleting the upload removes it for good.
     shutil.rmtree(Path(row.path).parent, ignore_errors=True)

@@ -81,9 +81,13 @@ def _job(request: Request, job_id: str, owner: str) -> JobRow:
 def create_job(body: JobCreate, request: Request, owner: str = Depends(current_owner)) -> JobObject:
     settings, store = request.app.state.settings, request.app.state.store
     recipe = build_recipe(body, owner, store, settings)
+    files = {param: value for param, value in (("data.file_id", body.data and body.data.file_id),
+                                               ("evaluation.ppl", body.evaluation and body.evaluation.ppl),
+                                               ("pruning.calibration", body.pruning and body.pruning.calibration))
+             if value}
     row = store.create_job(owner, recipe.model, body.model_dump(mode="json", exclude_none=True),
                            recipe.model_dump(mode="json"), max_attempts=settings.max_attempts,
-                           max_active=settings.max_active_jobs_per_key)
+                           max_active=settings.max_active_jobs_per_key, files=files)
     return job_object(row)
 
 
@@ -141,7 +145,10 @@ def delete_job(job_id: str, request: Request, owner: str = Depends(current_owner
     settings, store = request.app.state.settings, request.app.state.store
     row = _job(request, job_id, owner)
     if row.status == "running" or not store.delete_job(owner, job_id):
-        raise ConflictError(f"job {job_id} is running; cancel it first", param="job_id", code="job_running")
+        current = store.get_job(job_id, owner) or row
+        hint = "it is stopping (cancel accepted); delete it once it ends" if current.cancel_requested \
+            else "cancel it first"
+        raise ConflictError(f"job {job_id} is running; {hint}", param="job_id", code="job_running")
     shutil.rmtree(settings.job_dir(job_id), ignore_errors=True)
     return Deleted(id=job_id, object="job")
 
