@@ -24,7 +24,8 @@ from data_selection.pool import Record
 
 NEGATIONS = {"not", "no", "never", "false", "incorrect", "isn't", "aren't", "wasn't", "weren't", "doesn't",
              "don't", "didn't", "cannot", "can't", "won't", "neither", "nor", "none"}
-_WORD = re.compile(r"[a-z0-9][a-z0-9'+#.-]*[a-z0-9+#]|[a-z0-9]")
+# Words of every script (a question in Russian has concepts too), with code-ish inner characters.
+_WORD = re.compile(r"[^\W_][\w'+#.-]*(?:[^\W_]|[+#])|[^\W_]")
 
 
 def _stopwords() -> frozenset[str]:
@@ -41,7 +42,8 @@ def key_phrases(text: str, last: int | None = None) -> tuple[frozenset[str], boo
     and whether a negation word occurs."""
     words = _WORD.findall(text.lower())
     negated = any(w in NEGATIONS for w in words)
-    content = [w for w in words if w not in STOPWORDS and w not in NEGATIONS and len(w) > 1]
+    # One-letter words carry nothing ("a", "s"); one digit does ("4 times 6" is not "3 times 6").
+    content = [w for w in words if w not in STOPWORDS and w not in NEGATIONS and (len(w) > 1 or w.isdigit())]
     if last is not None:
         content = content[-last:]
     bigrams = {f"{a} {b}" for a, b in zip(content, content[1:])}
@@ -68,7 +70,8 @@ class ConceptGraph:
                 if seen is not None and seen != polarity:
                     return f"'{qc}' -> '{ac}' contradicts an accepted sample"
         key, new = self._answer_key(q, a)
-        if self.answers.get(key) and new and not (self.answers[key] & new):
+        # A question with no content words says nothing about which question it is: never "the same".
+        if key and self.answers.get(key) and new and not (self.answers[key] & new):
             return "same question already answered differently"
         return None
 
@@ -91,7 +94,8 @@ class ConceptGraph:
             for ac in a:
                 self.edges.setdefault((qc, ac), polarity)
         key, new = self._answer_key(q, a)
-        self.answers[key] |= new
+        if key:
+            self.answers[key] |= new
 
     @staticmethod
     def _answer_key(q: frozenset[str], a: frozenset[str]) -> tuple[frozenset[str], set[str]]:

@@ -195,6 +195,21 @@ def test_conflict_graph_rejects_contradictions_only():
     assert graph.check(Record("Is the Earth flat?", "Yes, the Earth is flat.", "y"))
 
 
+def test_conflict_graph_tells_apart_questions_in_other_scripts_and_by_one_digit():
+    """Non-Latin words and single digits are concepts: these questions are all different, so
+    nothing is rejected (before, they reduced to the same empty or near-empty question)."""
+    graph = ConceptGraph()
+    people = ["Пушкин", "Толстой", "Чехов", "Гоголь", "Тургенев", "Достоевский"]
+    records = [Record(f"В каком году родился {p}?", str(1799 + 10 * i), f"ru{i}") for i, p in enumerate(people)]
+    records += [Record(f"What is {a} times {b}?", str(a * b), f"m{a}{b}") for a in range(2, 6) for b in range(2, 6)]
+    records += [Record("?!", "42", "empty1"), Record("...", "7", "empty2")]  # no question words at all
+    for rec in records:
+        assert graph.check(rec) is None, rec
+        graph.add(rec)
+    assert graph.check(Record("В каком году родился Пушкин?", "1850", "x"))  # the same question, another year
+    assert graph.check(Record("What is 3 times 4?", "13", "y"))
+
+
 def test_conflict_graph_stays_small_for_a_book_length_prompt():
     graph = ConceptGraph()
     words = " ".join(f"word{i} topic{i % 997}" for i in range(20_000))  # ~40,000 distinct phrases
