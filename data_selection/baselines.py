@@ -42,15 +42,17 @@ def select_all(ctx: SelectionContext) -> Selection:
 def select_loss(ctx: SelectionContext) -> Selection:
     ctx.require_models("loss")
     start = time.perf_counter()
-    scores = score_records(ctx.records, ctx.original, ctx.pruned, on_event=ctx.on_event)
+    kw = {"max_length": ctx.cutoff_len} if ctx.cutoff_len else {}  # degradation past the cutoff is never trained
+    scores = score_records(ctx.records, ctx.original, ctx.pruned, on_event=ctx.on_event, **kw)
     seconds = time.perf_counter() - start
     increase = scores.loss_increase
+    tokens = np.minimum(scores.tokens, ctx.cutoff_len) if ctx.cutoff_len else scores.tokens  # as trained
     order = np.lexsort((np.arange(len(increase)), -increase))  # largest increase first, ties by position
-    chosen, skipped = take_in_order(order, ctx.budget, scores.tokens if ctx.token_budget else None, ctx.token_budget)
+    chosen, skipped = take_in_order(order, ctx.budget, tokens if ctx.token_budget else None, ctx.token_budget)
     report = {"scoring": {"mode": "full", "scored": len(ctx.records), "seconds": round(seconds, 2)},
               "loss_increase": {"pool_mean": round(float(increase.mean()), 6),
                                 "selected_mean": round(float(increase[chosen].mean()), 6) if chosen else None},
-              "tokens_selected": int(scores.tokens[chosen].sum()), "skipped_over_token_budget": skipped}
+              "tokens_selected": int(tokens[chosen].sum()), "skipped_over_token_budget": skipped}
     return _finish(ctx, chosen, report, PlotData(scores=increase, score_name="loss increase (nats/token)"))
 
 

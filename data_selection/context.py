@@ -47,6 +47,7 @@ class SelectionContext:
     token_budget: int | None
     seed: int
     on_event: ProgressCallback
+    cutoff_len: int | None = None  # recovery's cutoff: a record costs (and is scored on) at most this many tokens
 
     def require_models(self, method: str) -> None:
         if self.original is None or self.pruned is None:
@@ -64,13 +65,15 @@ class SelectionContext:
         return None
 
     def token_counts(self, indices=None) -> np.ndarray:
-        """Training tokens per record, before truncation (`encoding.encode_example`)."""
+        """Training tokens per record (`encoding.encode_example`): what recovery trains on, so cut at
+        `cutoff_len` when it is known."""
         tok = self.tokenizer()
         if tok is None:
             raise UserError("a token budget needs a tokenizer: give --original", param="token_budget")
         idx = range(len(self.records)) if indices is None else indices
+        cutoff = self.cutoff_len or 1 << 30
         encoded = (encode_example(tok, self.records[i], cutoff_len=1 << 30) for i in idx)
-        return np.asarray([e.untruncated if e else 0 for e in encoded], dtype=np.int64)
+        return np.asarray([min(e.untruncated, cutoff) if e else 0 for e in encoded], dtype=np.int64)
 
 
 def take_in_order(order, count: int, tokens: np.ndarray | None, token_budget: int | None) -> tuple[list[int], int]:

@@ -19,8 +19,9 @@ METHODS = ("paser", "random", "all", "loss")
 def select_records(records: list[Record], *, method: str = "paser", budget: float = 0.2, original=None,
                    pruned=None, token_budget: int | None = None, num_clusters: int | None = None,
                    embedding_model: str | None = None, seed: int = 0, on_event: ProgressCallback = null_callback,
-                   **method_kwargs) -> Selection:
-    """Choose `budget` records (a fraction <= 1 or a count > 1) from `records` with `method`."""
+                   cutoff_len: int | None = None, **method_kwargs) -> Selection:
+    """Choose `budget` records (a fraction <= 1 or a count > 1) from `records` with `method`.
+    `cutoff_len` (recovery's): records are scored and counted against a token budget as trained."""
     if method not in METHODS:
         raise UserError(f"unknown selection method '{method}': use {', '.join(METHODS)}", param="method")
     if not records:
@@ -28,12 +29,14 @@ def select_records(records: list[Record], *, method: str = "paser", budget: floa
     if token_budget is not None and token_budget <= 0:
         raise UserError(f"token budget must be > 0, got {token_budget}", param="token_budget")
     ctx = SelectionContext(records, resolve_budget(budget, len(records)), original, pruned, token_budget,
-                           seed, on_event)
+                           seed, on_event, cutoff_len)
     start = time.perf_counter()
     if method == "paser":
         from data_selection.paser import PaserConfig, select_paser
 
         try:
+            if cutoff_len is not None:
+                method_kwargs.setdefault("max_length", cutoff_len)
             config = PaserConfig(num_clusters=num_clusters, embedding_model=embedding_model, **method_kwargs)
         except TypeError as exc:
             raise UserError(f"unknown PASER option: {exc}", param="method") from None

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llm_prune.errors import UserError, first_line
 from llm_prune.families import head_dim, layer_shapes
 
 TEMPLATE = Path(__file__).parent / "export_templates" / "modeling_pruned.py"
@@ -114,14 +115,33 @@ def _stock_config_valid(base: str, data: dict) -> bool:
     return True
 
 
-def export_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, extra_meta: dict | None = None) -> dict:
-    """Write the HF directory; returns {"path", "needs_remote_code", "bytes"}."""
+def export_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, extra_meta: dict | None = None,
+                      dtype: torch.dtype | None = None) -> dict:
+    """Write the HF directory; returns {"path", "needs_remote_code", "bytes"}. `dtype` (the source
+    model's, `models.source_dtype`) is what the weights are saved in: a bf16 model computed on in
+    float32 comes back in bf16, not at twice its size. The model itself is left as it is."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data, remote = checkpoint_config(model)
+    try:
+        return _write_checkpoint(model, tokenizer, out, data, remote, extra_meta, dtype)
+    except OSError as exc:  # a full disk, a folder removed meanwhile: one line, and the caller's work stays
+        raise UserError(f"could not write the checkpoint to {out}: {exc.strerror or first_line(exc, 200)}",
+                        param="output") from None
+
+
+def _write_checkpoint(model: nn.Module, tokenizer, out: Path, data: dict, remote: bool, extra_meta: dict | None,
+                      dtype: torch.dtype | None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
     if extra_meta:
         data["llm_prune"] = {**(data.get("llm_prune") or {}), **extra_meta}
-    model.save_pretrained(out, safe_serialization=True)
+    state = None
+    current = next(model.parameters()).dtype
+    if dtype is not None and dtype.is_floating_point and current.is_floating_point and dtype != current:
+        cast: dict[int, torch.Tensor] = {}  # one copy per storage: tied embeddings stay one tensor
+        state = {k: cast.setdefault(v.data_ptr(), v.to(dtype)) if v.is_floating_point() else v
+                 for k, v in model.state_dict().items()}
+        data["dtype"] = str(dtype).removeprefix("torch.")
+    model.save_pretrained(out, safe_serialization=True, state_dict=state)
     (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     # The weights arrive through a private temporary file (mode 0600): give them the mode every other
     # file gets from the umask, so whoever may read the config (a model server's user) reads them too.

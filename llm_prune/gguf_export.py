@@ -288,13 +288,24 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16", for
     check_dtype(dtype)
     src = _checkpoint_dir(checkpoint)
     out = Path(out)
-    if out.is_dir():
+    try:
+        is_dir, exists, parent = out.is_dir(), out.exists(), out.parent.is_dir()
+    except (OSError, ValueError) as exc:  # a name longer than the file system takes, a NUL byte
+        raise UserError(f"output {str(out)[:80]!r} is not usable: {getattr(exc, 'strerror', None) or exc}",
+                        param="output") from None
+    if is_dir:
         raise UserError(f"output {out} is a directory; give a .gguf file name", param="output")
     _check_not_checkpoint_file(src, out)
-    if out.exists() and not force:
+    if exists and not force:
         raise UserError(f"output {out} exists; pass --force to overwrite it", param="output")
-    if not out.parent.is_dir():
+    if not parent:
         raise UserError(f"output folder {out.parent} does not exist", param="output")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:  # the folder takes a new file (read-only or immutable folders, /proc, /sys): known before loading
+        tmp.open("xb").close()
+        tmp.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write {out}: {exc.strerror or exc}", param="output") from None
     _tokenizer_json(src)
     try:  # refuse what llama.cpp cannot run before loading the weights (load_model reports a bad file)
         raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
@@ -303,11 +314,12 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16", for
     if isinstance(raw, dict) and isinstance(raw.get("model_type"), str):
         check_exportable(SimpleNamespace(**{k: v for k, v in raw.items() if isinstance(k, str)}))
     model, tokenizer = load_model(str(src), dtype=torch.float32)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     try:
         with torch.no_grad():
             info = _write(model, tokenizer, src, tmp, dtype)
         os.replace(tmp, out)
+    except OSError as exc:  # the disk filled up, the folder went away meanwhile
+        raise UserError(f"could not write {out}: {exc.strerror or exc}", param="output") from None
     finally:
         tmp.unlink(missing_ok=True)
     return {"path": str(out), "dtype": dtype, "bytes": out.stat().st_size, **info}

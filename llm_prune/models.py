@@ -103,6 +103,27 @@ def _resolve(spec: str) -> ModelSource:
     return ModelSource(spec, spec, is_local=False)
 
 
+def source_dtype(spec: str) -> torch.dtype | None:
+    """The floating dtype MODEL's config declares for its weights (bfloat16 for most released
+    models), or None when it declares none or is a GGUF. Computation may run in another dtype
+    (float32 on a CPU); a checkpoint is saved back in this one, at the size users know."""
+    source = resolve_source(spec)
+    if source.gguf_file:
+        return None
+    if source.is_local:
+        try:
+            raw = json.loads((Path(source.path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        value = (raw.get("dtype") or raw.get("torch_dtype")) if isinstance(raw, dict) else None
+    else:
+        config = load_config(source)
+        value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
@@ -223,7 +244,7 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
         except SafetensorError as exc:
             raise _weights_error(source, exc) from None
         # Passing our config keeps the tokenizer from resolving the folder's auto_map (remote code).
-        tokenizer = AutoTokenizer.from_pretrained(source.path, config=model.config)
+        tokenizer = _tokenizer(source, lambda: AutoTokenizer.from_pretrained(source.path, config=model.config))
         return _finish(model, tokenizer)
     config = load_config(source)
     kwargs: dict = {"dtype": dtype}
@@ -236,19 +257,33 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
     try:
         if source.gguf_file:
             model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+            tokenizer = _tokenizer(source, lambda: AutoTokenizer.from_pretrained(source.path,
+                                                                                 gguf_file=source.gguf_file))
             if source.spec.lower() in ALIASES:
                 _cache_alias(source.spec.lower(), model, tokenizer)
         else:
             model = _complete(source, lambda **kw: AutoModelForCausalLM.from_pretrained(
                 source.path, trust_remote_code=trust_remote_code, **kwargs, **kw))
-            tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+            tokenizer = _tokenizer(source, lambda: AutoTokenizer.from_pretrained(
+                source.path, trust_remote_code=trust_remote_code))
     except OSError as exc:
         raise _hub_error(source, exc) from None
     except SafetensorError as exc:
         raise _weights_error(source, exc) from None
     del config
     return _finish(model, tokenizer)
+
+
+def _tokenizer(source: ModelSource, load):
+    """`load()`, with a tokenizer file the `tokenizers` library cannot parse (valid JSON, missing
+    vocab or merges) a one-line error: it raises a bare `Exception` for that."""
+    try:
+        return load()
+    except Exception as exc:  # noqa: BLE001 - narrowed to the bare Exception below
+        if type(exc) is not Exception:
+            raise
+        raise UserError(f"the tokenizer of {source.spec} cannot be read: {first_line(exc, 200)}",
+                        param="model") from None
 
 
 def _complete(source: ModelSource, load):

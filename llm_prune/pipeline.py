@@ -220,7 +220,9 @@ class Job:
             return {"skipped": True}
         from data_selection.pool import load_pool
         from llm_prune.export import export_checkpoint
+        from llm_prune.models import source_dtype
         from recovery import recover
+        from recovery.recover import CHECKPOINT_DIR
 
         model, tok = self.load(str(self.out / "pruned"))
         records = load_pool(self.out / "selection" / "selected.jsonl").records
@@ -228,9 +230,11 @@ class Job:
         cfg = r.recovery
         if r.pruning.stages > 1 and r.data.pool and cfg.epochs is None:
             cfg = cfg.model_copy(update={"max_steps": adapt_accel_steps(r)[1]})  # the stages before spent theirs
-        result = recover(model, tok, records, cfg, path / "work", teacher=teacher, on_event=self.on_event)
-        export_checkpoint(result.model, tok, path / "checkpoint",
+        result = recover(model, tok, records, cfg, path / "work", teacher=teacher, on_event=self.on_event,
+                         keep_checkpoints=True)
+        export_checkpoint(result.model, tok, path / "checkpoint", dtype=source_dtype(r.model),
                           extra_meta={"recipe": r.model_dump(), "base_model": r.model})
+        shutil.rmtree(path / "work" / CHECKPOINT_DIR, ignore_errors=True)  # the training is safely written now
         self.event("recover", "metric", metrics=result.metrics)
         if result.adapter_dir is not None:  # --keep-adapter: say where it went
             return {**result.metrics, "adapter": str(result.adapter_dir)}
@@ -347,6 +351,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
 
     check_output_dir(out_dir)
     recipe.check_files()
+    if recipe.data.pool:
+        from data_selection.selection import check_output_beside_pool
+
+        check_output_beside_pool(recipe.data.pool, out_dir)  # the job's files would be read as records
     from recovery import check_config
 
     check_config(recipe.recovery)  # bad recovery settings fail before any heavy work
@@ -390,12 +398,12 @@ def _check_target_modules(recipe: Recipe, config) -> None:
 
 def selection_kwargs(data, recovery) -> dict:
     """`select_records` arguments for a recipe's data section; `llm-prune select` uses the same."""
+    # Degradation past the training cutoff is never trained on: score and count only what recovery sees.
     kwargs = {"method": data.selection, "budget": data.budget, "token_budget": data.token_budget,
-              "num_clusters": data.num_clusters, "embedding_model": data.embedding_model, "seed": recovery.seed}
+              "num_clusters": data.num_clusters, "embedding_model": data.embedding_model, "seed": recovery.seed,
+              "cutoff_len": recovery.cutoff_len}
     if data.selection == "paser":
-        # Degradation past the training cutoff is never trained on: score only what recovery sees.
-        kwargs.update(max_length=recovery.cutoff_len, sample_per_cluster=data.sample_per_cluster,
-                      conflict_filter=data.conflict_filter)
+        kwargs.update(sample_per_cluster=data.sample_per_cluster, conflict_filter=data.conflict_filter)
     return kwargs
 
 

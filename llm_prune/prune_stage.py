@@ -49,7 +49,7 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
     from llm_prune.card import model_card
     from llm_prune.export import export_checkpoint
     from llm_prune.families import layer_shapes
-    from llm_prune.models import load_model
+    from llm_prune.models import load_model, source_dtype
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -78,7 +78,7 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
         record["pruning"] = {"plan": "a saved plan.json re-applied: its kept heads, channels and layers, "
                                      "sliced weights (no scoring, no reconstruction)"}
     meta = {"recipe": record, "base_model": recipe.model}
-    info = export_checkpoint(model, tok, out, extra_meta=meta)
+    info = export_checkpoint(model, tok, out, extra_meta=meta, dtype=source_dtype(recipe.model))
     plan.save(out / "plan.json")
     timings["export_s"] = time.perf_counter() - t2
     measured = {"params_before": before, "params_after": after, "removed_fraction": 1 - after / before,

@@ -166,7 +166,7 @@ class DataConfig(_Strict):
     pool: str | None = Field(None, description="recovery pool: JSON/JSONL/CSV/Parquet file or datasets directory")
     selection: Selection = Field("paser", description="how recovery data is chosen from the pool")
     budget: float = Field(0.2, gt=0, description="fraction of the pool (<= 1) or a record count (> 1)")
-    token_budget: int | None = Field(None, gt=0, description="cap on selected prompt+response tokens")
+    token_budget: int | None = Field(None, gt=0, description="cap on selected prompt+response tokens, each record counted as trained (at most cutoff_len)")
     num_clusters: int | None = Field(None, ge=2, description="PASER clusters; default: eigengap")
     embedding_model: str | None = Field(None, description="sentence-transformers dir or hub id for PASER's "
                                         "clustering; default: all-MiniLM-L6-v2")

@@ -77,11 +77,12 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 def recover(model: nn.Module, tokenizer, records: Sequence[Any], config: RecoveryConfig | dict,
             output_dir: str | Path, *, teacher: nn.Module | None = None,
-            on_event: ProgressCallback = null_callback) -> RecoveryResult:
+            on_event: ProgressCallback = null_callback, keep_checkpoints: bool = False) -> RecoveryResult:
     """Retrain `model` on `records` (objects or mappings with `prompt` and `response`).
 
     Checkpoints go to OUTPUT_DIR/checkpoints and a rerun with the same arguments resumes from the
-    last one; they are removed once training finishes. With `config.keep_adapter` the learned
+    last one; they are removed once training finishes (with `keep_checkpoints`, by the caller, once
+    what it makes of the result is safely written: a failure there then loses no training). With `config.keep_adapter` the learned
     adapter (peft LoRA files and/or PERP tensors) is written to OUTPUT_DIR/adapter. `teacher`
     (the dense model) is needed when `config.distill_weight` > 0."""
     config = check_config(config)
@@ -123,7 +124,8 @@ def recover(model: nn.Module, tokenizer, records: Sequence[Any], config: Recover
         adapter_dir.mkdir(parents=True, exist_ok=True)
         prepared.save_adapter(adapter_dir)
     merged = prepared.finish()
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if not keep_checkpoints:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     metrics.update(method=config.method, trainable_params=trainable, total_params=total,
                    trainable_fraction=trainable / total, total_wall_s=time.time() - started)
     on_event(ProgressEvent(STAGE, step=metrics["steps"], total=metrics["steps"], kind="stage_end",

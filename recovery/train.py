@@ -154,10 +154,8 @@ def train(model: nn.Module, split: TokenizedSplit, pad_token_id: int, settings: 
           on_event: ProgressCallback = null_callback) -> dict[str, Any]:
     """Train `model` in place (its trainable parameters), resuming from the last checkpoint in
     `checkpoint_dir` when there is one. Returns the training metrics."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    last = get_last_checkpoint(str(checkpoint_dir))
+    last = last_complete_checkpoint(checkpoint_dir, on_event)
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     trainer = RecoveryTrainer(
@@ -184,6 +182,31 @@ def train(model: nn.Module, split: TokenizedSplit, pad_token_id: int, settings: 
                         f"{metrics['steps']} steps at learning rate {settings.learning_rate:g}): lower --lr",
                         param="recovery.learning_rate")
     return metrics
+
+
+def last_complete_checkpoint(checkpoint_dir: Path, on_event: ProgressCallback = null_callback) -> str | None:
+    """The newest checkpoint a resume can load. The Trainer writes a checkpoint's files in place and
+    `trainer_state.json` last, so a job killed while saving leaves a newer folder without it (or
+    with a cut-off file): that one is removed, with a warning, and the one before it is used."""
+    import json
+    import shutil
+
+    from safetensors import SafetensorError, safe_open
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    found = [p for p in checkpoint_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+             if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    for path in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            with safe_open(str(path / TRAINABLE_FILE), "pt"):
+                pass
+            return str(path)
+        except (OSError, ValueError, SafetensorError):
+            on_event(ProgressEvent(STAGE, kind="warning", message=f"checkpoint {path.name} is incomplete (the job "
+                                   "stopped while saving it): removed, resuming from the one before"))
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def _step_of(checkpoint: str | None) -> int:

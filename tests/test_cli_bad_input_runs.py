@@ -176,6 +176,10 @@ def test_select_never_writes_over_or_into_its_pool(tmp_path, capsys):
     assert "is inside the pool folder" in _one_error(
         capsys, "select", str(folder), "--method", "random", "--budget", "2", "-o", str(folder / "out"))
     assert (folder / "selected.jsonl").read_text().count("\n") == 6 and not (folder / "out").exists()
+    # `run` too: its recipe.json and inputs.json would be read as records, and a rerun refused.
+    assert "is inside the pool folder" in _one_error(
+        capsys, "run", "m", "--ratio", "0.2", "--data", str(folder), "--selection", "random", "-o", str(folder / "job"))
+    assert not (folder / "job").exists()
 
 
 def test_run_refuses_what_selection_and_recovery_would_refuse_before_it_prunes(tiny_llama, tmp_path, capsys):

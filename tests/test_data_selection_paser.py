@@ -12,6 +12,7 @@ import torch
 
 from data_selection import load_pool, select_records, write_selection
 from data_selection.pool import Record
+from llm_prune.errors import UserError
 
 CODE_CHARS = set("()[]{}=_<>")
 B = 32  # 20% of the 160-record pool
@@ -143,6 +144,19 @@ def test_token_budget_caps_the_selection(pool, pair):
                             num_clusters=4, sample_per_cluster=10, token_budget=600)
     assert 0 < capped.report["tokens_selected"] <= 600 and 0 < len(capped.records) < 37
     assert "token budget" in capped.report["note"]
+
+
+def test_token_budget_counts_records_as_trained_up_to_the_cutoff(pair):
+    """A long record trains on `cutoff_len` tokens only: that is what a token budget counts, for the
+    loss method too, which also scores no further than the cutoff."""
+    long = [Record(f"Question {i}?", " ".join(["word"] * 400), f"long{i}") for i in range(5)]
+    with pytest.raises(UserError, match="fits no record"):
+        select_records(long, method="random", budget=5, original=pair[0], token_budget=64)
+    cut = select_records(long, method="random", budget=5, original=pair[0], token_budget=64 * 3, cutoff_len=64)
+    assert len(cut.records) == 3
+    by_loss = select_records(long, method="loss", budget=5, original=pair[0], pruned=pair[1],
+                             token_budget=64 * 2, cutoff_len=64)
+    assert len(by_loss.records) == 2 and by_loss.report["tokens_selected"] == 128
 
 
 def test_planted_contradiction_is_rejected(pool, pair):

@@ -132,7 +132,7 @@ def test_paser_scores_up_to_the_training_cutoff(tiny_llama, job_inputs, tmp_path
                      recovery={"cutoff_len": 48}, evaluation={"ppl": None})
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_recipe(recipe, tmp_path / "job")
-    assert seen["max_length"] == 48 and seen["sample_per_cluster"] == 4 and seen["method"] == "paser"
+    assert seen["cutoff_len"] == 48 and seen["sample_per_cluster"] == 4 and seen["method"] == "paser"
 
 
 @pytest.mark.parametrize("over,needle", [

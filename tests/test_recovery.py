@@ -3,6 +3,8 @@ checkpoints equal adapter-applied outputs, training resumes, bad settings fail e
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -166,11 +168,18 @@ def test_resume_continues_step_count(tiny_llama, tmp_path, method):
     with pytest.raises(Interrupt):
         recover(model, tok, RECORDS, config, tmp_path, on_event=stop_at_13)
     assert (tmp_path / "checkpoints" / "checkpoint-10" / "trainable.safetensors").exists()
+    # A job killed while saving a later checkpoint: its files are there, trainer_state.json (written
+    # last) is not. The resume skips it, says so, and continues from checkpoint-10.
+    torn = tmp_path / "checkpoints" / "checkpoint-12"
+    shutil.copytree(tmp_path / "checkpoints" / "checkpoint-10", torn)
+    (torn / "trainer_state.json").unlink()
     events = []
     model, tok = load(tiny_llama)
-    result = recover(model, tok, RECORDS, config, tmp_path, on_event=events.append)
+    result = recover(model, tok, RECORDS, config, tmp_path, on_event=events.append, keep_checkpoints=True)
     assert result.metrics["resumed_from_step"] == 10 and result.metrics["steps"] == 20
     assert [e.step for e in events if e.kind == "progress"] == list(range(11, 21))
+    assert any(e.kind == "warning" and "checkpoint-12 is incomplete" in e.message for e in events)
+    assert (tmp_path / "checkpoints").is_dir()  # kept for the caller to remove once it has written the model
 
     fresh, _ = load(tiny_llama)
     straight = recover(fresh, tok, RECORDS, config, tmp_path / "straight")

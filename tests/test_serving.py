@@ -183,6 +183,55 @@ def test_gguf_bad_input(heterogeneous, tiny_qwen2, tmp_path, capsys):
     # A failed export leaves neither the final name nor a partial file behind.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.gguf"]
     assert not (tmp_path / "f").exists()
+    # Outputs the file system refuses, and a tokenizer file that is JSON but no tokenizer: one line.
+    badtok = tmp_path / "badtok"
+    badtok.mkdir()
+    for f in heterogeneous.iterdir():
+        (badtok / f.name).write_bytes(f.read_bytes())
+    (badtok / "tokenizer.json").write_text('{"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}, '
+                                           '"pre_tokenizer": null, "added_tokens": []}')
+    for args, needle in [(["export", str(heterogeneous), "-o", "/proc/x.gguf"], "cannot write /proc/x.gguf"),
+                         (["export", str(heterogeneous), "-o", str(tmp_path / ("a" * 300 + ".gguf"))], "not usable"),
+                         (["export", str(badtok), "-o", str(tmp_path / "t.gguf")], "tokenizer of"),
+                         (["eval", str(badtok), "--speed"], "tokenizer of")]:
+        code, _, err = run_main(capsys, *args)
+        lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (args, err)
+
+
+def test_a_bf16_model_comes_back_in_bf16(tmp_path, capsys):
+    """Computation runs in float32 on a CPU; the checkpoint keeps the source's dtype (a bf16 model
+    saved in float32 would be larger after pruning than before), tied embeddings stay one tensor."""
+    from safetensors import safe_open
+
+    src = build_model(tmp_path / "src", "llama", tie=True)
+    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.bfloat16)
+    model.save_pretrained(str(src))
+    code, out, err = run_main(capsys, "prune", str(src), "--ratio", "0.3", "--calibration-samples", "4",
+                              "--calibration-seq-len", "32", "-o", str(tmp_path / "p"), "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    before, after = (src / "model.safetensors").stat().st_size, (tmp_path / "p" / "model.safetensors").stat().st_size
+    assert after < 0.8 * before and summary["weights_bytes_before"] == summary["params_before"] * 2
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "p" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+        assert "lm_head.weight" not in f.keys()
+    reloaded, _ = load_model(str(tmp_path / "p"))
+    assert count_params(reloaded) == summary["params_after"]
+
+
+def test_pruning_again_into_a_checkpoint_leaves_nothing_of_the_old_model(dense, tmp_path, capsys):
+    out = tmp_path / "p"
+    common = ["--calibration-samples", "4", "--calibration-seq-len", "32", "-o", str(out)]
+    assert run_main(capsys, "prune", str(dense), "--ratio", "0.2", "--gguf", "f16", *common)[0] == 0
+    (out / "eval_results.json").write_text("{}")
+    assert (out / "model-f16.gguf").exists()
+    assert run_main(capsys, "prune", str(dense), "--ratio", "0.4", *common)[0] == 0
+    assert not (out / "model-f16.gguf").exists() and not (out / "eval_results.json").exists()
+    (out / ".done").write_text("{}")  # a finished stage of a `run` job
+    code, _, err = run_main(capsys, "prune", str(dense), "--ratio", "0.3", *common)
+    assert code == 2 and "finished stage of an `llm-prune run` job" in err
 
 
 # --- the real engine -------------------------------------------------------------------------------------------

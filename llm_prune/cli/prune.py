@@ -60,7 +60,12 @@ def register(app: typer.Typer) -> None:
             ckpt = prune_to_checkpoint(recipe, output, on_event=renderer, plan=saved)
         finally:
             renderer.close()
-        bytes_per_param = next(ckpt.model.parameters()).element_size()
+        # What described a model pruned here before would now seem to describe this one.
+        for stale in [*output.glob("model-*.gguf"), output / "eval_results.json"]:
+            stale.unlink(missing_ok=True)
+        from llm_prune.models import source_dtype
+
+        bytes_per_param = (source_dtype(model) or next(ckpt.model.parameters()).dtype).itemsize
         summary = {
             "model": model, "output": str(output), "needs_remote_code": ckpt.needs_remote_code,
             "params_before": ckpt.params_before, "params_after": ckpt.params_after,
@@ -118,6 +123,11 @@ def _check_output_is_ours(output: Path) -> None:
     if not ours:
         raise UserError(f"output {output} holds other files (it is not an llm-prune checkpoint), which the checkpoint "
                         "would overwrite or delete; give an empty or new folder", param="output")
+    from llm_prune.pipeline import DONE
+
+    if (output / DONE).exists():  # `run` would take the new model for the stage it finished
+        raise UserError(f"output {output} is a finished stage of an `llm-prune run` job; prune into another folder",
+                        param="output")
 
 
 def _width_summary(layers: list[dict]) -> str:
