@@ -321,13 +321,20 @@ class Job:
             made_from = json.loads((self.out / INPUTS).read_text())
         except (OSError, ValueError):
             made_from = None
-        if isinstance(made_from, dict) and not changed:
+        if isinstance(made_from, dict):
             now = input_fingerprints(self.recipe)
-            changed = [f"the content of {k}" for k in sorted(set(made_from) | set(now)) if made_from.get(k) != now.get(k)]
-        if changed:
-            shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            changed += [f"the content of {k}" for k in sorted(set(made_from) | set(now))
+                        if made_from.get(k) != now.get(k) and k not in changed]
+        depends = _finished_depend_on(finished_stages(self.out), self.recipe)
+        conflicts = [c for c in changed if depends(c.removeprefix("the content of "))]
+        if conflicts:
+            shown = ", ".join(conflicts[:5]) + (f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
             raise UserError(f"{self.out} holds finished stages of another recipe (differs in {shown}); give another "
                             "--output, or delete it to start over", param="output")
+        if changed and not _done(self.out / "recovered"):
+            # Settings only unfinished stages use changed (a lower learning rate after a divergence):
+            # the finished stages stay, and recovery's checkpoints of the old settings go.
+            shutil.rmtree(self.out / "recovered", ignore_errors=True)
 
     def run(self) -> dict[str, Any]:
         self.check_resumable()
@@ -411,9 +418,27 @@ INPUTS = "inputs.json"  # fingerprints of the files the recipe names, beside rec
 
 
 def input_fingerprints(recipe: Recipe) -> dict[str, str]:
-    """sha256 of each file the recipe names (a folder: of its files' names, sizes and times), so a
-    rerun notices a pool, evaluation text or calibration text that changed under the same name."""
+    """sha256 of each file the recipe names (a folder: of its files' names, sizes and times; the
+    model always so), so a rerun notices a model, pool, evaluation text or calibration text that
+    changed under the same name."""
     out = {}
+    from llm_prune.models import ALIASES, resolve_source
+
+    # A local model's files, by name, size and time: rebuilt under the same path it is another model.
+    # (An alias is a released package; its first load moves it from the GGUF to a cached copy.)
+    model = None
+    if recipe.model.strip().lower() not in ALIASES:
+        try:
+            source = resolve_source(recipe.model)
+            model = Path(source.path) / source.gguf_file if source.gguf_file else Path(source.path)
+        except UserError:
+            model = None
+    if model is not None and model.exists():
+        h = hashlib.sha256()
+        for f in sorted(p for p in ([model] if model.is_file() else model.rglob("*")) if p.is_file()):
+            st = f.stat()
+            h.update(f"{f.name if f == model else f.relative_to(model)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        out["model"] = h.hexdigest()
     for param, value in (("data.pool", recipe.data.pool), ("evaluation.ppl", recipe.evaluation.ppl),
                          ("pruning.calibration", recipe.pruning.calibration)):
         path = Path(value) if value else None
@@ -433,6 +458,23 @@ def input_fingerprints(recipe: Recipe) -> dict[str, str]:
 
 
 RESUME_IGNORES = ("device", "metadata")  # a retried job may run on another worker's device
+
+
+def _finished_depend_on(finished: list[str], recipe: Recipe):
+    """A predicate on dotted recipe paths: whether a finished stage's result depends on it. A rerun
+    may change what only unfinished stages read (recovery's learning rate once selection is done)."""
+    prefixes = {"model", "trust_remote_code"}
+    if "baseline" in finished:
+        prefixes |= {"evaluation"}
+    if "pruned" in finished:
+        prefixes |= {"budget", "pruning", "evaluation", "export"}
+        if recipe.pruning.stages > 1:  # Adapt-Accel trains between the stages
+            prefixes |= {"recovery", "data"}
+    if "selection" in finished:  # what it selects, how it scores, and whether it runs at all
+        prefixes |= {"data", "recovery.cutoff_len", "recovery.seed", "recovery.method"}
+    if "recovered" in finished or "final" in finished:
+        return lambda path: True
+    return lambda path: any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
 def _differences(old: Any, new: Any, where: str = "") -> list[str]:

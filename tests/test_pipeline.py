@@ -165,3 +165,45 @@ def test_run_cli_recipe_file(tiny_llama, job_inputs, tmp_path, capsys):
     assert summary["recovered"] == {"skipped": True}
     code, _, err = run_main(capsys, "run", str(tiny_llama), "-o", str(tmp_path / "j2"))
     assert code == 2 and "budget" in err
+
+
+def test_a_rerun_may_change_what_only_unfinished_stages_use(tiny_llama, job_inputs, tmp_path, monkeypatch):
+    """Recovery diverged (or was stopped) after selection: a lower learning rate reuses the dense
+    evaluation, the pruned model and the selection, and starts recovery afresh; a new budget, or the
+    model rebuilt under the same path, is another recipe."""
+    import os
+    import shutil
+
+    import recovery
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    pool, text = job_inputs
+    out = tmp_path / "job"
+    real = recovery.recover
+
+    def stopped(model, tok, records, cfg, work, **kw):
+        (Path(work) / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # of the old settings
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recovery, "recover", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_recipe(_recipe(model, pool, text), out)
+    assert pipeline.finished_stages(out) == ["baseline", "pruned", "selection"]
+    pruned_at = (out / "pruned" / ".done").stat().st_mtime_ns
+    with pytest.raises(UserError, match="differs in budget.ratio"):
+        pipeline.run_recipe(_recipe(model, pool, text, budget={"ratio": 0.2}), out)
+    seen = {}
+
+    def record(model, tok, records, cfg, work, **kw):
+        seen["lr"], seen["leftover"] = cfg.learning_rate, (Path(work) / "checkpoints").exists()
+        return real(model, tok, records, cfg, work, **kw)
+
+    monkeypatch.setattr(recovery, "recover", record)
+    summary = pipeline.run_recipe(_recipe(model, pool, text, recovery={"learning_rate": 1e-5}), out)
+    assert seen == {"lr": 1e-5, "leftover": False} and summary["recovered"]["steps"] == 3
+    assert (out / "pruned" / ".done").stat().st_mtime_ns == pruned_at  # reused, not redone
+    st = (model / "config.json").stat()
+    os.utime(model / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rebuilt under the same path
+    with pytest.raises(UserError, match="differs in the content of model"):
+        pipeline.run_recipe(_recipe(model, pool, text, recovery={"learning_rate": 1e-5}), out)
