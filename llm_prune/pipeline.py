@@ -174,7 +174,7 @@ class Job:
 
         def between(model, stage: int):
             tok = tokenizer()
-            cfg = r.recovery.model_copy(update={"max_steps": steps, "keep_adapter": False,
+            cfg = r.recovery.model_copy(update={"max_steps": steps, "epochs": None, "keep_adapter": False,
                                                 "method": "lora" if r.recovery.method == "qlora" else r.recovery.method})
             if cfg.distill_weight > 0 and not teacher:
                 teacher.append(self.load(r.model)[0])

@@ -268,6 +268,16 @@ class Recipe(_Strict):
             raise ValueError("model must not be empty")
         return v.strip()
 
+    @model_validator(mode="after")
+    def _steps_cover_the_stages(self):
+        # Adapt-Accel splits max_steps over the stages, one step at least each: fewer would overrun it.
+        stages, rec = self.pruning.stages, self.recovery
+        if stages > 1 and self.data.pool and rec.method != "none" and rec.epochs is None \
+                and 0 < rec.max_steps < stages:
+            raise ValueError(f"recovery.max_steps {rec.max_steps} is the total over {stages} pruning stages (one "
+                             f"recovery between each, one after selection): give at least {stages}")
+        return self
+
     def check_fits(self, model_config) -> None:
         """Settings only the model's config (transformers' PretrainedConfig) can refuse, checked before
         any heavy work: by the job service at submission and by `llm-prune run` before it prunes.

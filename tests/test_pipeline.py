@@ -115,6 +115,13 @@ def test_adapt_accel_splits_the_step_budget(tiny_llama, job_inputs, tmp_path):
     assert not list((tmp_path / "job" / "pruned").glob("*interstage*"))  # nothing of them is published
     assert summary["recovered"]["steps"] == 7 - 2 * (7 // 3)
     assert [(m["after_stage"], m["steps"]) for m in summary["pruned"]["interstage_recovery"]] == [(1, 2), (2, 2)]
+    # With --epochs the runs between stages still take their share of steps, not whole epochs each.
+    by_epochs = _recipe(tiny_llama, pool, text, pruning={"stages": 2}, recovery={"max_steps": 4, "epochs": 1},
+                        evaluation={"ppl": None})
+    summary = pipeline.run_recipe(by_epochs, tmp_path / "job_epochs")
+    assert [m["steps"] for m in summary["pruned"]["interstage_recovery"]] == [2]
+    with pytest.raises(UserError, match="max_steps 2 is the total over 3 pruning stages"):
+        _recipe(tiny_llama, pool, text, pruning={"stages": 3}, recovery={"max_steps": 2})
 
 
 def test_paser_scores_up_to_the_training_cutoff(tiny_llama, job_inputs, tmp_path, monkeypatch):
