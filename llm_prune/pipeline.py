@@ -338,6 +338,8 @@ class Job:
 
     def run(self) -> dict[str, Any]:
         self.check_resumable()
+        for unused in self.recipe.unused_settings():
+            self.event("job", "warning", unused)
         (self.out / "recipe.json").write_text(self.recipe.model_dump_json(indent=2))
         (self.out / INPUTS).write_text(json.dumps(input_fingerprints(self.recipe), indent=2))
         self.plan_work()

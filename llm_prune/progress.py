@@ -3,6 +3,8 @@ the service writes them to the job store. No stage prints directly."""
 
 from __future__ import annotations
 
+import sys
+
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -56,8 +58,8 @@ class TqdmRenderer:
             return
         from tqdm.auto import tqdm
 
-        if event.kind == "warning":
-            tqdm.write(f"warning: {event.message}")
+        if event.kind == "warning":  # beside the bars (stderr), not in the results on stdout
+            tqdm.write(f"warning: {event.message}", file=sys.stderr)
             return
         in_job = event.stage in self.work.plan and event.parent is None
         if in_job and event.kind == "stage_start":

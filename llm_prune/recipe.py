@@ -174,6 +174,15 @@ class DataConfig(_Strict):
                                            "from this many samples and score only ranking candidates")
     conflict_filter: bool = Field(True, description="PASER: reject samples that contradict ones already chosen")
 
+    def unused_settings(self) -> list[str]:
+        """PASER's options given to another selection method (see `Recipe.unused_settings`)."""
+        if self.selection == "paser":
+            return []
+        given = [name for name, value in (("--clusters", self.num_clusters), ("--embedding-model", self.embedding_model),
+                                          ("--sample-per-cluster", self.sample_per_cluster),
+                                          ("--no-conflict-filter", not self.conflict_filter or None)) if value]
+        return [f"{', '.join(given)}: only PASER uses them, not {self.selection}"] if given else []
+
 
 class RecoveryConfig(_Strict):
     method: RecoveryMethod = Field("lora", description="recovery training method")
@@ -277,6 +286,20 @@ class Recipe(_Strict):
             raise ValueError(f"recovery.max_steps {rec.max_steps} is the total over {stages} pruning stages (one "
                              f"recovery between each, one after selection): give at least {stages}")
         return self
+
+    def unused_settings(self) -> list[str]:
+        """Settings given that this recipe never reads (told, not refused: a recipe may carry them for
+        another method). Each is one line for a warning."""
+        rec, data, out = self.recovery, self.data, []
+        if rec.method != "none" and not data.pool:
+            out.append("no recovery pool (--data): recovery is skipped, the final model is the pruned one")
+        if rec.keep_adapter and rec.method == "full":
+            out.append("--keep-adapter: full fine-tuning trains the weights themselves, there is no adapter to keep")
+        if (rec.perp_train_lm_head or rec.perp_train_embeddings) and rec.method not in ("perp", "perp_lora"):
+            out.append(f"--perp-train-lm-head/--perp-train-embeddings: only PERP uses them, not {rec.method}")
+        if rec.target_modules and rec.method not in LORA_METHODS:
+            out.append(f"--target-modules: only LoRA methods use them, not {rec.method}")
+        return out + data.unused_settings()
 
     def check_fits(self, model_config) -> None:
         """Settings only the model's config (transformers' PretrainedConfig) can refuse, checked before

@@ -272,3 +272,19 @@ def test_mistyped_options_and_values_are_one_line(capsys):
     assert "No such command 'nosuch'" in _one_error(capsys, "nosuch")
     assert "requires an argument" in _one_error(capsys, "eval", "m", "--seq-len")
     assert "integers of at least 2" in _one_error(capsys, "eval", "m", "--seq-len", "1", "--tasks", "piqa")
+
+
+def test_settings_a_method_never_reads_are_told(tiny_llama, tmp_path, capsys):
+    """Not silently ignored: `select` refuses PASER's options for another method; `run` warns of
+    recovery settings it will not use (a recipe may carry them for another method)."""
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(f'{{"instruction": "q{i}", "output": "a{i}"}}\n' for i in range(8)))
+    for flags in (["--clusters", "3"], ["--no-conflict-filter"], ["--embedding-model", "/x"]):
+        assert "only PASER uses them, not random" in _one_error(
+            capsys, "select", str(pool), "--method", "random", "--budget", "2", *flags, "-o", str(tmp_path / "s"))
+    code, _, err = run_main(capsys, "run", str(tiny_llama), "--ratio", "0.2", "--recovery", "full", "--keep-adapter",
+                            "--calibration-samples", "2", "--calibration-seq-len", "16", "--reconstruct-tokens", "64",
+                            "-o", str(tmp_path / "job"))
+    assert code == 0, err
+    assert "warning: no recovery pool (--data): recovery is skipped" in err
+    assert "warning: --keep-adapter: full fine-tuning trains the weights themselves" in err
