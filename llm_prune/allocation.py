@@ -223,6 +223,8 @@ def allocate_portable(scores: Scores, costs: UnitCosts, target_params: int, cfg:
         # refuses it otherwise, even with head_dim given): only such KV-group counts are candidates.
         strict_heads = costs.hidden and costs.hidden % (n_kv * costs.n_rep) == 0  # else the family does not ask it
         valid = [k for k in range(1, n_kv + 1) if not strict_heads or costs.hidden % (k * costs.n_rep) == 0]
+        if costs.fixed_heads:  # engines would read another head_dim from the stock config: the MLP takes the cut
+            valid = [n_kv]
         if cfg.prune_mlp:  # the fewest groups the ratio allows; the MLP absorbs the rest
             kv = min(k for k in valid if k >= max(1, math.ceil(n_kv * (1 - s) - 1e-9)))
         else:

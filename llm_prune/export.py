@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from llm_prune.errors import UserError, first_line
-from llm_prune.families import head_dim, layer_shapes
+from llm_prune.families import base_model_type, head_dim, layer_shapes
 
 TEMPLATE = Path(__file__).parent / "export_templates" / "modeling_pruned.py"
 
@@ -67,10 +67,6 @@ def pruned_classes(base_type: str):
     sys.modules[name] = mod
     _, cfg, causal, _ = _CLASSES[base_type]
     return getattr(mod, f"Pruned{cfg}"), getattr(mod, f"Pruned{causal}")
-
-
-def base_model_type(config) -> str:
-    return getattr(config, "base_model_type", None) or config.model_type.removesuffix("_pruned")
 
 
 def checkpoint_config(model: nn.Module) -> tuple[dict, bool]:

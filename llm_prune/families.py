@@ -76,6 +76,11 @@ def family_for_config(config) -> Family:
                     f"(Llama incl. SmolLM2 and Llama-2/3.x, Mistral, Qwen2/2.5, Qwen3)", param="model")
 
 
+def base_model_type(config) -> str:
+    """The transformers model type, also of our per-layer exports ("llama_pruned" -> "llama")."""
+    return getattr(config, "base_model_type", None) or config.model_type.removesuffix("_pruned")
+
+
 def family_for(model: nn.Module) -> Family:
     return family_for_config(model.config)
 

@@ -49,7 +49,7 @@ def check_dtype(dtype: str) -> str:
 
 def check_exportable(config) -> None:
     """Fail early (before pruning or training) for models llama.cpp cannot run from our export."""
-    from llm_prune.export import base_model_type
+    from llm_prune.families import base_model_type
 
     base = base_model_type(config)
     if base not in EXPORTABLE_TYPES:

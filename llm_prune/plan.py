@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from llm_prune.families import Family, family_for, head_dim
+from llm_prune.families import Family, base_model_type, family_for, head_dim
 
 
 @dataclass
@@ -166,6 +166,7 @@ class UnitCosts:
     width: list[int]
     n_rep: int
     hidden: int = 0  # hidden size (0: unknown); a stock config's head count must divide it
+    fixed_heads: bool = False  # serving engines derive head_dim as hidden // heads: a stock config keeps every head
 
 
 def count_params(model: nn.Module) -> int:
@@ -189,5 +190,10 @@ def unit_costs(model: nn.Module, family: Family | None = None) -> UnitCosts:
         layer=[sum(p.numel() for p in layer.parameters()) for layer in layers],
         num_kv=[fam.qkvo(layer)[1].out_features // hd for layer in layers],
         width=[fam.gate_up_down(layer)[0].out_features for layer in layers],
-        n_rep=n_rep, hidden=hidden,
+        n_rep=n_rep, hidden=hidden, fixed_heads=base_model_type(cfg) in HEAD_DIM_FROM_HIDDEN,
     )
+
+
+# Families whose implementations in serving engines (vLLM's and MLX's Qwen2) ignore config.head_dim
+# and take hidden_size // num_attention_heads: with fewer heads their stock config would load wrongly.
+HEAD_DIM_FROM_HIDDEN = ("qwen2",)

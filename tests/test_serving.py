@@ -91,6 +91,16 @@ def test_portable_keeps_a_head_count_that_divides_the_hidden_size(tmp_path):
     assert load_model(str(tmp_path / "six"))[0].model.layers[0].self_attn.q_proj.out_features == 6 * 16
 
 
+def test_portable_qwen2_keeps_every_head(tiny_qwen2, tmp_path):
+    """vLLM's and MLX's Qwen2 take head_dim as hidden_size // heads, ignoring config.head_dim: a stock
+    Qwen2 config with fewer heads would load wrongly there, so the MLP takes the whole cut."""
+    result, info = _prune(tiny_qwen2, tmp_path / "p", portable=True, round_to=1, prune_layers=0)
+    config = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert not info["needs_remote_code"] and config["hidden_size"] // config["num_attention_heads"] == config["head_dim"]
+    assert config["num_attention_heads"] == 6 and config["intermediate_size"] < 160
+    assert abs(result.params_after - result.params_target) <= 0.005 * result.params_target
+
+
 def test_checkpoints_whose_weights_do_not_make_the_model_are_refused(dense, tmp_path, capsys):
     """A missing tensor would start random and a tensor of another shape gives a page of report:
     both are one line, as is a config.json transformers refuses."""
