@@ -10,6 +10,7 @@ import json
 import os
 import tarfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import quote
@@ -80,8 +81,23 @@ class Client:
         with open(p, "rb") as fh:
             return self._call("POST", "/v1/files", files={"file": (p.name, fh)}, data={"purpose": purpose})
 
-    def submit(self, body: dict) -> dict:
-        return self._call("POST", "/v1/jobs", json=body)
+    def submit(self, body: dict, retries: int = 2) -> dict:
+        """POST the job with an `Idempotency-Key`: when the answer is lost (a timeout, a dropped
+        connection), the same request is sent again and the server returns the job it made, once."""
+        headers = {"Idempotency-Key": str(uuid.uuid4())}
+        for attempt in range(retries + 1):
+            try:
+                r = self.http.post("/v1/jobs", json=body, headers=headers)
+                break
+            except httpx.TransportError as exc:
+                if attempt == retries:
+                    raise UserError(f"cannot reach the server at {self.base_url}: {first_line(exc, 200)} (the job "
+                                    "may or may not have been submitted; `llm-prune jobs list` shows it)") from None
+                time.sleep(1.0 + attempt)
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
+                raise UserError(f"cannot reach the server at {self.base_url}: {first_line(exc, 200)}") from None
+        _raise_for_error(r)
+        return self._api_object(r)
 
     def list_jobs(self, after: str | None = None, limit: int = 20) -> dict:
         params = {"limit": limit, **({"after": after} if after else {})}

@@ -10,6 +10,7 @@ per-key advisory lock on PostgreSQL, so the per-key limit holds under any concur
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import secrets
 import time
@@ -81,6 +82,16 @@ class JobRow(Base):
     lease_expires: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     device: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+class IdempotencyRow(Base):
+    """A client's `Idempotency-Key` for a job it submitted: a retried POST gets that job back."""
+    __tablename__ = "idempotency_keys"
+    owner: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class EventRow(Base):
@@ -228,20 +239,38 @@ class Store:
     # --- jobs -----------------------------------------------------------------------------
     def create_job(self, owner: str, model: str, request: dict, recipe: dict, *, max_attempts: int,
                    max_active: int | None = None, job_id: str | None = None,
-                   files: dict[str, str] | None = None) -> JobRow:
+                   files: dict[str, str] | None = None, idempotency_key: str | None = None) -> JobRow:
         """Admit a job; `files` ({param: upload id}) must still exist when it is added (an upload
-        deleted since the body was checked is refused, not left for the job to miss)."""
+        deleted since the body was checked is refused, not left for the job to miss). With an
+        `idempotency_key` the owner used before for the same request, that job is returned instead
+        (a client retrying a POST whose answer it lost); for another request, a ConflictError."""
         now = time.time()
         row = JobRow(id=job_id or new_id("job"), owner=owner, status="queued", model=model, request=request,
                      recipe=recipe, metrics={}, created_at=now, updated_at=now, max_attempts=max_attempts,
                      attempts=0, progress=0.0, stages_done=0, cancel_requested=False)
+        digest = hashlib.sha256(json.dumps(request, sort_keys=True, default=str).encode()).hexdigest()
         with self._admission(owner) as s:
+            if idempotency_key is not None:
+                seen = s.get(IdempotencyRow, (owner, idempotency_key))
+                earlier = s.scalar(select(JobRow).where(JobRow.id == seen.job_id)) if seen else None
+                if earlier is not None and seen.body_sha256 != digest:
+                    raise ConflictError("Idempotency-Key was used for another request (a different body); use a "
+                                        "new key for a new job", param="Idempotency-Key",
+                                        code="idempotency_key_reused")
+                if earlier is not None:
+                    return earlier
+                if seen is not None:  # its job was deleted since: the key starts afresh
+                    s.delete(seen)
+                    s.flush()
             if max_active is not None:
                 self._check_active(s, owner, max_active)
             for param, file_id in (files or {}).items():
                 if s.scalar(select(FileRow.id).where(FileRow.id == file_id, FileRow.owner == owner)) is None:
                     raise UserError(f"{param}: no file with id '{file_id}'", param=param, code="file_not_found")
             s.add(row)
+            if idempotency_key is not None:
+                s.add(IdempotencyRow(owner=owner, key=idempotency_key, body_sha256=digest, job_id=row.id,
+                                     created_at=now))
         return row
 
     @contextmanager
@@ -328,6 +357,7 @@ class Store:
                                                   JobRow.status.not_in(("running",)))).rowcount > 0
             if gone:
                 s.execute(delete(EventRow).where(EventRow.job_id == job_id))
+                s.execute(delete(IdempotencyRow).where(IdempotencyRow.job_id == job_id))
         return gone
 
     # --- worker side ----------------------------------------------------------------------

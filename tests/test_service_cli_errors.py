@@ -205,3 +205,21 @@ def test_a_followed_event_stream_resumes_after_a_break(monkeypatch):
     with pytest.raises(UserError, match=r"lost the event stream .* run `llm-prune jobs events job-1 -f` to continue"):
         list(broken.stream_events("job-1"))
     assert len(afters) == client_module.RECONNECTS + 1
+
+
+def test_submit_retries_a_lost_answer_with_the_same_idempotency_key(monkeypatch):
+    import httpx
+
+    import service.client as client_module
+
+    monkeypatch.setattr(client_module.time, "sleep", lambda s: None)
+    keys = []
+
+    def handler(request):
+        keys.append(request.headers["Idempotency-Key"])
+        if len(keys) == 1:
+            raise httpx.ReadTimeout("no answer", request=request)
+        return httpx.Response(200, json={"object": "job", "id": "job-1", "status": "queued"})
+
+    assert _client_on(handler).submit({"model": "m"})["id"] == "job-1"
+    assert len(keys) == 2 and keys[0] == keys[1]

@@ -475,3 +475,16 @@ def test_deleting_a_job_that_is_stopping_says_so(env):
     assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice).status_code == 200
     err = _err(client.delete(f"/v1/jobs/{job['id']}", headers=alice), 409, code="job_running")
     assert "stopping (cancel accepted)" in err["message"]
+
+
+def test_a_retried_submission_with_its_idempotency_key_makes_one_job(env):
+    client, _, _, (alice, _) = env
+    key = {**alice, "Idempotency-Key": "7f1c2b9e-retry"}
+    first = client.post("/v1/jobs", headers=key, json=MIN)
+    again = client.post("/v1/jobs", headers=key, json=MIN)
+    assert first.status_code == again.status_code == 200 and first.json()["id"] == again.json()["id"]
+    _err(client.post("/v1/jobs", headers=key, json={**MIN, "budget": {"ratio": 0.3}}), 409,
+         "Idempotency-Key", "idempotency_key_reused")
+    _err(client.post("/v1/jobs", headers={**alice, "Idempotency-Key": "x" * 300}, json=MIN), 400,
+         "Idempotency-Key", "invalid_idempotency_key")
+    assert len(client.get("/v1/jobs", headers=alice).json()["data"]) == 1

@@ -228,3 +228,21 @@ def test_a_file_deleted_before_admission_is_refused_and_a_used_one_is_kept(store
     with pytest.raises(ConflictError, match=f"used by queued job {job.id}"):
         store.delete_file("k1", "file-b")
     assert store.get_file("k1", "file-b") is not None and row.id == "file-a"
+
+
+def test_an_idempotency_key_returns_the_job_it_made(store):
+    from service.errors import ConflictError
+
+    first = store.create_job("k1", "m", {"model": "m"}, {"model": "m"}, max_attempts=2, idempotency_key="abc",
+                             max_active=1)
+    again = store.create_job("k1", "m", {"model": "m"}, {"model": "m"}, max_attempts=2, idempotency_key="abc",
+                             max_active=1)  # the limit is not hit: no second job is made
+    assert again.id == first.id and len(store.list_jobs("k1")[0]) == 1
+    with pytest.raises(ConflictError, match="another request"):
+        store.create_job("k1", "m", {"model": "other"}, {"model": "other"}, max_attempts=2, idempotency_key="abc")
+    other_owner = store.create_job("k2", "m", {"model": "m"}, {"model": "m"}, max_attempts=2, idempotency_key="abc")
+    assert other_owner.id != first.id  # keys are per API key
+    store.request_cancel("k1", first.id)
+    assert store.delete_job("k1", first.id)
+    fresh = store.create_job("k1", "m", {"model": "m"}, {"model": "m"}, max_attempts=2, idempotency_key="abc")
+    assert fresh.id != first.id

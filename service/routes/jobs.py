@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -78,8 +78,14 @@ def _job(request: Request, job_id: str, owner: str) -> JobRow:
 
 
 @router.post("", response_model=JobObject)
-def create_job(body: JobCreate, request: Request, owner: str = Depends(current_owner)) -> JobObject:
+def create_job(body: JobCreate, request: Request, owner: str = Depends(current_owner),
+               idempotency_key: str | None = Header(None, description="a retried POST with the same key and body "
+                                                    "returns the job the first one made")) -> JobObject:
     settings, store = request.app.state.settings, request.app.state.store
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= 255 and idempotency_key.isascii()
+                                            and idempotency_key.isprintable()):
+        raise UserError("Idempotency-Key must be 1 to 255 printable ASCII characters (e.g. a UUID)",
+                        param="Idempotency-Key", code="invalid_idempotency_key")
     recipe = build_recipe(body, owner, store, settings)
     files = {param: value for param, value in (("data.file_id", body.data and body.data.file_id),
                                                ("evaluation.ppl", body.evaluation and body.evaluation.ppl),
@@ -87,7 +93,8 @@ def create_job(body: JobCreate, request: Request, owner: str = Depends(current_o
              if value}
     row = store.create_job(owner, recipe.model, body.model_dump(mode="json", exclude_none=True),
                            recipe.model_dump(mode="json"), max_attempts=settings.max_attempts,
-                           max_active=settings.max_active_jobs_per_key, files=files)
+                           max_active=settings.max_active_jobs_per_key, files=files,
+                           idempotency_key=idempotency_key)
     return job_object(row)
 
 
