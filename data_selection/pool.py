@@ -156,6 +156,9 @@ def _iter_json_array(fh, name: str, chunk_chars: int = 8 << 20) -> Iterator[tupl
             if pos < len(text):
                 yield f"{name}[{n}]", MalformedRecord(f"element {n}: invalid JSON ({exc.msg})"
                                                       f"{'' if text.rstrip().endswith(']') else ' - file truncated?'}")
+            else:  # cut off right after a whole element: its records are good, the file is not whole
+                yield f"{name}[{n}]", MalformedRecord(f"the array ends after {n} elements without its closing "
+                                                      "']' - file truncated?")
             return
         yield f"{name}[{n}]", obj
         pos, n = end, n + 1

@@ -53,6 +53,11 @@ def test_truncated_json_array_keeps_good_records(tmp_path):
     load = load_pool(tmp_path / "cut.json")
     assert [r.response for r in load.records] == ["a0", "a1"]
     assert len(load.errors) == 1 and "truncated" in load.errors[0][1]
+    # Cut right after a whole element: every record is good, and the missing end is still told.
+    (tmp_path / "cut2.json").write_text(text[: text.rindex("}") + 1])
+    load = load_pool(tmp_path / "cut2.json")
+    assert len(load.records) == 3 and len(load.errors) == 1
+    assert "ends after 3 elements without its closing ']'" in load.errors[0][1]
 
 
 @pytest.mark.parametrize("chunk", [5, 64, 1 << 20])
