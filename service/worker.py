@@ -75,8 +75,15 @@ class JobProgress:
         return self.work.progress
 
     def fields(self) -> dict:
-        return {"stage": self.stage, "stages_done": len(self.done), "progress": self.progress,
-                "metrics": {**self.metrics, "progress": self.work.snapshot()}}
+        # A resumed attempt starts no stage its predecessors finished: until it starts one, the
+        # stage and the count stored by them stand (a job resumed after its last stage ended with
+        # `stage: null` and no stages done).
+        done = len(set(self.done) | set(getattr(self.work, "done", ())))
+        out = {"stages_done": done, "progress": self.progress,
+               "metrics": {**self.metrics, "progress": self.work.snapshot()}}
+        if self.stage is not None:
+            out["stage"] = self.stage
+        return out
 
 
 class StoreOutage:

@@ -39,7 +39,7 @@ def test_progress_folds_work_and_thins_steps():
     snap = p.fields()["metrics"]["progress"]
     assert snap["eta_s"] == 0 and snap["stage_fraction"] == 1.0
     p.fold({"kind": "stage_end", "stage": "recover", "time": 111.0})
-    assert p.progress == 1.0 and p.fields()["stages_done"] == 2
+    assert p.progress == 1.0 and p.fields()["stages_done"] == 3  # baseline, done by an earlier attempt, counts
 
 
 def test_a_resumed_job_keeps_the_metrics_of_stages_finished_before():
@@ -50,6 +50,14 @@ def test_a_resumed_job_keeps_the_metrics_of_stages_finished_before():
     assert metrics["baseline"] == {"ppl": 41.0} and metrics["prune"] == {"params": 9}
     assert metrics["recover"] == {"loss": 2.5} and metrics["progress"] != {"eta_s": 3}
     assert earlier["prune"] == {"params": 9}  # the row's own dict is not changed in place
+
+
+def test_a_job_resumed_after_its_last_stage_keeps_its_stage_and_count():
+    p = JobProgress()
+    work = {"baseline": 1, "prune": 1, "select": 1, "recover": 1, "final": 1}
+    p.fold({"kind": "plan", "stage": "job", "time": 0.0, "metrics": {"work": work, "done": list(work)}})
+    fields = p.fields()
+    assert "stage" not in fields and fields["stages_done"] == 5  # the stored stage stands, not null
 
 
 def test_eta_is_remaining_work_over_current_throughput():
