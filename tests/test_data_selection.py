@@ -215,12 +215,33 @@ def test_conflict_graph_tells_apart_questions_in_other_scripts_and_by_one_digit(
     assert graph.check(Record("What is 3 times 4?", "13", "y"))
 
 
+def test_conflict_graph_keeps_different_questions_apart():
+    """Operators, word order, scripts without spaces and a "no" to another question: all consistent."""
+    graph = ConceptGraph()
+    records = [Record("What is 3 + 5?", "8", "a"), Record("What is 3 - 5?", "-2", "b"),
+               Record("What is 3 * 5?", "15", "c"), Record("What is 5 / 3?", "About 1.67", "d"),
+               Record("Compute 12 + 30.", "42", "e"), Record("Compute 12 x 30.", "360", "f"),
+               Record("Convert 5 km to miles", "3.1 miles", "g"), Record("Convert 5 miles to km", "8 km", "h"),
+               Record("法国的首都是什么？", "巴黎。", "i"), Record("法国的首都是什么？", "巴黎是法国的首都。", "j"),
+               Record("Is Paris in France?", "Yes, Paris is in France.", "k"),
+               Record("Is Paris in Germany?", "No, Paris is not in Germany.", "l"),
+               Record("Is the sky blue?", "Yes, the sky is blue.", "m"),
+               Record("Is grass blue?", "No, grass is not blue.", "n")]
+    for rec in records:
+        assert graph.check(rec) is None, rec
+        graph.add(rec)
+    assert graph.check(Record("法国的首都是什么？", "里昂。", "x"))  # the same question, another city
+    assert graph.check(Record("Is Paris in Germany?", "Yes, Paris is in Germany.", "y"))
+
+
 def test_conflict_graph_stays_small_for_a_book_length_prompt():
     graph = ConceptGraph()
     words = " ".join(f"word{i} topic{i % 997}" for i in range(20_000))  # ~40,000 distinct phrases
-    graph.add(Record(words + " What is the capital of France?", "Paris is the capital.", "long"))
-    assert len(graph.edges) <= 2 * graph.question_words * 8
-    assert graph.check(Record("What is the capital of France?", "Paris is not the capital.", "x"))  # still read
+    prompt = words + " What is the capital of France?"
+    graph.add(Record(prompt, "Paris is the capital.", "long"))
+    (question,) = graph.answers
+    assert len(question) <= 2 * graph.question_words  # the prompt's last words only
+    assert graph.check(Record(prompt, "Paris is not the capital.", "x"))  # still read
 
 
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
