@@ -8,6 +8,7 @@ finished stages and resumes after the last one. Stages report through `on_event`
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -325,13 +326,20 @@ class Job:
             now = input_fingerprints(self.recipe)
             changed += [f"the content of {k}" for k in sorted(set(made_from) | set(now))
                         if made_from.get(k) != now.get(k) and k not in changed]
-        depends = _finished_depend_on(finished_stages(self.out), self.recipe)
+        finished = finished_stages(self.out)
+        depends = _finished_depend_on(finished, self.recipe)
         conflicts = [c for c in changed if depends(c.removeprefix("the content of "))]
+        if "recovery.method" in changed and "recovery.method" not in conflicts and "selection" in finished \
+                and isinstance(old, dict) and ((old.get("recovery") or {}).get("method") == "none") \
+                != (self.recipe.recovery.method == "none"):
+            conflicts.append("recovery.method")  # selection ran (or was skipped) for recovery on or off
         if conflicts:
             shown = ", ".join(conflicts[:5]) + (f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
             raise UserError(f"{self.out} holds finished stages of another recipe (differs in {shown}); give another "
                             "--output, or delete it to start over", param="output")
-        if changed and not _done(self.out / "recovered"):
+        retrain = [c for c in changed if c.removeprefix("the content of ").startswith(("recovery.", "data."))
+                   and c != "recovery.keep_adapter"]  # what is kept at the end, not how it trains
+        if retrain and not _done(self.out / "recovered"):
             # Settings only unfinished stages use changed (a lower learning rate after a divergence):
             # the finished stages stay, and recovery's checkpoints of the old settings go.
             shutil.rmtree(self.out / "recovered", ignore_errors=True)
@@ -384,7 +392,24 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
         check_exportable(config)
     if recipe.data.pool is None and recipe.data.selection != "paser" and recipe.recovery.method != "none":
         raise UserError("data.selection given without data.pool", param="data.pool")
-    return Job(recipe, out_dir, on_event).run()
+    with _only_run(Path(out_dir)):
+        return Job(recipe, out_dir, on_event).run()
+
+
+@contextlib.contextmanager
+def _only_run(out: Path):
+    """One run per job folder: a second one would restart the stages the first is writing. The lock
+    goes with the process that holds it, so a killed run leaves nothing to clean up."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `llm-prune run` is working in {out}; wait for it to end, or give another "
+                            "--output", param="output") from None
+        yield
 
 
 def _check_target_modules(recipe: Recipe, config) -> None:
@@ -468,12 +493,12 @@ def _finished_depend_on(finished: list[str], recipe: Recipe):
     prefixes = {"model", "trust_remote_code"}
     if "baseline" in finished:
         prefixes |= {"evaluation"}
-    if "pruned" in finished:
-        prefixes |= {"budget", "pruning", "evaluation", "export"}
+    if "pruned" in finished:  # (export is the final stage's: a GGUF asked for later is written then)
+        prefixes |= {"budget", "pruning", "evaluation"}
         if recipe.pruning.stages > 1:  # Adapt-Accel trains between the stages
             prefixes |= {"recovery", "data"}
-    if "selection" in finished:  # what it selects, how it scores, and whether it runs at all
-        prefixes |= {"data", "recovery.cutoff_len", "recovery.seed", "recovery.method"}
+    if "selection" in finished:  # what it selects and how it scores (whether it ran: recovery on or off,
+        prefixes |= {"data", "recovery.cutoff_len", "recovery.seed"}  # checked by Job.check_resumable)
     if "recovered" in finished or "final" in finished:
         return lambda path: True
     return lambda path: any(path == p or path.startswith(p + ".") for p in prefixes)

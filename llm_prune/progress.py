@@ -54,12 +54,12 @@ class TqdmRenderer:
 
     def __call__(self, event: ProgressEvent) -> None:
         self.work.fold(event)
-        if self.disable:
-            return
         from tqdm.auto import tqdm
 
-        if event.kind == "warning":  # beside the bars (stderr), not in the results on stdout
+        if event.kind == "warning":  # on stderr, with or without bars (--json, --quiet): stdout has the results
             tqdm.write(f"warning: {event.message}", file=sys.stderr)
+            return
+        if self.disable:
             return
         in_job = event.stage in self.work.plan and event.parent is None
         if in_job and event.kind == "stage_start":

@@ -78,7 +78,14 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
         record["pruning"] = {"plan": "a saved plan.json re-applied: its kept heads, channels and layers, "
                                      "sliced weights (no scoring, no reconstruction)"}
     meta = {"recipe": record, "base_model": recipe.model}
-    info = export_checkpoint(model, tok, out, extra_meta=meta, dtype=source_dtype(recipe.model))
+    saved_dtype = source_dtype(recipe.model)
+    info = export_checkpoint(model, tok, out, extra_meta=meta, dtype=saved_dtype)
+    if saved_dtype is not None and saved_dtype != next(model.parameters()).dtype:
+        import torch
+
+        with torch.no_grad():  # what is measured next (the pruned model's evaluation) is what was saved
+            for p in model.parameters():
+                p.copy_(p.to(saved_dtype))
     plan.save(out / "plan.json")
     timings["export_s"] = time.perf_counter() - t2
     measured = {"params_before": before, "params_after": after, "removed_fraction": 1 - after / before,

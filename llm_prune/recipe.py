@@ -176,6 +176,8 @@ class DataConfig(_Strict):
 
     def unused_settings(self) -> list[str]:
         """PASER's options given to another selection method (see `Recipe.unused_settings`)."""
+        if self.selection == "all" and self.budget != DataConfig.model_fields["budget"].default:
+            return ["--data-budget: selection 'all' takes the whole pool"]
         if self.selection == "paser":
             return []
         given = [name for name, value in (("--clusters", self.num_clusters), ("--embedding-model", self.embedding_model),
@@ -291,14 +293,25 @@ class Recipe(_Strict):
         """Settings given that this recipe never reads (told, not refused: a recipe may carry them for
         another method). Each is one line for a warning."""
         rec, data, out = self.recovery, self.data, []
-        if rec.method != "none" and not data.pool:
+        given = {name for name, f in RecoveryConfig.model_fields.items() if getattr(rec, name) != f.default}
+        flag = lambda names: ", ".join(_flag("recovery", n) for n in sorted(names))  # noqa: E731
+        if rec.method == "none":  # nothing is selected or trained
+            unused = [_flag("recovery", n) for n in sorted(given - {"method", "seed"})]
+            unused += [_flag("data", n) for n, f in DataConfig.model_fields.items() if getattr(data, n) != f.default]
+            if unused:
+                out.append(f"{', '.join(unused)}: recovery is off (--recovery none)")
+            return out
+        if not data.pool:
             out.append("no recovery pool (--data): recovery is skipped, the final model is the pruned one")
+            return out
         if rec.keep_adapter and rec.method == "full":
             out.append("--keep-adapter: full fine-tuning trains the weights themselves, there is no adapter to keep")
-        if (rec.perp_train_lm_head or rec.perp_train_embeddings) and rec.method not in ("perp", "perp_lora"):
-            out.append(f"--perp-train-lm-head/--perp-train-embeddings: only PERP uses them, not {rec.method}")
-        if rec.target_modules and rec.method not in LORA_METHODS:
-            out.append(f"--target-modules: only LoRA methods use them, not {rec.method}")
+        perp = given & {"perp_train_lm_head", "perp_train_embeddings"}
+        if perp and rec.method not in ("perp", "perp_lora"):
+            out.append(f"{flag(perp)}: only PERP uses them, not {rec.method}")
+        lora = given & {"lora_r", "lora_alpha", "lora_dropout", "target_modules"}
+        if lora and rec.method not in LORA_METHODS:
+            out.append(f"{flag(lora)}: only LoRA methods use them, not {rec.method}")
         return out + data.unused_settings()
 
     def check_fits(self, model_config) -> None:
@@ -317,6 +330,10 @@ class Recipe(_Strict):
         if self.recovery.method != "none" and self.recovery.max_steps == 0 and self.recovery.epochs is None:
             raise UserError("recovery.max_steps is 0 and no epochs given: set --max-steps or --recovery none",
                             param="recovery.max_steps")
+
+
+def _flag(section: str, name: str) -> str:
+    return CLI_NAMES.get(f"{section}.{name}", "--" + name.replace("_", "-"))
 
 
 # Command-line names of fields whose flag is not `--<field-name>` (the names users already type, and

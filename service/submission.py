@@ -49,10 +49,19 @@ def check_embedding_model(spec: str, settings: Settings) -> None:
     allowed model roots, refused in the same words whether or not it exists; hub ids pass."""
     spec = spec.strip()
     if not looks_like_path(spec):
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(spec)
+        except HFValidationError:
+            raise UserError(f"data.embedding_model {spec[:100]!r} is neither a hub id (org/name) nor a model "
+                            "directory inside the server's allowed model roots", param="data.embedding_model",
+                            code="model_not_allowed") from None
         return
     refused = UserError(f"data.embedding_model path {spec} is not a model directory inside the server's allowed "
                         "model roots", param="data.embedding_model", code="model_not_allowed")
-    if not _inside_roots(spec, settings, refused).is_dir():
+    real = _inside_roots(spec, settings, refused)
+    if not any((real / name).is_file() for name in ("config.json", "modules.json")):  # an empty or other folder
         raise refused
 
 

@@ -287,4 +287,9 @@ def test_settings_a_method_never_reads_are_told(tiny_llama, tmp_path, capsys):
                             "-o", str(tmp_path / "job"))
     assert code == 0, err
     assert "warning: no recovery pool (--data): recovery is skipped" in err
-    assert "warning: --keep-adapter: full fine-tuning trains the weights themselves" in err
+    code, out, err = run_main(capsys, "run", str(tiny_llama), "--ratio", "0.2", "--recovery", "none", "--distill",
+                              "0.5", "--lora-r", "4", "--calibration-samples", "2", "--calibration-seq-len", "16",
+                              "--reconstruct-tokens", "64", "-o", str(tmp_path / "job2"), "--json")
+    assert code == 0, err
+    json.loads(out)  # stdout stays the results; the warning goes beside it, --json or not
+    assert "warning: --distill, --lora-r: recovery is off (--recovery none)" in err

@@ -214,3 +214,46 @@ def test_a_rerun_may_change_what_only_unfinished_stages_use(tiny_llama, job_inpu
     os.utime(model / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rebuilt under the same path
     with pytest.raises(UserError, match="differs in the content of model"):
         pipeline.run_recipe(_recipe(model, pool, text, recovery={"learning_rate": 1e-5}), out)
+
+
+def test_resume_keeps_what_a_change_does_not_touch(tiny_llama, job_inputs, tmp_path, monkeypatch):
+    """After selection: another recovery method (still on) is taken, recovery off is refused; a
+    --keep-adapter asked for later keeps recovery's checkpoints; a GGUF asked for after pruning is
+    the final stage's to write."""
+    import recovery
+
+    pool, text = job_inputs
+    out = tmp_path / "job"
+    found = []  # whether recovery found the earlier attempt's checkpoint
+
+    def stopped(model, tok, records, cfg, work, **kw):
+        checkpoint = Path(work) / "checkpoints" / "checkpoint-1"
+        found.append(checkpoint.is_dir())
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recovery, "recover", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_recipe(_recipe(tiny_llama, pool, text), out)
+    with pytest.raises(UserError, match="differs in recovery.method"):
+        pipeline.run_recipe(_recipe(tiny_llama, pool, text, recovery={"method": "none"}), out)
+    with pytest.raises(KeyboardInterrupt):  # accepted, and recovery resumes its checkpoint
+        pipeline.run_recipe(_recipe(tiny_llama, pool, text, recovery={"keep_adapter": True},
+                                    export={"gguf": "f16"}), out)
+    with pytest.raises(KeyboardInterrupt):  # another method: accepted, trained afresh
+        pipeline.run_recipe(_recipe(tiny_llama, pool, text, recovery={"method": "perp", "keep_adapter": True},
+                                    export={"gguf": "f16"}), out)
+    assert found == [False, True, False]
+
+
+def test_one_run_per_job_folder(tiny_llama, job_inputs, tmp_path):
+    import fcntl
+
+    pool, text = job_inputs
+    out = tmp_path / "job"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="another `llm-prune run` is working in"):
+            pipeline.run_recipe(_recipe(tiny_llama, pool, text, recovery={"method": "none"}), out)
+    assert not (out / "baseline").exists()

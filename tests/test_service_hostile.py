@@ -459,11 +459,16 @@ def test_embedding_model_paths_stay_inside_the_model_roots(env, tiny_llama):
     pool = client.post("/v1/files", headers=alice, data={"purpose": "recovery"},
                        files={"file": ("p.jsonl", b'{"instruction": "a", "output": "b"}\n')}).json()["id"]
     messages = []
-    for spec in ("/etc/passwd", "/nonexistent/dir", "/root", "../../../../etc", str(tiny_llama.parent / "missing")):
+    (tiny_llama.parent / "empty_embedder").mkdir(exist_ok=True)
+    for spec in ("/etc/passwd", "/nonexistent/dir", "/root", "../../../../etc", str(tiny_llama.parent / "missing"),
+                 str(tiny_llama.parent / "empty_embedder")):
         body = {**MIN, "model": str(tiny_llama), "data": {"file_id": pool, "embedding_model": spec}}
         err = _err(client.post("/v1/jobs", headers=alice, json=body), 400, "data.embedding_model", "model_not_allowed")
         messages.append(err["message"].replace(spec, "<path>"))
     assert len(set(messages)) == 1, messages
+    for spec in (" ", "a" * 5000, "\\\\server\\share"):  # never a hub id: refused now, not after pruning
+        body = {**MIN, "model": str(tiny_llama), "data": {"file_id": pool, "embedding_model": spec}}
+        _err(client.post("/v1/jobs", headers=alice, json=body), 400, "data.embedding_model", "model_not_allowed")
     ok = {**MIN, "model": str(tiny_llama), "data": {"file_id": pool, "embedding_model": str(tiny_llama)}}
     assert client.post("/v1/jobs", headers=alice, json=ok).status_code == 200
 
