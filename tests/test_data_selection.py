@@ -208,11 +208,16 @@ def test_conflict_graph_tells_apart_questions_in_other_scripts_and_by_one_digit(
     records = [Record(f"В каком году родился {p}?", str(1799 + 10 * i), f"ru{i}") for i, p in enumerate(people)]
     records += [Record(f"What is {a} times {b}?", str(a * b), f"m{a}{b}") for a in range(2, 6) for b in range(2, 6)]
     records += [Record("?!", "42", "empty1"), Record("...", "7", "empty2")]  # no question words at all
-    for rec in records:
+    _all_kept_then_refused(graph, records, [Record("В каком году родился Пушкин?", "1850", "x"),  # another year
+                                            Record("What is 3 times 4?", "13", "y")])
+
+
+def _all_kept_then_refused(graph, consistent, contradicting):
+    for rec in consistent:
         assert graph.check(rec) is None, rec
         graph.add(rec)
-    assert graph.check(Record("В каком году родился Пушкин?", "1850", "x"))  # the same question, another year
-    assert graph.check(Record("What is 3 times 4?", "13", "y"))
+    for rec in contradicting:
+        assert graph.check(rec), rec
 
 
 def test_conflict_graph_keeps_different_questions_apart():
@@ -227,11 +232,8 @@ def test_conflict_graph_keeps_different_questions_apart():
                Record("Is Paris in Germany?", "No, Paris is not in Germany.", "l"),
                Record("Is the sky blue?", "Yes, the sky is blue.", "m"),
                Record("Is grass blue?", "No, grass is not blue.", "n")]
-    for rec in records:
-        assert graph.check(rec) is None, rec
-        graph.add(rec)
-    assert graph.check(Record("法国的首都是什么？", "里昂。", "x"))  # the same question, another city
-    assert graph.check(Record("Is Paris in Germany?", "Yes, Paris is in Germany.", "y"))
+    _all_kept_then_refused(graph, records, [Record("法国的首都是什么？", "里昂。", "x"),  # another city
+                                            Record("Is Paris in Germany?", "Yes, Paris is in Germany.", "y")])
 
 
 def test_conflict_graph_stays_small_for_a_book_length_prompt():
