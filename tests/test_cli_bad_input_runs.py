@@ -227,7 +227,7 @@ def test_eval_and_prune_never_write_over_what_they_read_or_what_is_not_theirs(ti
     text.write_text("the cat sat on the mat. " * 200)
     ev = ["eval", str(model), "--ppl", str(text), "--seq-len", "16", "--max-windows", "2"]
     assert "inside the model folder" in _one_error(capsys, *ev, "--output", str(model / "model.safetensors"))
-    assert "is the text being measured" in _one_error(capsys, *ev, "--output", str(text))
+    assert "the text being measured" in _one_error(capsys, *ev, "--output", str(text))
     code, out, err = run_main(capsys, *ev, "--compare", str(tmp_path / "nothere"))
     assert code == 2 and "model path not found" in err and "ppl" not in out  # refused before any evaluation
     assert "is not usable: File name too long" in _one_error(capsys, *ev, "--output", str(tmp_path / ("a" * 300)))
@@ -252,6 +252,14 @@ def test_eval_refuses_a_dataset_column_that_is_not_text(tiny_llama, tmp_path, ca
     datasets.Dataset.from_dict({"text": ["hello world " * 50] * 4, "num": [1, 2, 3, 4]}).save_to_disk(tmp_path / "ds")
     assert "column 'num' of the dataset holds" in _one_error(
         capsys, "eval", str(tiny_llama), "--ppl-dataset", str(tmp_path / "ds"), "--column", "num", "--seq-len", "16")
+    # The results file may not go into the dataset folder (it replaced dataset_info.json and the like).
+    assert "inside) the text being measured" in _one_error(
+        capsys, "eval", str(tiny_llama), "--ppl-dataset", str(tmp_path / "ds"), "--seq-len", "16", "--output",
+        str(tmp_path / "ds" / "dataset_info.json"))
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["a b"]})}).save_to_disk(tmp_path / "dd")
+    (tmp_path / "dd" / "dataset_dict.json").write_text('{"not": "splits"}')  # clobbered by another tool
+    assert "could not load dataset" in _one_error(
+        capsys, "eval", str(tiny_llama), "--ppl-dataset", str(tmp_path / "dd"), "--seq-len", "16")
 
 
 def test_eval_refuses_windows_past_the_context_as_run_does(tiny_llama, tmp_path, capsys):

@@ -15,8 +15,12 @@ def _check_not_an_input(output: Path, sources, files) -> None:
     """--output must not replace what the evaluation reads: a file of a model folder or the text."""
     target = output.expanduser().resolve()
     for f in files:
-        if f is not None and Path(f).expanduser().resolve() == target:
-            raise UserError(f"--output {output} is the text being measured; give another file name", param="output")
+        if f is None:
+            continue
+        text = Path(f).expanduser().resolve()
+        if text == target or (text.is_dir() and text in target.parents):  # a saved dataset is a folder
+            raise UserError(f"--output {output} is (inside) the text being measured; give another file name",
+                            param="output")
     for source in sources:
         if not source.is_local:
             continue
@@ -90,7 +94,7 @@ def eval_command(
         from llm_prune.paths import check_output_file
 
         check_output_file(output, label="--output")
-        _check_not_an_input(output, sources, [ppl])
+        _check_not_an_input(output, sources, [ppl, ppl_dataset])
     record_dir = None
     if record:
         source = sources[0]

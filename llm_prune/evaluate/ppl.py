@@ -57,7 +57,8 @@ def read_text_dataset(name_or_dir: str, split: str | None = None, column: str = 
             ds = datasets.load_dataset(name_or_dir, split=split)
     except UserError:
         raise
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+    except (FileNotFoundError, ValueError, ConnectionError, OSError, KeyError, TypeError) as exc:
+        # KeyError, TypeError: a saved folder whose dataset_dict.json or state files are not datasets' own
         raise UserError(f"could not load dataset '{name_or_dir}' (split {split}): "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", param="ppl_dataset") from None
     if column not in ds.column_names:
