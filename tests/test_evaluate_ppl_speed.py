@@ -89,6 +89,13 @@ def test_seq_len_forms():
             _seq_lens(bad, 512)
 
 
+def test_a_byte_order_mark_is_not_measured(tmp_path):
+    from llm_prune.evaluate import read_text_file
+
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfthe cat sat")
+    assert read_text_file(tmp_path / "bom.txt") == "the cat sat"
+
+
 def test_ppl_text_from_saved_dataset(tmp_path):
     import datasets
 

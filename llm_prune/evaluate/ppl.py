@@ -28,7 +28,7 @@ def read_text_file(path: str | Path) -> str:
         what = "is a directory, not a text file" if path.is_dir() else "not found"
         raise UserError(f"perplexity text file {what}: {path}", param="ppl")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no text (calibration drops it too)
     except UnicodeDecodeError:
         raise UserError(f"perplexity text file is not UTF-8 text: {path}", param="ppl") from None
     if not text.strip():
