@@ -74,8 +74,8 @@ def _removed(costs: UnitCosts, kv: dict[int, int], ch: dict[int, int]) -> int:
                for i in kv)
 
 
-def _drop_layers(scores: Scores, costs: UnitCosts, target_params: int,
-                 cfg: AllocationConfig) -> tuple[set[int], int]:
+def _drop_layers(scores: Scores, costs: UnitCosts, target_params: int, cfg: AllocationConfig,
+                 protect: bool = True) -> tuple[set[int], int]:
     """Depth first: the layers that change the hidden state least go whole. Returns the dropped
     layers and the parameters still to remove from the widths."""
     to_remove = costs.total - target_params
@@ -87,7 +87,14 @@ def _drop_layers(scores: Scores, costs: UnitCosts, target_params: int,
         n_layers = len(costs.layer)
         if cfg.prune_layers >= n_layers:
             raise UserError(f"cannot drop {cfg.prune_layers} of {n_layers} layers", param="pruning.prune_layers")
-        dropped = set(torch.argsort(scores.block_influence).tolist()[:cfg.prune_layers])
+        # Only layers the allocation may cut are candidates: uniform allocation's protected first and
+        # last layers (--skip-first/--skip-last) stay whole (adaptive and portable protect none).
+        candidates = set(prunable_layers(n_layers, cfg)) if protect else set(range(n_layers))
+        if cfg.prune_layers > len(candidates):
+            raise UserError(f"cannot drop {cfg.prune_layers} layers: {len(candidates)} are not protected by "
+                            "skip_first/skip_last", param="pruning.prune_layers")
+        order = [i for i in torch.argsort(scores.block_influence).tolist() if i in candidates]
+        dropped = set(order[:cfg.prune_layers])
         to_remove -= sum(costs.layer[i] for i in dropped)
     return dropped, to_remove
 
@@ -211,7 +218,7 @@ def allocate_portable(scores: Scores, costs: UnitCosts, target_params: int, cfg:
     if len(set(costs.num_kv)) > 1 or len(set(costs.width)) > 1:
         raise UserError("portable: the model's layers already differ in width; prune the dense model instead",
                         param="pruning.portable")
-    dropped, to_remove = _drop_layers(scores, costs, target_params, cfg)
+    dropped, to_remove = _drop_layers(scores, costs, target_params, cfg, protect=False)
     kept = [i for i in range(n_layers) if i not in dropped]
     n_kv, width = costs.num_kv[0], costs.width[0]
     per_layer = max(0, to_remove) / len(kept)

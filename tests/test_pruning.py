@@ -202,7 +202,8 @@ def test_unreachable_budget_is_a_user_error(tiny_llama):
     costs = unit_costs(model)
     scores = ImportanceScorer("l1").score(model, CALIB)
     with pytest.raises(UserError, match=r"dropping 3 whole layers alone removes more: drop fewer \(--prune-layers\)"):
-        allocate(scores, costs, int(costs.total * 0.8), AllocationConfig(prune_layers=3, prune_attention=False))
+        allocate(scores, costs, int(costs.total * 0.8), AllocationConfig(prune_layers=3, prune_attention=False,
+                                                                         skip_first=0, skip_last=0))
 
 
 @pytest.mark.parametrize("spec,needle", [

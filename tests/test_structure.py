@@ -131,3 +131,20 @@ def test_final_card_does_not_rewrite_pruned_card(tiny_llama, tmp_path):
     assert set(json.loads((out / "final" / "eval_results.json").read_text())) == {"dense", "pruned"}
     # The weights themselves are shared, not copied.
     assert (out / "pruned" / "model.safetensors").stat().st_ino == (out / "final" / "model.safetensors").stat().st_ino
+
+
+def test_whole_layers_never_come_from_the_protected_ends(tmp_path, capsys):
+    """--skip-first/--skip-last keep those layers whole, against layer dropping too."""
+    from tests.tiny_models import build_model
+
+    src = build_model(tmp_path / "m", "llama", layers=10)
+    main(["prune", str(src), "--ratio", "0.3", "--skip-first", "3", "--skip-last", "3", "--prune-layers", "2",
+          "--calibration-samples", "2", "--calibration-seq-len", "16", "-o", str(tmp_path / "p"), "--json"])
+    capsys.readouterr()
+    plan = PrunePlan.load(tmp_path / "p" / "plan.json")
+    dropped = {lp.index for lp in plan.layers if lp.drop}
+    assert len(dropped) == 2 and dropped <= {3, 4, 5, 6}
+    with pytest.raises(SystemExit):
+        main(["prune", str(src), "--ratio", "0.3", "--skip-first", "3", "--skip-last", "3", "--prune-layers", "5",
+              "-o", str(tmp_path / "q")])
+    assert "cannot drop 5 layers: 4 are not protected" in capsys.readouterr().err
