@@ -41,7 +41,13 @@ def read_passages(path: str | Path) -> list[str]:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise UserError(f"calibration file is not UTF-8 text: {path}", param="calibration") from None
-    if p.suffix == ".jsonl":
+    if p.suffix.lower() == ".json" and text.lstrip().startswith("["):  # a JSON array: one record a line
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: not a JSON array ({exc.msg})", param="calibration") from None
+        text = "\n".join(json.dumps(r) for r in records)
+    if p.suffix.lower() in (".jsonl", ".json"):
         out = []
         for number, line in enumerate(text.splitlines(), 1):
             line = line.strip()
@@ -56,8 +62,12 @@ def read_passages(path: str | Path) -> list[str]:
             elif isinstance(rec, dict) and "text" in rec and not isinstance(rec["text"], str):
                 raise UserError(f"{path}, line {number}: \"text\" must be a string, got "
                                 f"{type(rec['text']).__name__}", param="calibration")
+            elif isinstance(rec, dict) and "text" in rec:
+                if rec["text"].strip():  # an empty passage calibrates on nothing (its id is no text)
+                    out.append(rec["text"])
             elif isinstance(rec, dict):
-                out.append(rec.get("text") or " ".join(str(v) for v in rec.values()))
+                raise UserError(f"{path}, line {number}: no \"text\" field (fields: {', '.join(map(str, rec))[:200]})",
+                                param="calibration")
             else:
                 raise UserError(f"{path}, line {number}: expected an object with a \"text\" field or a string, "
                                 f"got {type(rec).__name__}", param="calibration")

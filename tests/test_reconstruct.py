@@ -440,3 +440,17 @@ def test_bf16_calibration_passes_prune_as_well_as_fp32(wide, importance):
     assert abs(losses["bf16"] - losses["fp32"]) < 0.02 * losses["fp32"], losses
     if importance == "taylor":
         assert losses["bf16"] < losses["none"], losses
+
+
+def test_calibration_files_are_read_by_their_format(tmp_path):
+    """JSON Lines and JSON arrays whatever the suffix's case; records without text are refused, not
+    calibrated on their ids."""
+    from llm_prune.calibration import read_passages
+
+    (tmp_path / "a.JSONL").write_text('{"text": "first passage", "id": 0}\n{"text": "", "id": 1}\n"second"\n')
+    assert read_passages(tmp_path / "a.JSONL") == ["first passage", "second"]
+    (tmp_path / "b.json").write_text('[{"text": "one"}, "two"]')
+    assert read_passages(tmp_path / "b.json") == ["one", "two"]
+    (tmp_path / "c.jsonl").write_text('{"id": 7, "body": "x"}\n')
+    with pytest.raises(UserError, match='line 1: no "text" field'):
+        read_passages(tmp_path / "c.jsonl")
