@@ -134,8 +134,11 @@ def _write_checkpoint(model: nn.Module, tokenizer, out: Path, data: dict, remote
     current = next(model.parameters()).dtype
     if dtype is not None and dtype.is_floating_point and current.is_floating_point and dtype != current:
         cast: dict[int, torch.Tensor] = {}  # one copy per storage: tied embeddings stay one tensor
-        state = {k: cast.setdefault(v.data_ptr(), v.to(dtype)) if v.is_floating_point() else v
-                 for k, v in model.state_dict().items()}
+        state = {}
+        for k, v in model.state_dict().items():
+            if v.is_floating_point() and v.data_ptr() not in cast:
+                cast[v.data_ptr()] = v.to(dtype)
+            state[k] = cast[v.data_ptr()] if v.is_floating_point() else v
         data["dtype"] = str(dtype).removeprefix("torch.")
     model.save_pretrained(out, safe_serialization=True, state_dict=state)
     (out / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")

@@ -461,27 +461,30 @@ def input_fingerprints(recipe: Recipe) -> dict[str, str]:
         except UserError:
             model = None
     if model is not None and model.exists():
-        h = hashlib.sha256()
-        for f in sorted(p for p in ([model] if model.is_file() else model.rglob("*")) if p.is_file()):
-            st = f.stat()
-            h.update(f"{f.name if f == model else f.relative_to(model)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        out["model"] = h.hexdigest()
+        out["model"] = _stat_digest(model)  # weights of many GB: their names, sizes and times
     for param, value in (("data.pool", recipe.data.pool), ("evaluation.ppl", recipe.evaluation.ppl),
                          ("pruning.calibration", recipe.pruning.calibration)):
         path = Path(value) if value else None
         if path is None or not path.exists():
             continue
-        h = hashlib.sha256()
         if path.is_dir():
-            for f in sorted(p for p in path.rglob("*") if p.is_file()):
-                st = f.stat()
-                h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        else:
-            with open(path, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+            out[param] = _stat_digest(path)
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
         out[param] = h.hexdigest()
     return out
+
+
+def _stat_digest(path: Path) -> str:
+    """sha256 of the names, sizes and modification times of a folder's files (or of one file)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in ([path] if path.is_file() else path.rglob("*")) if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.name if f == path else f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 RESUME_IGNORES = ("device", "metadata")  # a retried job may run on another worker's device

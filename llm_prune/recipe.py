@@ -166,7 +166,8 @@ class DataConfig(_Strict):
     pool: str | None = Field(None, description="recovery pool: JSON/JSONL/CSV/Parquet file or datasets directory")
     selection: Selection = Field("paser", description="how recovery data is chosen from the pool")
     budget: float = Field(0.2, gt=0, description="fraction of the pool (<= 1) or a record count (> 1)")
-    token_budget: int | None = Field(None, gt=0, description="cap on selected prompt+response tokens, each record counted as trained (at most cutoff_len)")
+    token_budget: int | None = Field(None, gt=0, description="cap on selected prompt+response tokens, each "
+                                     "record counted as trained (at most cutoff_len)")
     num_clusters: int | None = Field(None, ge=2, description="PASER clusters; default: eigengap")
     embedding_model: str | None = Field(None, description="sentence-transformers dir or hub id for PASER's "
                                         "clustering; default: all-MiniLM-L6-v2")
@@ -174,13 +175,15 @@ class DataConfig(_Strict):
                                            "from this many samples and score only ranking candidates")
     conflict_filter: bool = Field(True, description="PASER: reject samples that contradict ones already chosen")
 
-    def unused_settings(self) -> list[str]:
-        """PASER's options given to another selection method (see `Recipe.unused_settings`)."""
+    def unused_settings(self, budget_flag: str = "--data-budget") -> list[str]:
+        """PASER's options given to another selection method, and a budget to `all` (see
+        `Recipe.unused_settings`); `budget_flag` is the budget's name in the command asking."""
         if self.selection == "all" and self.budget != DataConfig.model_fields["budget"].default:
-            return ["--data-budget: selection 'all' takes the whole pool"]
+            return [f"{budget_flag}: selection 'all' takes the whole pool"]
         if self.selection == "paser":
             return []
-        given = [name for name, value in (("--clusters", self.num_clusters), ("--embedding-model", self.embedding_model),
+        given = [name for name, value in (("--clusters", self.num_clusters),
+                                          ("--embedding-model", self.embedding_model),
                                           ("--sample-per-cluster", self.sample_per_cluster),
                                           ("--no-conflict-filter", not self.conflict_filter or None)) if value]
         return [f"{', '.join(given)}: only PASER uses them, not {self.selection}"] if given else []

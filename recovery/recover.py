@@ -82,9 +82,9 @@ def recover(model: nn.Module, tokenizer, records: Sequence[Any], config: Recover
 
     Checkpoints go to OUTPUT_DIR/checkpoints and a rerun with the same arguments resumes from the
     last one; they are removed once training finishes (with `keep_checkpoints`, by the caller, once
-    what it makes of the result is safely written: a failure there then loses no training). With `config.keep_adapter` the learned
-    adapter (peft LoRA files and/or PERP tensors) is written to OUTPUT_DIR/adapter. `teacher`
-    (the dense model) is needed when `config.distill_weight` > 0."""
+    what it makes of the result is safely written: a failure there then loses no training). With
+    `config.keep_adapter` the learned adapter (peft LoRA files and/or PERP tensors) is written to
+    OUTPUT_DIR/adapter. `teacher` (the dense model) is needed when `config.distill_weight` > 0."""
     config = check_config(config)
     output_dir = Path(output_dir)
     if config.method == "none":

@@ -173,7 +173,8 @@ def train(model: nn.Module, split: TokenizedSplit, pad_token_id: int, settings: 
         "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
         # Over every step's logged loss, the resumed run's earlier ones included (its state holds
         # them): the Trainer's own mean covers only the steps since the resume.
-        "train_loss_mean": sum(losses) / len(losses) if losses else float(out.training_loss), "wall_s": wall, "resumed_from_step": _step_of(last),
+        "train_loss_mean": sum(losses) / len(losses) if losses else float(out.training_loss),
+        "wall_s": wall, "resumed_from_step": _step_of(last),
         "train_examples": len(split.train), "eval_examples": len(split.eval), "dropped_records": split.dropped,
     }
     if split.eval:

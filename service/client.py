@@ -41,7 +41,8 @@ class Client:
                             f"{DEFAULT_SERVER}", param="server") from None
         # Streams wait for the next event or chunk at most this long: a server that stops answering
         # mid-stream is reported instead of waited on forever.
-        self.stream_timeout = (timeout, max(timeout, STREAM_READ_TIMEOUT), timeout, timeout)  # connect, read, write, pool
+        # (connect, read, write, pool)
+        self.stream_timeout = (timeout, max(timeout, STREAM_READ_TIMEOUT), timeout, timeout)
 
     def close(self) -> None:
         self.http.close()
@@ -52,11 +53,23 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, **kw) -> Any:
-        try:
-            r = self.http.request(method, path, **kw)
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # unreachable, timed out, undecodable body
-            raise UserError(f"cannot reach the server at {self.base_url}: {first_line(exc, 200)}") from None
+    def _call(self, method: str, path: str, retries: int = 0, **kw) -> Any:
+        """One request; with `retries`, a request whose answer was lost (the connection) is sent again
+        (for a POST only with an Idempotency-Key, which makes that safe)."""
+        for attempt in range(retries + 1):
+            try:
+                r = self.http.request(method, path, **kw)
+                break
+            except httpx.TransportError as exc:
+                if attempt < retries:
+                    time.sleep(1.0 + attempt)
+                    continue
+                maybe = " (the job may or may not have been submitted; `llm-prune jobs list` shows it)" \
+                    if retries else ""
+                raise UserError(f"cannot reach the server at {self.base_url}: {first_line(exc, 200)}{maybe}") \
+                    from None
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # an undecodable body, a bad URL
+                raise UserError(f"cannot reach the server at {self.base_url}: {first_line(exc, 200)}") from None
         _raise_for_error(r)
         return self._api_object(r)
 
@@ -84,20 +97,8 @@ class Client:
     def submit(self, body: dict, retries: int = 2) -> dict:
         """POST the job with an `Idempotency-Key`: when the answer is lost (a timeout, a dropped
         connection), the same request is sent again and the server returns the job it made, once."""
-        headers = {"Idempotency-Key": str(uuid.uuid4())}
-        for attempt in range(retries + 1):
-            try:
-                r = self.http.post("/v1/jobs", json=body, headers=headers)
-                break
-            except httpx.TransportError as exc:
-                if attempt == retries:
-                    raise UserError(f"cannot reach the server at {self.base_url}: {first_line(exc, 200)} (the job "
-                                    "may or may not have been submitted; `llm-prune jobs list` shows it)") from None
-                time.sleep(1.0 + attempt)
-            except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                raise UserError(f"cannot reach the server at {self.base_url}: {first_line(exc, 200)}") from None
-        _raise_for_error(r)
-        return self._api_object(r)
+        return self._call("POST", "/v1/jobs", retries=retries, json=body,
+                          headers={"Idempotency-Key": str(uuid.uuid4())})
 
     def list_jobs(self, after: str | None = None, limit: int = 20) -> dict:
         params = {"limit": limit, **({"after": after} if after else {})}

@@ -57,8 +57,9 @@ def register(app: typer.Typer) -> None:
         method = data.selection
         if method in ("paser", "loss") and (original is None or pruned is None):
             raise UserError(f"--method {method} needs --original and --pruned", param="original")
-        for unused in data.unused_settings():  # PASER's options would be silently ignored by another method
-            raise UserError(unused, param="method")
+        unused = data.unused_settings(budget_flag="--budget")  # options the method would silently ignore
+        if unused:
+            raise UserError(unused[0], param="method")
         renderer = TqdmRenderer(disable=as_json)
         loaded = load_pool(pool)
         original_pair = load_model(original, device=device, trust_remote_code=trust) if original else None
