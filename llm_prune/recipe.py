@@ -150,6 +150,33 @@ class PruningConfig(_Strict):
         return max(1, self.calibration_batch_tokens // self.calibration_seq_len)
 
 
+    def unused_settings(self) -> list[str]:
+        """Options given that this cut never reads (see `Recipe.unused_settings`), one line each."""
+        given = {n for n, f in PruningConfig.model_fields.items() if getattr(self, n) != f.default}
+        out = []
+
+        def unused(names, why: str) -> None:
+            if names := [n for n in PruningConfig.model_fields if n in given and n in names]:
+                out.append(f"{', '.join(_flag('pruning', n) for n in names)}: not used {why}")
+
+        adaptive = self.allocation == "adaptive" and not self.portable
+        if self.portable:
+            unused(("allocation", "skip_first", "skip_last"), "with --portable, which sets every layer's widths")
+        elif adaptive:
+            unused(("skip_first", "skip_last"), "with --allocation adaptive, which decides every layer's sparsity")
+        if not adaptive:
+            unused(("adaptive_strength", "adaptive_step", "rescore_every"), "without --allocation adaptive")
+        if self.prune_layers is not None:
+            unused(("depth_above", "depth_share"), "with --prune-layers, which gives the number of layers to drop")
+        elif adaptive or self.stages > 1:
+            unused(("depth_above", "depth_share"), "in staged or adaptive pruning: whole layers go there only as "
+                   "many as --prune-layers says")
+        if not self.reconstruct:
+            unused(("reconstruct_tokens", "reconstruct_damp", "reconstruct_correction"), "with --no-reconstruct")
+        if self.calibration_samples is not None:
+            unused(("calibration_tokens",), "with --calibration-samples, which replaces the token budget")
+        return out
+
     def check_fits(self, model_config) -> None:
         """What only the model's config can refuse (`Recipe.check_fits`)."""
         limit = getattr(model_config, "max_position_embeddings", None)
@@ -295,7 +322,7 @@ class Recipe(_Strict):
     def unused_settings(self) -> list[str]:
         """Settings given that this recipe never reads (told, not refused: a recipe may carry them for
         another method). Each is one line for a warning."""
-        rec, data, out = self.recovery, self.data, []
+        rec, data, out = self.recovery, self.data, self.pruning.unused_settings()
         given = {name for name, f in RecoveryConfig.model_fields.items() if getattr(rec, name) != f.default}
         flag = lambda names: ", ".join(_flag("recovery", n) for n in sorted(names))  # noqa: E731
         if rec.method == "none":  # nothing is selected or trained

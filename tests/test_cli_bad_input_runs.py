@@ -301,3 +301,46 @@ def test_settings_a_method_never_reads_are_told(tiny_llama, tmp_path, capsys):
     assert code == 0, err
     json.loads(out)  # stdout stays the results; the warning goes beside it, --json or not
     assert "warning: --distill, --lora-r: recovery is off (--recovery none)" in err
+
+
+def test_pruning_options_the_cut_never_reads_are_told(tiny_llama, tmp_path, capsys):
+    """`prune` (and `run`, through the recipe) warns of pruning options the chosen cut ignores,
+    and prunes all the same."""
+    code, out, err = run_main(capsys, "prune", str(tiny_llama), "--ratio", "0.2", "--calibration-samples", "2",
+                              "--calibration-seq-len", "16", "--calibration-tokens", "64", "--no-reconstruct",
+                              "--reconstruct-damp", "0.3", "--adaptive-strength", "1", "--prune-layers", "0",
+                              "--depth-share", "0.2", "-o", str(tmp_path / "p"), "--json")
+    assert code == 0, err
+    json.loads(out)
+    warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warned == ["warning: --adaptive-strength: not used without --allocation adaptive",
+                      "warning: --depth-share: not used with --prune-layers, which gives the number of layers to drop",
+                      "warning: --reconstruct-damp: not used with --no-reconstruct",
+                      "warning: --calibration-tokens: not used with --calibration-samples, which replaces the token "
+                      "budget"]
+    code, _, err = run_main(capsys, "prune", str(tiny_llama), "--ratio", "0.2", "--calibration-samples", "2",
+                            "--calibration-seq-len", "16", "--reconstruct-tokens", "64", "-o", str(tmp_path / "q"))
+    assert code == 0, err
+    assert "warning" not in err  # the defaults and the options they read: nothing to tell
+    code, _, err = run_main(capsys, "run", str(tiny_llama), "--ratio", "0.2", "--recovery", "none", "--portable", "--round-to", "1",
+                            "--skip-first", "2", "--calibration-samples", "2", "--calibration-seq-len", "16",
+                            "--reconstruct-tokens", "64", "-o", str(tmp_path / "job"))
+    assert code == 0, err
+    assert "--skip-first: not used with --portable, which sets every layer's widths" in err
+
+
+def test_pruning_unused_settings_follow_the_cut():
+    from llm_prune.recipe import PruningConfig
+
+    assert PruningConfig().unused_settings() == []
+    used = dict(allocation="adaptive", adaptive_strength=1.0, adaptive_step=0.1, rescore_every=2, prune_layers=1,
+                reconstruct_damp=0.2, calibration_tokens=512)
+    assert PruningConfig(**used).unused_settings() == []
+    assert PruningConfig(allocation="adaptive", skip_last=2, depth_above=0.2).unused_settings() == [
+        "--skip-last: not used with --allocation adaptive, which decides every layer's sparsity",
+        "--depth-above: not used in staged or adaptive pruning: whole layers go there only as many as "
+        "--prune-layers says"]
+    assert PruningConfig(stages=2, depth_share=0.3).unused_settings()[0].startswith("--depth-share: not used in staged")
+    assert PruningConfig(portable=True, allocation="adaptive", adaptive_strength=1.0).unused_settings() == [
+        "--allocation: not used with --portable, which sets every layer's widths",
+        "--adaptive-strength: not used without --allocation adaptive"]

@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
         if saved is not None:
             check_plan_budget(saved, recipe.budget)  # the plan fixes the cut: a budget flag must agree
             _check_no_pruning_flags(recipe_data)
+        for unused in recipe.pruning.unused_settings():  # told, not refused, as `run` does
+            typer.echo(f"warning: {unused}", err=True)
         recipe.check_files()
         check_output_dir(output)
         _check_not_input(model, output)
