@@ -256,6 +256,13 @@ def test_eval_refuses_a_dataset_column_that_is_not_text(tiny_llama, tmp_path, ca
     assert "inside) the text being measured" in _one_error(
         capsys, "eval", str(tiny_llama), "--ppl-dataset", str(tmp_path / "ds"), "--seq-len", "16", "--output",
         str(tmp_path / "ds" / "dataset_info.json"))
+    # --split and --column choose a dataset's text: with --ppl FILE (or nothing) they would do nothing.
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    assert "--split and --column choose the text of --ppl-dataset, which is not given (--ppl reads the whole file)" \
+        in _one_error(capsys, "eval", str(tiny_llama), "--ppl", str(tmp_path / "t.txt"), "--split", "train",
+                      "--column", "x")
+    assert "--column chooses the text of --ppl-dataset, which is not given" in _one_error(
+        capsys, "eval", str(tiny_llama), "--tasks", "piqa", "--column", "text")
     datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["a b"]})}).save_to_disk(tmp_path / "dd")
     (tmp_path / "dd" / "dataset_dict.json").write_text('{"not": "splits"}')  # clobbered by another tool
     assert "could not load dataset" in _one_error(

@@ -55,7 +55,7 @@ def eval_command(
     ppl_dataset: Optional[str] = typer.Option(None, "--ppl-dataset",
                                               help="`datasets` name or saved folder for perplexity."),
     split: Optional[str] = typer.Option(None, "--split", help="Split of --ppl-dataset (default: test)."),
-    column: str = typer.Option("text", "--column", help="Text column of --ppl-dataset."),
+    column: Optional[str] = typer.Option(None, "--column", help="Text column of --ppl-dataset (default: text)."),
     seq_len: List[str] = typer.Option(["128"], "--seq-len",
                                       help="Perplexity window(s): repeat or comma-separate, e.g. 128,2048; "
                                            "'max' = the model's context length."),
@@ -84,6 +84,10 @@ def eval_command(
 
     if ppl is not None and ppl_dataset is not None:
         raise UserError("give either --ppl FILE or --ppl-dataset, not both", param="ppl")
+    if ppl_dataset is None and (split is not None or column is not None):  # they would silently do nothing
+        given = " and ".join(f for f, v in (("--split", split), ("--column", column)) if v is not None)
+        raise UserError(f"{given} choose{'s' if ' and ' not in given else ''} the text of --ppl-dataset, which is not "
+                        "given" + (" (--ppl reads the whole file)" if ppl is not None else ""), param="split")
     task_names = parse_tasks(tasks)
     lens = parse_seq_lens(seq_len)
     if ppl is None and ppl_dataset is None and not task_names and not speed:
@@ -102,7 +106,7 @@ def eval_command(
             raise UserError("--record needs MODEL to be a local model directory", param="record")
         record_dir = source.path
     text = read_text_file(ppl) if ppl is not None else (
-        read_text_dataset(ppl_dataset, split, column) if ppl_dataset is not None else None)
+        read_text_dataset(ppl_dataset, split, column or "text") if ppl_dataset is not None else None)
 
     renderer = TqdmRenderer(disable=quiet or as_json)
     common = dict(device=device, text=text, lens=lens, max_windows=max_windows, tasks=task_names, limit=limit,
