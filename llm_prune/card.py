@@ -20,8 +20,26 @@ def _widths_line(shapes: list[LayerShape]) -> str:
             f"MLP width {min(mlp)}/{statistics.median(mlp):g}/{max(mlp)}")
 
 
+def as_run(plan) -> dict:
+    """What the recipe's open settings resolved to in this cut (`prune_layers` unset or
+    `calibration_precision` auto say nothing of what ran), from its plan."""
+    meta = plan.meta
+    dropped = [lp.index for lp in plan.layers if lp.drop]
+    return {"layers_dropped": dropped, "allocation": meta.get("allocation"), "importance": meta.get("importance"),
+            "steps": sum({m["stage"]: m["steps"] for m in _metas(meta) if "stage" in m and "steps" in m}.values()),
+            "calibration_matmuls": meta.get("calibration_matmuls")}
+
+
+def _metas(meta: dict):
+    """A composed plan's meta and those of the stages and steps it was composed of."""
+    yield meta
+    for m in meta.get("stage_plans", []):
+        yield from _metas(m)
+
+
 def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], params_before: int,
-               params_after: int, needs_remote_code: bool, metrics: dict | None = None) -> str:
+               params_after: int, needs_remote_code: bool, metrics: dict | None = None,
+               ran: dict | None = None) -> str:
     load = ("model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # widths differ per layer"
             if needs_remote_code else "model = AutoModelForCausalLM.from_pretrained(path)")
     lines = [
@@ -55,6 +73,9 @@ def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], param
     if metrics:
         lines += ["## Measured", "", "```json", json.dumps(metrics, indent=2, default=str), "```", ""]
     lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2, default=str), "```", ""]
+    if ran:
+        lines += ["As run (what the recipe's open settings came to):", "", "```json",
+                  json.dumps(ran, indent=2, default=str), "```", ""]
     return "\n".join(lines)
 
 

@@ -243,8 +243,9 @@ class Job:
 
     @_stage("final", "final evaluation")
     def final(self, path: Path, summary: dict) -> dict:
-        from llm_prune.card import model_card
+        from llm_prune.card import as_run, model_card
         from llm_prune.families import layer_shapes
+        from llm_prune.plan import PrunePlan
 
         r = self.recipe
         src = self.out / "recovered" / "checkpoint"
@@ -259,7 +260,8 @@ class Job:
         card = model_card(base_model=r.model, recipe=r.model_dump(), shapes=layer_shapes(model),
                           params_before=pr["params_before"], params_after=pr["params_after"],
                           needs_remote_code=pr["needs_remote_code"],
-                          metrics={"recovery": summary.get("recovered"), "selection": summary.get("selection")})
+                          metrics={"recovery": summary.get("recovered"), "selection": summary.get("selection")},
+                          ran=as_run(PrunePlan.load(self.out / "pruned" / "plan.json")))
         (path / "README.md").write_text(card)
         self._fold_eval(path, summary["baseline"], "dense")
         self._fold_eval(path, pr["eval"], "pruned")

@@ -46,7 +46,7 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
                         between_stages: Callable | None = None, plan: PrunePlan | None = None,
                         load: Callable | None = None) -> PrunedCheckpoint:
     """Prune `recipe.model` by `recipe.budget`/`recipe.pruning` (or by `plan`) into `out`."""
-    from llm_prune.card import model_card
+    from llm_prune.card import as_run, model_card
     from llm_prune.export import export_checkpoint
     from llm_prune.families import layer_shapes
     from llm_prune.models import load_model, source_dtype
@@ -93,7 +93,7 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
     (out / "README.md").write_text(model_card(base_model=recipe.model, recipe=record,
                                               shapes=layer_shapes(model), params_before=before,
                                               params_after=after, needs_remote_code=info["needs_remote_code"],
-                                              metrics=measured))
+                                              metrics=measured, ran=None if applied else as_run(plan)))
     return PrunedCheckpoint(model=model, tokenizer=tok, path=out, plan=plan, params_before=before,
                             params_after=after, params_target=target, needs_remote_code=info["needs_remote_code"],
                             shapes_before=shapes_before, timings=timings)

@@ -287,7 +287,15 @@ def test_cli_prune_json(tiny_llama, tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
                  "plan.json"):
         assert (out / name).exists(), name
-    assert "Recipe" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "Recipe" in card
+    # The card says what the recipe's open settings came to (prune_layers unset, precision auto).
+    ran = json.loads(card.split("As run (what the recipe's open settings came to):")[1].split("```json")[1]
+                     .split("```")[0])
+    plan = json.loads((out / "plan.json").read_text())
+    assert ran == {"layers_dropped": [lp["index"] for lp in plan["layers"] if lp["drop"]], "allocation": "uniform",
+                   "importance": "obs", "steps": 1, "calibration_matmuls": plan["meta"]["calibration_matmuls"]}
+    assert ran["calibration_matmuls"] in ("float32", "bfloat16")
 
 
 def test_scoring_only_some_layers_matches_full_scoring(tiny_llama):
