@@ -192,8 +192,13 @@ def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: Allocati
     after = costs.total - sum(costs.layer[i] for i in dropped) - _removed(costs, kv, ch)
     if strict and abs(after - target_params) > 0.005 * target_params:
         if after > target_params:
-            hint = " or lower skip_first/skip_last" if cfg.allocation == "uniform" else ""
-            why = f"the prunable layers hold too little: prune less{hint}"
+            widths = sorted({costs.width[i] for i in prunable})
+            if cfg.prune_mlp and widths and widths[0] < 2 * cfg.round_to:  # hardly a channel can go
+                why = (f"MLP widths move in steps of --round-to {cfg.round_to}, too coarse for layers of "
+                       f"{widths[0]:,} channels: lower --round-to")
+            else:
+                hint = " or lower skip_first/skip_last" if cfg.allocation == "uniform" else ""
+                why = f"the prunable layers hold too little: prune less{hint}"
         elif to_remove < 0:
             why = f"dropping {len(dropped)} whole layers alone removes more: drop fewer (--prune-layers)"
         else:  # the widths move in whole KV groups and round_to channels, and never grow back
@@ -246,7 +251,7 @@ def allocate_portable(scores: Scores, costs: UnitCosts, target_params: int, cfg:
     if strict and abs(after - target_params) > 0.005 * target_params:
         raise UserError(f"portable layout cannot reach {target_params:,} parameters within 0.5% (best: {after:,}): "
                         f"all {len(kept)} layers move together in steps of {cfg.round_to} MLP channels; "
-                        f"lower round_to", param="budget")
+                        f"lower --round-to", param="budget")
     layers = []
     for i in range(n_layers):
         if i in dropped:

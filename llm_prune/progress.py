@@ -91,7 +91,9 @@ class TqdmRenderer:
         bar.refresh()
 
     def close(self) -> None:
-        for bar in self._bars.values():
+        # Innermost first: a lower bar's close moves the cursor up to the line above, mid-line;
+        # only the top bar's close returns it to the line's start, where an error may follow.
+        for bar in reversed(list(self._bars.values())):
             bar.close()
         self._bars.clear()
 

@@ -95,3 +95,21 @@ def test_progress_survives_resume(tiny_llama, inputs, tmp_path, monkeypatch):
     assert plan.metrics["done"] == ["baseline", "prune"]
     # The resumed run starts where the first one got to (finished stages count as done).
     assert abs(second.points[0][1] - reached) < 0.02 and second.points[-1][1] == 1.0
+
+
+def test_closed_bars_leave_the_cursor_at_a_line_start(monkeypatch):
+    """An error printed after the bars close (a budget the cut cannot reach) starts its own line,
+    not at the column where clearing a lower bar left the cursor."""
+    import io
+    import sys
+
+    from llm_prune.progress import ProgressEvent, TqdmRenderer
+
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    renderer = TqdmRenderer()
+    renderer(ProgressEvent("prune", 0, 1, "stage 1/1", kind="stage_start"))
+    renderer(ProgressEvent("score", 1, 8, "batch", kind="progress"))
+    assert len(renderer._bars) == 2
+    renderer.close()
+    assert stream.getvalue().endswith("\r") and not renderer._bars

@@ -1,6 +1,7 @@
 """Pruning core: budget accuracy, surgery, export round trip, importance methods, bad input."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -265,12 +266,16 @@ def test_cli_bad_input(tiny_llama, tmp_path, gpt2_dir, capsys):
          "line 1: expected an object"),
         (["prune", str(tiny_llama), "--ratio", "0.2", "--allocation", "adaptive", "--adaptive-step", "0.0001",
           "-o", str(tmp_path / "m")], "adaptive-step"),
+        (["prune", str(tiny_llama), "--ratio", "0.2", "--round-to", "4096", "-o", str(tmp_path / "m")],
+         "steps of --round-to 4096, too coarse for layers of 128 channels: lower --round-to"),
     ]
     for args, needle in cases:
         code, _, err = run_main(capsys, *args)
         assert code != 0, args
-        lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-        assert len(lines) == 1 and needle in lines[0], (args, err)
+        # Errors found mid-run follow the progress bars' last carriage return and cursor-up.
+        shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", err).replace("\r", "\n")
+        lines = [ln for ln in shown.strip().splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, (args, err)
     # And once as a real process: one line on stderr, no traceback, non-zero exit.
     proc = _cli("prune", "no-such-alias", "--ratio", "0.2", "-o", str(tmp_path / "g"))
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
