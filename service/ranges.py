@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Iterator
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from llm_prune.errors import UserError
 from service.errors import RangeError
@@ -50,18 +50,21 @@ def parse_range(header: str | None, size: int, if_range: str | None = None,
 
 
 def ranged_response(request_headers, size: int, etag: str, chunks: Callable[[int, int], Iterator[bytes]],
-                    media_type: str, headers: dict[str, str]) -> StreamingResponse:
+                    media_type: str, headers: dict[str, str], head: bool = False) -> Response:
     """200 with the whole content or 206 with the requested range; `chunks(first, last)` yields
-    those bytes. Always advertises `Accept-Ranges: bytes` and the ETag."""
+    those bytes. Always advertises `Accept-Ranges: bytes` and the ETag. `head`: the same status and
+    headers without the body, which is then never read (an archive is built as it streams)."""
     quoted = f'"{etag}"'
     span = parse_range(request_headers.get("range"), size, request_headers.get("if-range"), quoted)
     out = {**headers, "Accept-Ranges": "bytes", "ETag": quoted}
-    if span is None:
-        return StreamingResponse(chunks(0, size - 1) if size else iter(()), media_type=media_type,
-                                 headers={**out, "Content-Length": str(size)})
-    first, last = span
-    out.update({"Content-Length": str(last - first + 1), "Content-Range": f"bytes {first}-{last}/{size}"})
-    return StreamingResponse(chunks(first, last), status_code=206, media_type=media_type, headers=out)
+    status, first, last = (200, 0, size - 1) if span is None else (206, *span)
+    out["Content-Length"] = str(last - first + 1)
+    if span is not None:
+        out["Content-Range"] = f"bytes {first}-{last}/{size}"
+    if head:
+        return Response(status_code=status, media_type=media_type, headers=out)
+    return StreamingResponse(chunks(first, last) if size else iter(()), status_code=status, media_type=media_type,
+                             headers=out)
 
 
 def file_chunks(path, chunk: int = 1024 * 1024) -> Callable[[int, int], Iterator[bytes]]:

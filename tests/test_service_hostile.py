@@ -207,6 +207,18 @@ def test_archive_range_resume_and_range_errors(env, tmp_path):
     _err(r416, 416, code="range_not_satisfiable")
     assert r416.headers["content-range"] == f"bytes */{len(weights)}"
     assert client.get(file_url, headers={**alice, "Range": f"bytes={2**70}-{2**71}"}).status_code == 416
+    # HEAD: a GET's status and headers without the body (download managers and `curl -I` ask first).
+    for url, size, sha in ((ckpt["archive_url"], len(tar), ckpt["archive_sha256"]),
+                           (file_url, len(weights), hashlib.sha256(weights).hexdigest())):
+        head = client.head(url, headers=alice)
+        assert head.status_code == 200 and head.content == b"", url
+        assert head.headers["content-length"] == str(size) and head.headers["x-content-sha256"] == sha
+        part = client.head(url, headers={**alice, "Range": "bytes=10-19"})
+        assert part.status_code == 206 and part.headers["content-range"] == f"bytes 10-19/{size}"
+        assert part.headers["content-length"] == "10" and part.content == b""
+        assert client.head(url, headers={**alice, "Range": f"bytes={size}-"}).status_code == 416
+    assert client.head(f"/v1/jobs/{job_id}/checkpoints/pruned/files/nope", headers=alice).status_code == 404
+    assert client.head(file_url).status_code == 401
 
     # The client resumes a broken download from its .part file.
     from service.client import Client

@@ -248,7 +248,8 @@ def download_file(job_id: str, name: str, path: str, request: Request, owner: st
     disposition = f'attachment; filename="{quote(Path(path).name)}"'
     return ranged_response(request.headers, entry["bytes"], entry["sha256"], file_chunks(root / path),
                            "application/octet-stream",
-                           {"X-Content-SHA256": entry["sha256"], "Content-Disposition": disposition})
+                           {"X-Content-SHA256": entry["sha256"], "Content-Disposition": disposition},
+                           head=request.method == "HEAD")
 
 
 @router.get("/{job_id}/checkpoints/{name}/archive", response_class=StreamingResponse,
@@ -263,4 +264,15 @@ def download_archive(job_id: str, name: str, request: Request, owner: str = Depe
     return ranged_response(request.headers, manifest["archive_bytes"], manifest["archive_sha256"],
                            lambda first, last: artifacts.stream_tar(root, name, files, first, last),
                            "application/x-tar", {"X-Content-SHA256": manifest["archive_sha256"],
-                                                 "Content-Disposition": f'attachment; filename="{job_id}-{name}.tar"'})
+                                                 "Content-Disposition": f'attachment; filename="{job_id}-{name}.tar"'},
+                           head=request.method == "HEAD")
+
+
+# HEAD gives a download's size, ETag and checksum without its body (download managers and
+# `curl -I` ask first); its own operation, since one route with two methods shares one operation id.
+for _path, _handler in (("/{job_id}/checkpoints/{name}/files/{path:path}", download_file),
+                        ("/{job_id}/checkpoints/{name}/archive", download_archive)):
+    router.add_api_route(_path, _handler, methods=["HEAD"], name=f"{_handler.__name__}_head",
+                         summary=f"{_handler.__name__.replace('_', ' ').capitalize()}: headers only",
+                         responses={200: {"description": "the headers a GET would send, no body"},
+                                    206: {"description": "the range's headers"}, 416: {"model": ErrorResponse}})
