@@ -154,9 +154,11 @@ def _gguf_fields(path):
 
 
 def test_gguf_metadata_per_layer_widths(heterogeneous, tmp_path, capsys):
-    out = tmp_path / "m.gguf"
-    code, stdout, err = run_main(capsys, "export", str(heterogeneous), "--format", "gguf", "--dtype", "q8_0",
-                                 "-o", str(out))
+    out = tmp_path / "m-Q8_0.gguf"  # without --dtype, the dtype the name names
+    code, stdout, err = run_main(capsys, "export", str(heterogeneous), "--format", "gguf", "-o", str(out), "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["dtype"] == "q8_0" and json.loads(stdout)["architecture"] == "deci"
+    code, stdout, err = run_main(capsys, "export", str(heterogeneous), "--dtype", "q8_0", "-o", str(out), "--force")
     assert code == 0, err
     assert "deci" in stdout
     shapes = layer_shapes(load_model(str(heterogeneous))[0])
@@ -184,6 +186,8 @@ def test_gguf_bad_input(heterogeneous, tiny_qwen2, tmp_path, capsys):
         (["export", str(tiny_qwen2), "-o", str(tmp_path / "e.gguf")], "GGUF export supports llama"),
         (["prune", str(tiny_qwen2), "--ratio", "0.2", "--gguf", "f16", "-o", str(tmp_path / "f")],
          "GGUF export supports llama"),
+        (["export", str(heterogeneous), "--dtype", "f16", "-o", str(tmp_path / "m-F32.gguf")],
+         "--dtype f16 but the file name m-F32.gguf says f32: rename the output or leave --dtype out"),
     ]
     for args, needle in cases:
         code, _, err = run_main(capsys, *args)
