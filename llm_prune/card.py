@@ -4,7 +4,9 @@ Evaluation results are folded in later between markers, without touching the res
 from __future__ import annotations
 
 import json
+import re
 import statistics
+from pathlib import Path
 
 from llm_prune.families import LayerShape
 
@@ -18,6 +20,32 @@ def _widths_line(shapes: list[LayerShape]) -> str:
     return (f"{len(shapes)} layers; KV heads min/median/max {min(kv)}/{statistics.median(kv):g}/{max(kv)}; "
             f"query heads {min(heads)}/{statistics.median(heads):g}/{max(heads)}; "
             f"MLP width {min(mlp)}/{statistics.median(mlp):g}/{max(mlp)}")
+
+
+LICENSE_KEYS = ("license", "license_name", "license_link")  # the Hub's model card metadata
+
+
+def card_license(readme: Path) -> dict[str, str]:
+    """The license fields of a model card's YAML front matter (empty when it has none)."""
+    import yaml
+
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    end = text.find("\n---", 3) if text.startswith("---") else -1
+    try:
+        meta = yaml.safe_load(text[3:end]) if end > 0 else None
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(meta, dict):
+        return {}
+    return {k: str(meta[k]).strip() for k in LICENSE_KEYS
+            if isinstance(meta.get(k), (str, int, float)) and str(meta[k]).strip()}
+
+
+def _yaml_scalar(value: str) -> str:
+    return value if re.fullmatch(r"[A-Za-z0-9][\w.\-]*", value) else json.dumps(value)
 
 
 def as_run(plan) -> dict:
@@ -39,7 +67,8 @@ def _metas(meta: dict):
 
 def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], params_before: int,
                params_after: int, needs_remote_code: bool, metrics: dict | None = None,
-               ran: dict | None = None) -> str:
+               ran: dict | None = None, license: dict[str, str] | None = None) -> str:
+    """`license`: the base model's (`models.source_license`), which a derived model stays under."""
     load = ("model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # widths differ per layer"
             if needs_remote_code else "model = AutoModelForCausalLM.from_pretrained(path)")
     lines = [
@@ -47,6 +76,7 @@ def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], param
         "library_name: transformers",
         "tags: [llm-prune, pruned, structured-pruning]",
         f"base_model: {base_model}",
+        *(f"{k}: {_yaml_scalar(v)}" for k, v in (license or {}).items() if k in LICENSE_KEYS),
         "---",
         "",
         f"# {base_model} — structurally pruned with llm-prune",

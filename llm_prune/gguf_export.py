@@ -190,6 +190,13 @@ def _write(model, tokenizer, src: Path, tmp: Path, dtype: str) -> dict:
     w = gguf.GGUFWriter(str(tmp), arch)
     w.add_name(str((json.loads((src / "config.json").read_text()).get("llm_prune") or {}).get("base_model")
                    or src.name) + " (llm-prune)")
+    from llm_prune.card import card_license
+
+    licensed = card_license(src / "README.md")  # the base model's, which the card carries over
+    for key, add in (("license", w.add_license), ("license_name", w.add_license_name),
+                     ("license_link", w.add_license_link)):
+        if key in licensed:
+            add(licensed[key])
     w.add_block_count(len(shapes))
     context = int(config.max_position_embeddings)
     window = getattr(config, "sliding_window", None)

@@ -124,6 +124,43 @@ def source_dtype(spec: str) -> torch.dtype | None:
     return value if isinstance(value, torch.dtype) and value.is_floating_point else None
 
 
+def source_license(spec: str) -> dict[str, str]:
+    """The license MODEL is released under (`license`, and for `other` its `license_name` and
+    `license_link`), which what is pruned from it stays under: from its model card's front matter,
+    a GGUF's `general.license`, or the alias's packaged GGUF. Empty when none is declared or it
+    cannot be read (a hub model's card offline)."""
+    from llm_prune.card import card_license
+
+    key = str(spec).strip().lower()
+    if key in ALIASES:  # the converted cache holds no card: the packaged file says it
+        pkg, fname = ALIASES[key]
+        found = importlib.util.find_spec(pkg)
+        return _gguf_license(Path(found.origin).parent / fname) if found and found.origin else {}
+    source = resolve_source(spec)
+    if source.gguf_file:
+        return _gguf_license(Path(source.path) / source.gguf_file)
+    if source.is_local:
+        return card_license(Path(source.path) / "README.md")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return card_license(Path(hf_hub_download(source.path, "README.md")))
+    except Exception:  # noqa: BLE001 - offline, gated or without a card: nothing to carry over
+        return {}
+
+
+def _gguf_license(path: Path) -> dict[str, str]:
+    try:
+        import gguf
+
+        fields = gguf.GGUFReader(str(path)).fields
+        names = {"license": "general.license", "license_name": "general.license.name",
+                 "license_link": "general.license.link"}
+        return {k: str(fields[f].contents()) for k, f in names.items() if f in fields and fields[f].contents()}
+    except Exception:  # noqa: BLE001 - gguf-py not installed, or a file it cannot read: no license to carry
+        return {}
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 

@@ -243,7 +243,7 @@ class Job:
 
     @_stage("final", "final evaluation")
     def final(self, path: Path, summary: dict) -> dict:
-        from llm_prune.card import as_run, model_card
+        from llm_prune.card import as_run, card_license, model_card
         from llm_prune.families import layer_shapes
         from llm_prune.plan import PrunePlan
 
@@ -261,7 +261,8 @@ class Job:
                           params_before=pr["params_before"], params_after=pr["params_after"],
                           needs_remote_code=pr["needs_remote_code"],
                           metrics={"recovery": summary.get("recovered"), "selection": summary.get("selection")},
-                          ran=as_run(PrunePlan.load(self.out / "pruned" / "plan.json")))
+                          ran=as_run(PrunePlan.load(self.out / "pruned" / "plan.json")),
+                          license=card_license(self.out / "pruned" / "README.md"))
         (path / "README.md").write_text(card)
         self._fold_eval(path, summary["baseline"], "dense")
         self._fold_eval(path, pr["eval"], "pruned")

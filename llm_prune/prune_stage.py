@@ -49,7 +49,7 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
     from llm_prune.card import as_run, model_card
     from llm_prune.export import export_checkpoint
     from llm_prune.families import layer_shapes
-    from llm_prune.models import load_model, source_dtype
+    from llm_prune.models import load_model, source_dtype, source_license
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -93,7 +93,8 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
     (out / "README.md").write_text(model_card(base_model=recipe.model, recipe=record,
                                               shapes=layer_shapes(model), params_before=before,
                                               params_after=after, needs_remote_code=info["needs_remote_code"],
-                                              metrics=measured, ran=None if applied else as_run(plan)))
+                                              metrics=measured, ran=None if applied else as_run(plan),
+                                              license=source_license(recipe.model)))
     return PrunedCheckpoint(model=model, tokenizer=tok, path=out, plan=plan, params_before=before,
                             params_after=after, params_target=target, needs_remote_code=info["needs_remote_code"],
                             shapes_before=shapes_before, timings=timings)

@@ -338,3 +338,29 @@ def test_run_job_writes_gguf_and_portable_checkpoint(dense, tmp_path, capsys, ti
     code, _, err = run_main(capsys, "run", str(tiny_qwen2), "-o", str(tmp_path / "j2"), "--ratio", "0.2",
                             "--gguf", "f16", "--recovery", "none")
     assert code == 2 and err.count("error:") == 1 and "GGUF export supports llama" in err
+
+
+def test_the_base_models_license_carries_over_to_card_and_gguf(tmp_path, capsys):
+    """A pruned model stays under its base model's license: the card's front matter and the GGUF's
+    general.license say it, as the base model's card (or GGUF) did."""
+    from llm_prune.card import card_license
+    from llm_prune.models import source_license
+
+    src = build_model(tmp_path / "base", "llama", layers=4, hidden=64, heads=4, kv_heads=2, intermediate=96)
+    (src / "README.md").write_text("---\nlicense: other\nlicense_name: tiny-community-license\n"
+                                   "license_link: \"https://example.org/LICENSE: v2\"\ntags: [x]\n---\n# Tiny\n")
+    wanted = {"license": "other", "license_name": "tiny-community-license",
+              "license_link": "https://example.org/LICENSE: v2"}
+    assert source_license(str(src)) == wanted
+    code, _, err = run_main(capsys, "prune", str(src), "--ratio", "0.2", "--calibration-samples", "2",
+                            "--calibration-seq-len", "16", "--reconstruct-tokens", "64", "-o", str(tmp_path / "p"))
+    assert code == 0, err
+    assert card_license(tmp_path / "p" / "README.md") == wanted
+    code, _, err = run_main(capsys, "export", str(tmp_path / "p"), "-o", str(tmp_path / "p.gguf"))
+    assert code == 0, err
+    _, kv = _gguf_fields(tmp_path / "p.gguf")
+    assert (kv["general.license"], kv["general.license.name"], kv["general.license.link"]) == tuple(wanted.values())
+    # The packaged alias declares its license in its GGUF; a card without front matter declares none.
+    assert source_license("smollm2-135m") == {"license": "apache-2.0"}
+    (src / "README.md").write_text("# no front matter\n---\nlicense: mit\n")
+    assert source_license(str(src)) == {}
