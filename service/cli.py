@@ -57,6 +57,7 @@ def serve(settings: dict = None) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.launch import SERVER_OPTIONS
     from service.settings import LOOPBACK
 
     settings = _settings(settings)
@@ -65,7 +66,7 @@ def serve(settings: dict = None) -> None:
     if settings.worker_slots > 0:
         _check_device(settings)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", **SERVER_OPTIONS)
 
 
 @with_recipe_flags(WORKER_FLAGS, into="settings")

@@ -14,6 +14,12 @@ from pathlib import Path
 import httpx
 
 
+# How `llm-prune serve` runs uvicorn. h11, not httptools (uvicorn's default when installed):
+# httptools has no limit on a request's head, so one client that never finishes its headers grew
+# the server by megabytes a second and stalled every other request; h11 answers 400 past 16 KiB.
+SERVER_OPTIONS = {"http": "h11", "h11_max_incomplete_event_size": 16 * 1024}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

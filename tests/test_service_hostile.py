@@ -38,12 +38,12 @@ def live(tmp_path):
     """uvicorn on a free loopback port, in a thread (the guard sits in front of a real socket)."""
     import uvicorn
 
-    from service.launch import free_port
+    from service.launch import SERVER_OPTIONS, free_port
 
     settings = Settings(data_dir=tmp_path / "live", worker_slots=0, max_upload_bytes=4096)
     app = create_app(settings)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **SERVER_OPTIONS))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -55,7 +55,7 @@ def live(tmp_path):
     thread.join(timeout=10)
 
 
-def _chunked_upload(port, key, chunk=1024 * 1024, total=100 * 1024 * 1024):
+def _chunked_upload(port, key, chunk=1024 * 1024, total=100 * 1024 * 1024, wait=0.5):
     """POST /v1/files chunked, one chunk at a time; returns (response head+body, bytes sent
     before the answer came, bytes the server let us send in all)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -67,7 +67,9 @@ def _chunked_upload(port, key, chunk=1024 * 1024, total=100 * 1024 * 1024):
             f"Content-Type: text/plain\r\n\r\n").encode()
     payload = head + b"x" * (chunk - len(head))
     sent, answer, before_answer = 0, b"", None
-    sock.settimeout(0.5)
+    # Long enough for a loaded machine to parse a chunk and answer: a chunk sent after the server
+    # closed the connection makes it reset, which can discard its answer unread.
+    sock.settimeout(wait)
     try:
         while sent < total:
             sock.sendall(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
@@ -97,11 +99,39 @@ def _chunked_upload(port, key, chunk=1024 * 1024, total=100 * 1024 * 1024):
 
 def test_unauthenticated_chunked_upload_refused_after_one_chunk(live):
     port, key, settings = live
-    answer, before_answer, sent = _chunked_upload(port, None)
+    answer, before_answer, sent = _chunked_upload(port, None, wait=5)
     assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
     assert before_answer == 1024 * 1024  # answered after the first chunk
     assert sent < 20 * 1024 * 1024  # and the connection was closed long before 100 MB
     assert b'"invalid_api_key"' in answer and b"connection: close" in answer.lower()
+
+
+def test_a_request_head_that_never_ends_is_cut_off(live):
+    """Headers are read before any guard can run: a client sending an endless header gets a 400
+    after 16 KiB, and everyone else is still answered promptly."""
+    port, _, _ = live
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ")
+    sent, answer = 0, b""
+    try:
+        while sent < 64 * 1024 * 1024 and not answer:
+            sock.sendall(b"x" * (256 * 1024))
+            sent += 256 * 1024
+            sock.settimeout(0.05)
+            try:
+                answer = sock.recv(4096)
+            except socket.timeout:
+                pass
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+    assert sent <= 4 * 1024 * 1024, sent  # refused within the first megabytes, not after 64 MB
+    assert not answer or answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as other:
+        other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert other.recv(4096).startswith(b"HTTP/1.1 200") and time.monotonic() - t0 < 5
 
 
 def test_keyed_chunked_upload_over_the_limit_refused_on_the_stream(live):
