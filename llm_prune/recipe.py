@@ -177,12 +177,29 @@ class PruningConfig(_Strict):
             unused(("calibration_tokens",), "with --calibration-samples, which replaces the token budget")
         return out
 
+    @model_validator(mode="after")
+    def _something_to_prune(self):
+        if not (self.prune_attention or self.prune_mlp or self.prune_layers):
+            raise ValueError("nothing to prune: enable attention or MLP pruning, or give prune_layers")
+        return self
+
     def check_fits(self, model_config) -> None:
         """What only the model's config can refuse (`Recipe.check_fits`)."""
         limit = getattr(model_config, "max_position_embeddings", None)
         if limit and self.calibration_seq_len > limit:  # untrained positions; attention quadratic in the window
             raise UserError(f"--calibration-seq-len {self.calibration_seq_len} is longer than the model's context "
                             f"of {limit} tokens", param="pruning.calibration_seq_len")
+        n_layers = getattr(model_config, "num_hidden_layers", None)
+        if not isinstance(n_layers, int):
+            return
+        if self.prune_layers is not None and self.prune_layers >= n_layers:
+            raise UserError(f"--prune-layers {self.prune_layers}: the model has {n_layers} layers, and at least one "
+                            "must stay", param="pruning.prune_layers")
+        first = max(1, round(0.1 * n_layers)) if self.skip_first is None else self.skip_first
+        if self.allocation == "uniform" and not self.portable and first + self.skip_last >= n_layers \
+                and (self.prune_attention or self.prune_mlp):
+            raise UserError(f"--skip-first {first} and --skip-last {self.skip_last} leave none of the model's "
+                            f"{n_layers} layers to prune", param="pruning.skip_first")
 
 
 # Each pruning field's default, for code that takes it as a keyword default (not a copy).
@@ -218,7 +235,7 @@ class DataConfig(_Strict):
 
 class RecoveryConfig(_Strict):
     method: RecoveryMethod = Field("lora", description="recovery training method")
-    max_steps: int = Field(100, ge=0, description="optimizer steps (the total over all stages)")
+    max_steps: int = Field(100, ge=0, le=10_000_000, description="optimizer steps (the total over all stages)")
     epochs: float | None = Field(None, gt=0, description="train for this many epochs instead of max_steps")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of steps with linear warmup")
@@ -271,6 +288,13 @@ class EvaluationConfig(_Strict):
     tasks: list[str] = Field(default_factory=list, description="zero-shot tasks (comma list on the CLI, or 'all')")
     limit: int | None = Field(None, ge=1, description="items per task")
     speed: bool = Field(False, description="measure prefill/decode throughput and memory")
+
+    def check_fits(self, model_config) -> None:
+        """What only the model's config can refuse (`Recipe.check_fits`)."""
+        context = getattr(model_config, "max_position_embeddings", None)
+        if self.ppl and context and self.seq_len > context:  # found only after the dense model's evaluation
+            raise UserError(f"--seq-len {self.seq_len} is longer than the model's context of {context} tokens",
+                            param="evaluation.seq_len")
 
     @field_validator("tasks")
     @classmethod
@@ -350,6 +374,7 @@ class Recipe(_Strict):
         Pruning and recovery check the same on the model they are given."""
         self.pruning.check_fits(model_config)
         self.recovery.check_fits(model_config)
+        self.evaluation.check_fits(model_config)
 
     def check_files(self) -> None:
         """Fail before heavy work when a named file is missing."""

@@ -94,6 +94,15 @@ class IdempotencyRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
 
 
+# `Integer` columns are 32-bit on PostgreSQL (64-bit on SQLite): what goes into one is clamped to
+# this, and a cursor past it selects what a cursor at it does (no id is larger).
+INT_COLUMN_MAX = 2**31 - 1
+
+
+def _column_int(value) -> int | None:
+    return None if value is None else max(-INT_COLUMN_MAX, min(INT_COLUMN_MAX, int(value)))
+
+
 class EventRow(Base):
     __tablename__ = "job_events"
     # One writer per job (the worker that holds the lease), so ids grow in order within a job.
@@ -404,7 +413,8 @@ class Store:
             if owned:
                 for e in events:
                     s.add(EventRow(job_id=job_id, created_at=e.get("time", now), kind=e.get("kind", "progress"),
-                                   stage=e.get("stage", ""), step=int(e.get("step") or 0), total=e.get("total"),
+                                   stage=e.get("stage", ""), step=_column_int(e.get("step") or 0),
+                                   total=_column_int(e.get("total")),
                                    message=e.get("message", ""), metrics=e.get("metrics") or {}))
         return owned
 
@@ -495,7 +505,7 @@ class Store:
     def list_events(self, job_id: str, after: int | None = None, limit: int = 100) -> tuple[list[EventRow], bool]:
         q = select(EventRow).where(EventRow.job_id == job_id)
         if after is not None:
-            q = q.where(EventRow.id > after)
+            q = q.where(EventRow.id > min(after, INT_COLUMN_MAX))
         with self.session() as s:
             rows = list(s.scalars(q.order_by(EventRow.id).limit(limit + 1)))
         return rows[:limit], len(rows) > limit

@@ -351,3 +351,12 @@ def test_pruning_unused_settings_follow_the_cut():
     assert PruningConfig(portable=True, allocation="adaptive", adaptive_strength=1.0).unused_settings() == [
         "--allocation: not used with --portable, which sets every layer's widths",
         "--adaptive-strength: not used without --allocation adaptive"]
+
+
+def test_an_evaluation_window_past_the_context_is_refused_before_any_stage(tiny_llama, tmp_path, capsys):
+    """It was found only after the dense model's evaluation had run (and, over HTTP, accepted)."""
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    line = _one_error(capsys, "run", str(tiny_llama), "--ratio", "0.2", "--recovery", "none", "--eval-ppl",
+                      str(tmp_path / "t.txt"), "--seq-len", "100000", "-o", str(tmp_path / "job"))
+    assert "--seq-len 100000 is longer than the model's context" in line
+    assert not (tmp_path / "job" / "baseline").exists()

@@ -130,6 +130,10 @@ def test_submit_minimal_and_full(env, tiny_llama):
     ({**MIN, "recovery": {"target_modules": []}}, "recovery.target_modules", None),  # not "all of them"  # above the hidden size: only allocates
     ({**MIN, "recovery": {"cutoff_len": 100000}}, "recovery.cutoff_len", None),
     ({**MIN, "pruning": {"calibration_seq_len": 100000}}, "pruning.calibration_seq_len", None),
+    ({**MIN, "recovery": {"max_steps": 3_000_000_000}}, "recovery.max_steps", None),
+    ({**MIN, "pruning": {"prune_attention": False, "prune_mlp": False}}, "pruning", None),
+    ({**MIN, "pruning": {"prune_layers": 1_000_000}}, "pruning.prune_layers", None),
+    ({**MIN, "pruning": {"skip_first": 1_000_000}}, "pruning.skip_first", None),
 ])
 def test_submit_validation_errors(env, body, param, code):
     client, _, _, (alice, _) = env

@@ -201,6 +201,19 @@ def test_what_a_worker_writes_is_stored_in_every_database(store):
     assert event.message == "bad\ufffdname" and event.metrics == {"eval_loss": None, "grad": [None, 1.5]}
 
 
+def test_integers_past_a_32_bit_column_neither_fail_nor_500(store):
+    """PostgreSQL's INTEGER is 32-bit: a step count or a cursor past it used to raise (a 500, or
+    every progress write of a job refused as a store outage)."""
+    job = _job(store)
+    store.claim("w1", "cpu", 30)
+    assert store.record(job.id, "w1", [{"kind": "progress", "stage": "train", "step": 3_000_000_000,
+                                         "total": 10**20}])
+    (event,) = store.list_events(job.id)[0]
+    assert (event.step, event.total) == (2**31 - 1, 2**31 - 1)
+    assert store.list_events(job.id, after=0)[0] and store.list_events(job.id, after=2**31)[0] == []
+    assert store.list_events(job.id, after=2**63 - 1) == ([], False)
+
+
 def test_progress_never_goes_back(store):
     """A resumed attempt restarts its stage's count; the job's progress holds (README: never decreasing)."""
     job = _job(store)

@@ -26,7 +26,7 @@ from service.submission import build_recipe
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-MAX_EVENT_ID = 2**63 - 1  # the largest id the databases store (SQLite INTEGER, PostgreSQL BIGINT)
+MAX_EVENT_ID = 2**63 - 1  # the largest cursor taken (the store reads one past its column as "after all")
 
 
 def job_object(row: JobRow) -> JobObject:
