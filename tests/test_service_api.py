@@ -220,6 +220,29 @@ def test_events_pages_and_stream(env):
     assert client.get(f"/v1/jobs/{job_id}", headers=alice).json()["error"]["message"] == "boom"
 
 
+def test_a_stream_ends_only_after_the_events_committed_with_the_end(env, monkeypatch):
+    """The job's last events commit with its terminal status: when that happens between the
+    stream's read of the events and its read of the status, they still go out before `end`."""
+    client, store, _, (alice, _) = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    store.claim("w", "cpu", 60)
+    store.record(job_id, "w", [{"kind": "stage_start", "stage": "train"}])
+    last = client.get(f"/v1/jobs/{job_id}/events", headers=alice).json()["last_id"]
+    real_get = store.get_job
+
+    def finished_meanwhile(*args):
+        if len(args) == 1:  # the stream's status read (the route's own check passes the owner too)
+            monkeypatch.setattr(store, "get_job", real_get)
+            store.finish(job_id, "w", "succeeded", result={}, events=[{"kind": "stage_end", "stage": "job"}])
+        return real_get(*args)
+
+    monkeypatch.setattr(store, "get_job", finished_meanwhile)
+    with client.stream("GET", f"/v1/jobs/{job_id}/events?stream=true&after={last}", headers=alice) as r:
+        body = "".join(r.iter_text())
+    names = [line.split(": ", 1)[1] for line in body.splitlines() if line.startswith("event: ")]
+    assert names == ["stage_end", "end"], body
+
+
 def _publish(store, settings, job_id, files):
     """A finished job with a `final` checkpoint on disk, as the pipeline leaves it."""
     root = settings.job_dir(job_id) / "run" / "final"

@@ -201,6 +201,10 @@ async def _sse(request: Request, job_id: str, cursor: int | None):
             continue
         job = await run_in_threadpool(store.get_job, job_id)
         if job is None or job.status in TERMINAL:
+            # The last events commit with the terminal status: between the two reads above they can
+            # have landed, and must go out before the end.
+            if job is not None and (await run_in_threadpool(store.list_events, job_id, cursor, 1))[0]:
+                continue
             status = job.status if job else "deleted"
             yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
             return
