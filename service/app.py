@@ -78,12 +78,19 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(400, message, param, code)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException):
+    async def _http(request: Request, exc: StarletteHTTPException):
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
         code = getattr(exc, "code", None)
         if exc.status_code == 400 and detail == _UNPARSABLE:
-            detail, code = "request body is not valid JSON (it must be UTF-8 JSON nested at most a few hundred " \
-                           "levels deep)", "json_invalid"
+            # FastAPI says this of anything that failed while reading the body, chained as the cause.
+            if storage_fault(exc.__cause__) is not None:  # e.g. a full temp dir under an upload
+                return await _storage(request, exc.__cause__)
+            if request.headers.get("content-type", "").lower().startswith("multipart/"):
+                detail, code = f"request body is not a readable multipart form: {first_line(exc.__cause__, 200)}", \
+                    "invalid_multipart"
+            else:
+                detail, code = "request body is not valid JSON (it must be UTF-8 JSON nested at most a few " \
+                               "hundred levels deep)", "json_invalid"
         return error_response(exc.status_code, detail, getattr(exc, "param", None), code,
                               headers=getattr(exc, "headers", None))
 

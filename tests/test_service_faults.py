@@ -63,6 +63,27 @@ def test_a_full_disk_is_a_507(env, monkeypatch):
     assert list(settings.uploads_dir.iterdir()) == []
 
 
+def test_a_full_temp_dir_under_an_upload_is_a_507_not_bad_json(env, monkeypatch):
+    """The form parser spools uploads in the system temp dir before any route runs; a full one was
+    answered 400 "not valid JSON"."""
+    client, _, settings, alice = env
+
+    class FullSpool:
+        def __init__(self, *a, **k):
+            pass
+
+        def write(self, _data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("starlette.formparsers.SpooledTemporaryFile", FullSpool)
+    r = _upload(client, alice, "pool.jsonl", b'{"instruction": "a", "output": "b"}\n')
+    _err(r, 507, code="insufficient_storage")
+    assert r.headers["retry-after"] and list(settings.uploads_dir.iterdir()) == []
+
+
 def test_checkpoint_files_removed_on_the_server_are_not_announced(env):
     """The manifest is cached; a file removed (or rewritten) since is not listed with its old size
     and checksum, so no download starts that is then cut off. A manifest cache that cannot be
