@@ -92,6 +92,8 @@ def keys_create(name: str = typer.Option("", "--name", help="label for the key")
     """Create an API key and print it once (only its hash is stored)."""
     from service.store import Store
 
+    if len(name) > 200:  # the column's width; PostgreSQL refuses longer with a traceback
+        raise UserError(f"--name is {len(name)} characters; at most 200", param="name")
     settings = _settings(settings)
     settings.prepare()
     key_id, secret = Store(settings.db_url).create_key(name)

@@ -45,7 +45,8 @@ def parse_range(header: str | None, size: int, if_range: str | None = None,
         raise UserError(f"malformed Range header: {header[:100]!r} ends before it starts", param="Range",
                         code="invalid_range")
     if lo >= size:
-        raise RangeError(f"range starts at byte {lo}, past the end of the {size} bytes available", size)
+        raise RangeError(f"range starts at byte {first.lstrip('0')[:40] or 0}, past the end of the {size} bytes "
+                         "available", size)
     return lo, min(_byte(last) if last else size - 1, size - 1)
 
 

@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="device the worker pins its jobs to: cpu, cuda:N or auto")
     prestart_runner: bool = Field(True, description="keep a job process with the libraries imported, "
                                                     "ready for the next job")
-    worker_slots: int = Field(1, ge=0, description="jobs the embedded worker runs at once (0: none)")
+    worker_slots: int = Field(1, ge=0, description="jobs a worker runs at once; for serve, 0 runs no embedded worker "
+                             "(a standalone worker runs at least one)")
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self):

@@ -223,3 +223,8 @@ def test_submit_retries_a_lost_answer_with_the_same_idempotency_key(monkeypatch)
 
     assert _client_on(handler).submit({"model": "m"})["id"] == "job-1"
     assert len(keys) == 2 and keys[0] == keys[1]
+
+
+def test_a_key_name_longer_than_its_column_is_refused(tmp_path):
+    assert "--name is 201 characters; at most 200" in _fails("keys", "create", "--data-dir", str(tmp_path),
+                                                             "--name", "n" * 201)
