@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +39,43 @@ def checkpoint_files(root: Path) -> list[str]:
             if not f.startswith("."):
                 out.append(str((Path(dirpath) / f).relative_to(root)))
     return sorted(out)
+
+
+def scrub(value, data_dir: Path):
+    """Server paths out of what the API shows: a path under the data directory becomes its name
+    relative to the job's run directory (`pruned`, `final/config.json`), or is dropped."""
+    root = str(data_dir)
+    if isinstance(value, str):
+        if root not in value:
+            return value
+        return re.sub(re.escape(root) + r"/jobs/[^/\s'\"]+/run/?", "", value).replace(root, "<data>")
+    if isinstance(value, dict):
+        return {k: scrub(v, data_dir) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, data_dir) for v in value]
+    return value
+
+
+# The checkpoint files that may quote the job's recipe or its own folder (transformers'
+# `_name_or_path`, the model card, the plan); weights and tokenizers never do.
+_QUOTING = ("config.json", "README.md", "plan.json", "eval_results.json", "generation_config.json")
+
+
+def _scrub_files(root: Path, data_dir: Path) -> None:
+    """Server paths out of a checkpoint before it is published, as out of everything else the API
+    shows. Written under a new inode: a file linked into another stage's folder keeps its own."""
+    for name in _QUOTING:
+        path = root / name
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        clean = scrub(scrub(text, data_dir), data_dir.resolve())  # as configured, and as a job saw it
+        if clean != text:
+            tmp = path.with_name(f".{name}.scrub")
+            tmp.write_text(clean, encoding="utf-8")
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+            tmp.replace(path)
 
 
 def _sha256_file(path: Path) -> str:
@@ -107,6 +145,7 @@ def build_manifest(job_dir: Path, name: str) -> dict | None:
         cached = json.loads(cache.read_text())
         if _unchanged(root, cached["files"], cache.stat().st_mtime):
             return cached
+    _scrub_files(root, job_dir.parent.parent)  # job_dir is <data_dir>/jobs/<id>
     files = checkpoint_files(root)
     entries = [{"name": f, "bytes": (root / f).stat().st_size, "sha256": _sha256_file(root / f)} for f in files]
     h, archive_bytes = hashlib.sha256(), 0

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import queue
-import re
 import signal
 import socket
 import subprocess
@@ -254,7 +253,7 @@ class Worker:
             except queue.Empty:
                 break
             kind = msg.pop("type", None)
-            msg = scrub(msg, self.settings.data_dir)
+            msg = artifacts.scrub(msg, self.settings.data_dir)
             if kind == "event":
                 if tracker.fold(msg):
                     keep.append(msg)
@@ -306,21 +305,6 @@ class Worker:
                 return
             except subprocess.TimeoutExpired:
                 continue
-
-
-def scrub(value, data_dir: Path):
-    """Server paths out of what the API shows: a path under the data directory becomes its name
-    relative to the job's run directory (`pruned`, `final/config.json`), or is dropped."""
-    root = str(data_dir)
-    if isinstance(value, str):
-        if root not in value:
-            return value
-        return re.sub(re.escape(root) + r"/jobs/[^/\s'\"]+/run/?", "", value).replace(root, "<data>")
-    if isinstance(value, dict):
-        return {k: scrub(v, data_dir) for k, v in value.items()}
-    if isinstance(value, list):
-        return [scrub(v, data_dir) for v in value]
-    return value
 
 
 def _read_lines(stream, out: queue.Queue) -> None:

@@ -299,7 +299,7 @@ def test_no_server_paths_in_job_objects(env):
 
 
 def test_scrub_turns_server_paths_into_names(tmp_path):
-    from service.worker import scrub
+    from service.artifacts import scrub
 
     data = tmp_path / "data"
     summary = {"checkpoints": {"pruned": f"{data}/jobs/job-1/run/pruned", "final": f"{data}/jobs/job-1/run/final"},
@@ -308,6 +308,33 @@ def test_scrub_turns_server_paths_into_names(tmp_path):
     out = scrub(summary, data)
     assert out["checkpoints"] == {"pruned": "pruned", "final": "final"} and out["n"] == 3
     assert out["note"] == "wrote final/config.json" and str(data) not in json.dumps(out)
+
+
+def test_published_checkpoints_do_not_quote_server_paths(env):
+    """config.json's `_name_or_path`, the model card's recipe and the plan quoted the job's run
+    folder and the uploads' paths; they are scrubbed before the checkpoint is published, and a
+    file linked into another stage keeps its own copy."""
+    client, store, settings, (alice, _) = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    data = str(settings.data_dir)
+    config = json.dumps({"_name_or_path": f"{data}/jobs/{job_id}/run/pruned", "model_type": "llama"})
+    card = f"---\nbase_model: m\n---\n```json\n{{\"pool\": \"{data}/files/file-1/pool.jsonl\"}}\n```\n"
+    root = _publish(settings, job_id, "pruned", {"config.json": config.encode(), "README.md": card.encode(),
+                                                 "model.safetensors": data.encode()})
+    elsewhere = root.parent / "linked-config.json"
+    os.link(root / "config.json", elsewhere)
+    store.claim("w", "cpu", 60)
+    (ckpt,) = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice).json()["data"]
+    archive = client.get(ckpt["archive_url"], headers=alice).content
+    assert hashlib.sha256(archive).hexdigest() == ckpt["archive_sha256"]
+    for f in ckpt["files"]:
+        body = client.get(f["url"], headers=alice).content
+        assert hashlib.sha256(body).hexdigest() == f["sha256"], f["name"]
+        if f["name"] != "model.safetensors":  # weights are not text to rewrite
+            assert data.encode() not in body, f["name"]
+    assert json.loads((root / "config.json").read_text())["_name_or_path"] == "pruned"
+    assert "<data>/files/file-1/pool.jsonl" in (root / "README.md").read_text()
+    assert json.loads(elsewhere.read_text())["_name_or_path"].startswith(data)
 
 
 # --- 9: deferred validation ------------------------------------------------------------------
