@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -71,11 +72,12 @@ def _scrub_files(root: Path, data_dir: Path) -> None:
         except (OSError, UnicodeDecodeError):
             continue
         clean = scrub(scrub(text, data_dir), data_dir.resolve())  # as configured, and as a job saw it
-        if clean != text:
-            tmp = path.with_name(f".{name}.scrub")
-            tmp.write_text(clean, encoding="utf-8")
+        if clean != text:  # two requests may publish at once: each writes its own temporary file
+            fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(clean)
             os.chmod(tmp, path.stat().st_mode & 0o777)
-            tmp.replace(path)
+            os.replace(tmp, path)
 
 
 def _sha256_file(path: Path) -> str:
