@@ -24,6 +24,13 @@ class RangeError(UserError):
 RETRY_AFTER = "10"  # seconds a client is asked to wait when storage is unavailable
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """A client's value as an error message quotes it: cut short, so a 60 KB field or id is not
+    sent back whole."""
+    value = str(value)
+    return value if len(value) <= limit else value[:limit] + f"... ({len(value):,} characters)"
+
+
 def _storage_errors() -> tuple[type[BaseException], ...]:
     from sqlalchemy.exc import DBAPIError, DisconnectionError
 

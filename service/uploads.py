@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llm_prune.errors import UserError
+from service.errors import shown
 
 PURPOSES = ("recovery", "eval")
 
@@ -38,7 +39,7 @@ def validate_text(path: Path, filename: str) -> None:
 def validate_upload(path: Path, filename: str, purpose: str) -> tuple[int | None, int]:
     """Returns (records, malformed records) for a pool, (None, 0) for a text."""
     if purpose not in PURPOSES:
-        raise UserError(f"purpose must be one of {', '.join(PURPOSES)}, got '{purpose}'", param="purpose")
+        raise UserError(f"purpose must be one of {', '.join(PURPOSES)}, got '{shown(purpose)}'", param="purpose")
     if purpose == "recovery":
         return validate_pool(path, filename)
     validate_text(path, filename)

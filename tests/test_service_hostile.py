@@ -563,3 +563,14 @@ def test_a_retried_submission_with_its_idempotency_key_makes_one_job(env):
     _err(client.post("/v1/jobs", headers={**alice, "Idempotency-Key": "x" * 300}, json=MIN), 400,
          "Idempotency-Key", "invalid_idempotency_key")
     assert len(client.get("/v1/jobs", headers=alice).json()["data"]) == 1
+
+
+def test_error_messages_do_not_send_back_a_huge_value(env):
+    client, _, _, (alice, _) = env
+    long_id = "job-" + "x" * 10_000
+    err = _err(client.get(f"/v1/jobs/{long_id}", headers=alice), 404)
+    assert len(err["message"]) < 200 and "(10,004 characters)" in err["message"]
+    r = client.post("/v1/files", headers=alice, files={"file": ("p.jsonl", b'{"instruction": "a", "output": "b"}\n')},
+                    data={"purpose": "p" * 60_000})
+    err = _err(r, 400, param="purpose")
+    assert len(err["message"]) < 300 and "(60,000 characters)" in err["message"]

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from llm_prune.errors import NotFoundError, UserError
 from service.auth import current_owner
-from service.errors import PayloadTooLarge
+from service.errors import PayloadTooLarge, shown
 from service.schemas import Deleted, FileList, FileObject
 from service.store import FileRow, new_id
 from service.uploads import validate_upload
@@ -87,7 +87,7 @@ def list_files(request: Request, owner: str = Depends(current_owner)) -> FileLis
 def get_file(file_id: str, request: Request, owner: str = Depends(current_owner)) -> FileObject:
     row = request.app.state.store.get_file(owner, file_id)
     if row is None:
-        raise NotFoundError(f"no file with id '{file_id}'", param="file_id")
+        raise NotFoundError(f"no file with id '{shown(file_id)}'", param="file_id")
     return file_object(row)
 
 
@@ -96,9 +96,9 @@ def delete_file(file_id: str, request: Request, owner: str = Depends(current_own
     store = request.app.state.store
     row = store.get_file(owner, file_id)
     if row is None:
-        raise NotFoundError(f"no file with id '{file_id}'", param="file_id")
+        raise NotFoundError(f"no file with id '{shown(file_id)}'", param="file_id")
     if not store.delete_file(owner, file_id):  # refuses a file an active job uses (409)
-        raise NotFoundError(f"no file with id '{file_id}'", param="file_id")
+        raise NotFoundError(f"no file with id '{shown(file_id)}'", param="file_id")
     # Jobs already submitted hold the resolved path; deleting the upload removes it for good.
     shutil.rmtree(Path(row.path).parent, ignore_errors=True)
     return Deleted(id=file_id, object="file")

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from llm_prune.errors import NotFoundError, UserError
 from service import artifacts
 from service.auth import current_owner
-from service.errors import ConflictError
+from service.errors import ConflictError, shown
 from service.ranges import file_chunks, ranged_response
 from service.schemas import (Checkpoint, CheckpointFile, CheckpointList, Deleted, ErrorResponse, EventList,
                              EventObject, JobCreate, JobList, JobObject)
@@ -73,7 +73,7 @@ def event_object(row: EventRow) -> EventObject:
 def _job(request: Request, job_id: str, owner: str) -> JobRow:
     row = request.app.state.store.get_job(job_id, owner)
     if row is None:
-        raise NotFoundError(f"no job with id '{job_id}'", param="job_id")
+        raise NotFoundError(f"no job with id '{shown(job_id)}'", param="job_id")
     return row
 
 
@@ -119,7 +119,7 @@ def cancel_job(job_id: str, request: Request, owner: str = Depends(current_owner
     _job(request, job_id, owner)
     row, accepted = request.app.state.store.request_cancel(owner, job_id)
     if row is None:
-        raise NotFoundError(f"no job with id '{job_id}'", param="job_id")
+        raise NotFoundError(f"no job with id '{shown(job_id)}'", param="job_id")
     if not accepted:  # decided in the same transaction as the update: no window for a late finish
         raise ConflictError(f"job {job_id} already {row.status}; nothing to cancel", param="job_id",
                             code="job_not_cancellable")
@@ -220,7 +220,7 @@ def _checkpoint(request: Request, job_id: str, owner: str, name: str) -> dict:
     manifest = artifacts.build_manifest(request.app.state.settings.job_dir(job_id), name) \
         if name in artifacts.CHECKPOINTS else None
     if manifest is None:
-        raise NotFoundError(f"job {job_id} has no checkpoint '{name}' (yet)", param="checkpoint")
+        raise NotFoundError(f"job {shown(job_id)} has no checkpoint '{shown(name)}' (yet)", param="checkpoint")
     return manifest
 
 
@@ -247,7 +247,7 @@ def download_file(job_id: str, name: str, path: str, request: Request, owner: st
     manifest = _checkpoint(request, job_id, owner, name)
     entry = next((f for f in manifest["files"] if f["name"] == path), None)
     if entry is None:  # only names from the manifest: no path escapes
-        raise NotFoundError(f"checkpoint '{name}' has no file '{path}'", param="path")
+        raise NotFoundError(f"checkpoint '{name}' has no file '{shown(path)}'", param="path")
     root = artifacts.checkpoint_dir(request.app.state.settings.job_dir(job_id), name)
     disposition = f'attachment; filename="{quote(Path(path).name)}"'
     return ranged_response(request.headers, entry["bytes"], entry["sha256"], file_chunks(root / path),
