@@ -155,6 +155,9 @@ def _client():
     return Client(**_client_opts)
 
 
+RESTART_RETRIES = 9
+
+
 def _follow(client, job_id: str) -> dict:
     """Progress bar while polling; returns the finished job."""
     from tqdm.auto import tqdm
@@ -162,7 +165,7 @@ def _follow(client, job_id: str) -> dict:
     fmt = "{desc:<22}{percentage:3.0f}%|{bar}| {elapsed}{postfix}"
     with tqdm(total=100, desc="queued", unit="%", bar_format=fmt) as bar:
         while True:
-            job = client.job(job_id)
+            job = client.job(job_id, retries=RESTART_RETRIES)  # about 45 s of a server restarting
             bar.set_description_str(f"{job['status']}:{job.get('stage') or '-'}"[:22])
             bar.set_postfix_str(f"eta {job['eta_seconds']:.0f} s" if job.get("eta_seconds") is not None else "",
                                 refresh=False)

@@ -65,7 +65,7 @@ class Client:
                     time.sleep(1.0 + attempt)
                     continue
                 maybe = " (the job may or may not have been submitted; `llm-prune jobs list` shows it)" \
-                    if retries else ""
+                    if retries and method == "POST" else ""
                 raise UserError(f"cannot reach the server at {self.base_url}: {first_line(exc, 200)}{maybe}") \
                     from None
             except (httpx.HTTPError, httpx.InvalidURL) as exc:  # an undecodable body, a bad URL
@@ -104,8 +104,9 @@ class Client:
         params = {"limit": limit, **({"after": after} if after else {})}
         return self._call("GET", "/v1/jobs", params=params)
 
-    def job(self, job_id: str) -> dict:
-        return self._call("GET", f"/v1/jobs/{_segment(job_id)}")
+    def job(self, job_id: str, retries: int = 0) -> dict:
+        """`retries`: polls that outlast a server restart (a GET is safe to repeat)."""
+        return self._call("GET", f"/v1/jobs/{_segment(job_id)}", retries=retries)
 
     def cancel(self, job_id: str) -> dict:
         return self._call("POST", f"/v1/jobs/{_segment(job_id)}/cancel")

@@ -228,3 +228,33 @@ def test_submit_retries_a_lost_answer_with_the_same_idempotency_key(monkeypatch)
 def test_a_key_name_longer_than_its_column_is_refused(tmp_path):
     assert "--name is 201 characters; at most 200" in _fails("keys", "create", "--data-dir", str(tmp_path),
                                                              "--name", "n" * 201)
+
+
+def test_waiting_on_a_job_outlasts_a_server_restart(monkeypatch):
+    """`jobs submit --wait` and `jobs status --wait` poll through a restart (connections refused
+    for a while); they gave up on the first refused poll although the job ran on."""
+    import httpx
+
+    import service.client as client_module
+    from service.cli import _follow
+
+    monkeypatch.setattr(client_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr("service.cli.time.sleep", lambda s: None)
+    polls = []
+
+    def handler(request):
+        polls.append(request.url.path)
+        if 2 <= len(polls) <= 6:  # the server is down for five polls
+            raise httpx.ConnectError("connection refused", request=request)
+        status = "succeeded" if len(polls) > 7 else "running"
+        return httpx.Response(200, json={"object": "job", "id": "job-1", "status": status, "stage": "prune",
+                                         "progress": 0.5, "eta_seconds": None})
+
+    assert _follow(_client_on(handler), "job-1")["status"] == "succeeded" and len(polls) == 8
+
+    def down(request):
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(UserError, match=r"cannot reach the server") as info:
+        _client_on(down).job("job-1", retries=2)
+    assert "submitted" not in str(info.value)  # only a lost POST may have made a job
