@@ -21,7 +21,7 @@ from typing import Any
 
 from llm_prune.errors import UserError
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
-from llm_prune.recipe import LORA_METHODS, Recipe
+from llm_prune.recipe import Recipe
 from llm_prune.workload import adapt_accel_steps, budget_count
 
 STAGES = ("baseline", "pruned", "selection", "recovered", "final")
@@ -388,7 +388,6 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
         config = None  # a config only the model's own code reads: the stages check it on the model
     if config is not None:
         recipe.check_fits(config)
-        _check_target_modules(recipe, config)
     if recipe.export.gguf:
         from llm_prune.gguf_export import check_exportable
 
@@ -413,24 +412,6 @@ def _only_run(out: Path):
             raise UserError(f"another `llm-prune run` is working in {out}; wait for it to end, or give another "
                             "--output", param="output") from None
         yield
-
-
-def _check_target_modules(recipe: Recipe, config) -> None:
-    """LoRA's module names exist in the model (built on the meta device: no weights), checked before
-    pruning rather than after it."""
-    if not recipe.recovery.target_modules or recipe.recovery.method not in LORA_METHODS:
-        return
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from recovery.lora import check_targets
-
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-    except Exception:  # noqa: BLE001 - a config only the model's own code builds: recovery checks it then
-        return
-    check_targets(skeleton, recipe.recovery.target_modules)
 
 
 def selection_kwargs(data, recovery) -> dict:

@@ -276,9 +276,27 @@ class RecoveryConfig(_Strict):
         if hidden and self.method in LORA_METHODS and self.lora_r > hidden:
             raise UserError(f"--lora-r {self.lora_r} is above the model's hidden size of {hidden}, the highest rank "
                             "a LoRA update of its projections can have", param="recovery.lora_r")
+        if self.target_modules and self.method in LORA_METHODS:
+            _check_target_modules(self.target_modules, model_config)
 
 
 LORA_METHODS = ("lora", "perp_lora", "qlora")
+
+
+def _check_target_modules(targets: list[str], model_config) -> None:
+    """LoRA's module names exist in the model, built on the meta device from its config (no weights),
+    so a misspelt name is refused before pruning (and at submission), not after it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from recovery.lora import check_targets
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(model_config)
+    except Exception:  # noqa: BLE001 - a config only the model's own code builds: recovery checks it then
+        return
+    check_targets(skeleton, targets)
 
 
 class EvaluationConfig(_Strict):

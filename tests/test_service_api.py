@@ -131,6 +131,7 @@ def test_submit_minimal_and_full(env, tiny_llama):
     ({**MIN, "recovery": {"cutoff_len": 100000}}, "recovery.cutoff_len", None),
     ({**MIN, "pruning": {"calibration_seq_len": 100000}}, "pruning.calibration_seq_len", None),
     ({**MIN, "recovery": {"max_steps": 3_000_000_000}}, "recovery.max_steps", None),
+    ({**MIN, "recovery": {"target_modules": ["q_porj"]}}, "recovery.target_modules", None),
     ({**MIN, "pruning": {"prune_attention": False, "prune_mlp": False}}, "pruning", None),
     ({**MIN, "pruning": {"prune_layers": 1_000_000}}, "pruning.prune_layers", None),
     ({**MIN, "pruning": {"skip_first": 1_000_000}}, "pruning.skip_first", None),
