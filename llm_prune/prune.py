@@ -65,7 +65,9 @@ def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
         check_projections(model)
     total = count_params(model)
     final_target = target_params(total, budget)
-    cfg = resolve_layer_drops(model, final_target, cfg)  # "nothing to prune" is refused by the recipe itself
+    cfg = resolve_layer_drops(model, final_target, cfg)
+    if not (cfg.prune_attention or cfg.prune_mlp or cfg.prune_layers):
+        raise UserError("nothing to prune: enable attention, MLP or layer pruning", param="pruning")
     timings = {"calibration_s": 0.0, "score_s": 0.0, "allocate_s": 0.0, "surgery_s": 0.0, "reconstruct_s": 0.0}
     t0 = time.perf_counter()
     ids = calibration_ids(tokenizer, cfg.calibration, cfg.calibration_windows, cfg.calibration_seq_len, cfg.seed)

@@ -195,13 +195,11 @@ class PruningConfig(_Strict):
         if self.prune_layers is not None and self.prune_layers >= n_layers:
             raise UserError(f"--prune-layers {self.prune_layers}: the model has {n_layers} layers, and at least one "
                             "must stay", param="pruning.prune_layers")
-        from llm_prune.allocation import AllocationConfig, prunable_layers
-
-        if self.allocation == "uniform" and not self.portable and (self.prune_attention or self.prune_mlp) \
-                and not prunable_layers(n_layers, AllocationConfig(skip_first=self.skip_first,
-                                                                   skip_last=self.skip_last)):
-            raise UserError(f"--skip-first and --skip-last leave none of the model's {n_layers} layers to prune",
-                            param="pruning.skip_first")
+        first = max(1, round(0.1 * n_layers)) if self.skip_first is None else self.skip_first
+        if self.allocation == "uniform" and not self.portable and first + self.skip_last >= n_layers \
+                and (self.prune_attention or self.prune_mlp):
+            raise UserError(f"--skip-first {first} and --skip-last {self.skip_last} leave none of the model's "
+                            f"{n_layers} layers to prune", param="pruning.skip_first")
 
 
 # Each pruning field's default, for code that takes it as a keyword default (not a copy).
