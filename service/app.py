@@ -15,7 +15,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llm_prune.errors import NotFoundError, UserError, first_line
 from service.errors import RETRY_AFTER, STORAGE_ERRORS, ConflictError, PayloadTooLarge, RangeError, storage_fault
 from service.guard import RequestGuard
-from service.schemas import ErrorResponse
 from service.settings import Settings
 from service.store import LimitExceeded, Store
 
@@ -112,6 +111,24 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal server error", None, "internal_error")
 
 
+def _document_errors(app: FastAPI) -> None:
+    """FastAPI lists a 422 with its own error shape on every route; this API answers invalid
+    requests with 400 and the error object (`_invalid` above), so the schema says that alone."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            spec = build()
+            for operations in spec["paths"].values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                spec.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 def create_app(settings: Settings | None = None, *, embedded_worker: bool | None = None) -> FastAPI:
     """The API; with `embedded_worker` (default: settings.worker_slots > 0) a worker runs jobs in
     child processes for the lifetime of the app."""
@@ -140,8 +157,8 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
             store.close()
 
     app = FastAPI(title="llm-prune", version="0.1.0", lifespan=lifespan,
-                  description="Structured pruning, recovery-data selection and retraining of LLMs as jobs.",
-                  responses={code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 429)})
+                  description="Structured pruning, recovery-data selection and retraining of LLMs as jobs.")
+    _document_errors(app)
     app.state.settings = settings
     app.state.store = store
     _install_error_handlers(app)

@@ -4,7 +4,8 @@ guard (`service.guard`) before any body is read; routes get the owner from `curr
 
 from __future__ import annotations
 
-from fastapi import Request
+from fastapi import Request, Security
+from fastapi.security import HTTPBearer
 from starlette.datastructures import Headers
 
 from service.settings import LOOPBACK, Settings
@@ -34,7 +35,13 @@ def authenticate(headers: Headers, client_host: str, settings: Settings, store) 
     raise AuthError("missing API key: send 'Authorization: Bearer <key>' (create one with `llm-prune keys create`)")
 
 
-def current_owner(request: Request) -> str:
+# Names the scheme in the OpenAPI schema, so generated clients send the key; the guard has
+# already checked it by the time a route runs.
+BEARER = HTTPBearer(auto_error=False, scheme_name="APIKey",
+                    description="An API key from `llm-prune keys create`, as `Authorization: Bearer <key>`.")
+
+
+def current_owner(request: Request, _key=Security(BEARER)) -> str:
     """FastAPI dependency: the key id the guard authenticated (every `/v1/` route is guarded)."""
     owner = request.scope.get("state", {}).get("owner")
     if owner is None:  # a route outside the guard's prefix asked for an owner: a wiring bug

@@ -111,6 +111,15 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI `responses` for statuses answered with the error object."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+# What any `/v1/` route may answer besides its own statuses.
+API_ERRORS = error_responses(400, 401, 404, 409, 413, 429, 503)
+
+
 class FileObject(BaseModel):
     id: str
     object: Literal["file"] = "file"

@@ -36,8 +36,21 @@ def test_health_and_docs(env):
     client, *_ = env
     assert client.get("/healthz").json()["status"] == "ok"
     assert client.get("/docs").status_code == 200
-    paths = client.get("/openapi.json").json()["paths"]
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
     assert "/v1/jobs/{job_id}/checkpoints/{name}/archive" in paths and "/v1/files" in paths
+    # What the schema promises is what is sent: 400 with the error object, never FastAPI's 422;
+    # the bearer key is declared, so generated clients and /docs send it.
+    assert spec["components"]["securitySchemes"]["APIKey"] == {**spec["components"]["securitySchemes"]["APIKey"],
+                                                               "type": "http", "scheme": "bearer"}
+    error = {"$ref": "#/components/schemas/ErrorResponse"}
+    for path, operations in paths.items():
+        for method, op in operations.items():
+            assert "422" not in op["responses"], (method, path)
+            assert op["responses"]["503"]["content"]["application/json"]["schema"] == error
+            assert (op.get("security") == [{"APIKey": []}]) == path.startswith("/v1/"), (method, path)
+    assert "507" in paths["/v1/files"]["post"]["responses"] and "507" in paths["/v1/jobs"]["post"]["responses"]
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
 
 
 def test_authentication(env, tmp_path):

@@ -12,11 +12,11 @@ from fastapi.concurrency import run_in_threadpool
 from llm_prune.errors import NotFoundError, UserError
 from service.auth import current_owner
 from service.errors import PayloadTooLarge, shown
-from service.schemas import Deleted, FileList, FileObject
+from service.schemas import API_ERRORS, Deleted, ErrorResponse, FileList, FileObject
 from service.store import FileRow, new_id
 from service.uploads import validate_upload
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=API_ERRORS)
 
 
 def file_object(row: FileRow) -> FileObject:
@@ -54,7 +54,7 @@ def _save(upload: UploadFile, target: Path, limit: int) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-@router.post("", response_model=FileObject)
+@router.post("", response_model=FileObject, responses={507: {"model": ErrorResponse}})
 async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form("recovery"),
                       owner: str = Depends(current_owner)) -> FileObject:
     settings, store = request.app.state.settings, request.app.state.store

@@ -19,12 +19,12 @@ from service import artifacts
 from service.auth import current_owner
 from service.errors import ConflictError, shown
 from service.ranges import file_chunks, ranged_response
-from service.schemas import (Checkpoint, CheckpointFile, CheckpointList, Deleted, ErrorResponse, EventList,
+from service.schemas import (API_ERRORS, Checkpoint, CheckpointFile, CheckpointList, Deleted, ErrorResponse, EventList,
                              EventObject, JobCreate, JobList, JobObject)
 from service.store import TERMINAL, EventRow, JobRow
 from service.submission import build_recipe
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=API_ERRORS)
 
 MAX_EVENT_ID = 2**63 - 1  # the largest cursor taken (the store reads one past its column as "after all")
 
@@ -77,7 +77,7 @@ def _job(request: Request, job_id: str, owner: str) -> JobRow:
     return row
 
 
-@router.post("", response_model=JobObject)
+@router.post("", response_model=JobObject, responses={507: {"model": ErrorResponse}})
 def create_job(body: JobCreate, request: Request, owner: str = Depends(current_owner),
                idempotency_key: str | None = Header(None, description="a retried POST with the same key and body "
                                                     "returns the job the first one made")) -> JobObject:
