@@ -169,4 +169,8 @@ def report(job: dict, ckpts: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C: the server is stopped and the directory removed on the way out
+        print("demo interrupted", file=sys.stderr)
+        sys.exit(130)
