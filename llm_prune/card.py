@@ -67,8 +67,9 @@ def _metas(meta: dict):
 
 def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], params_before: int,
                params_after: int, needs_remote_code: bool, metrics: dict | None = None,
-               ran: dict | None = None, license: dict[str, str] | None = None) -> str:
-    """`license`: the base model's (`models.source_license`), which a derived model stays under."""
+               ran: dict | None = None, license: dict[str, str] | None = None, gguf_refusal: str | None = None) -> str:
+    """`license`: the base model's (`models.source_license`), which a derived model stays under;
+    `gguf_refusal`: why `llm-prune export` refuses GGUF for this model (`gguf_export.gguf_refusal`)."""
     load = ("model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # widths differ per layer"
             if needs_remote_code else "model = AutoModelForCausalLM.from_pretrained(path)")
     lines = [
@@ -99,7 +100,7 @@ def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], param
         lines += ["Layers were pruned to different widths, so `config.json` lists them under `per_layer_config` "
                   "and `modeling_pruned.py` (stock transformers code, one config view per layer) builds them; "
                   "that is why `trust_remote_code=True` is needed (the tokenizer reads the same config).", ""]
-    lines += ["## Engines", ""] + _engines(needs_remote_code) + [""]
+    lines += ["## Engines", ""] + _engines(needs_remote_code, gguf_refusal) + [""]
     if metrics:
         lines += ["## Measured", "", "```json", json.dumps(metrics, indent=2, default=str), "```", ""]
     lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2, default=str), "```", ""]
@@ -109,9 +110,11 @@ def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], param
     return "\n".join(lines)
 
 
-def _engines(needs_remote_code: bool) -> list[str]:
+def _engines(needs_remote_code: bool, gguf_refusal: str | None) -> list[str]:
     gguf = ("- llama.cpp, Ollama, LM Studio: `llm-prune export PATH --format gguf -o model.gguf` (GGUF architecture "
             + ("`deci`, which keeps every layer's own width)" if needs_remote_code else "`llama`)"))
+    if gguf_refusal is not None:
+        gguf = f"- llama.cpp, Ollama, LM Studio: no GGUF export ({gguf_refusal})"
     if needs_remote_code:
         return ["- transformers and lm-evaluation-harness: with `trust_remote_code=True`", gguf,
                 "- vLLM, TGI, SGLang, MLX: not this layout (layers differ in width); prune with `--portable` "

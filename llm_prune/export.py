@@ -170,8 +170,16 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     """Load a heterogeneous llm-prune checkpoint with our own classes (no remote code executed).
     `load_kwargs` go to from_pretrained (`output_loading_info`)."""
     data = json.loads((Path(path) / "config.json").read_text())
-    cfg_cls, model_cls = pruned_classes(data["base_model_type"])
-    config = cfg_cls.from_pretrained(path)
+    base = data.get("base_model_type")
+    if base not in _CLASSES:
+        raise UserError(f"{Path(path) / 'config.json'}: base_model_type {base!r} is not a family llm-prune builds "
+                        f"({', '.join(sorted(_CLASSES))}); was the file edited?", param="model")
+    cfg_cls, model_cls = pruned_classes(base)
+    try:
+        config = cfg_cls.from_pretrained(path)
+    except ValueError as exc:  # e.g. per_layer_config naming layers num_hidden_layers does not have
+        raise UserError(f"{Path(path) / 'config.json'} is inconsistent: {first_line(exc, 300)}", param="model") \
+            from None
     kwargs = {"dtype": dtype, **load_kwargs}
     if device == "auto":
         kwargs["device_map"] = "auto"

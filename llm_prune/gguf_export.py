@@ -47,17 +47,25 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-def check_exportable(config) -> None:
-    """Fail early (before pruning or training) for models llama.cpp cannot run from our export."""
+def gguf_refusal(config) -> str | None:
+    """Why llama.cpp cannot run this model from our export (the model card says it too); None
+    when it can."""
     from llm_prune.families import base_model_type
 
     base = base_model_type(config)
     if base not in EXPORTABLE_TYPES:
-        raise UserError(f"GGUF export supports {', '.join(EXPORTABLE_TYPES)} models, not '{base}'; the "
-                        f"Hugging Face checkpoint folder is what serves it (transformers; vLLM with --portable)",
-                        param="gguf")
+        return (f"GGUF export supports {', '.join(EXPORTABLE_TYPES)} models, not '{base}'; the Hugging Face "
+                f"checkpoint folder is what serves it (transformers; vLLM with --portable)")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise UserError("GGUF export: models with attention or MLP biases are not supported", param="gguf")
+        return "GGUF export: models with attention or MLP biases are not supported"
+    return None
+
+
+def check_exportable(config) -> None:
+    """Fail early (before pruning or training) for models llama.cpp cannot run from our export."""
+    refusal = gguf_refusal(config)
+    if refusal is not None:
+        raise UserError(refusal, param="gguf")
 
 
 def _checkpoint_dir(checkpoint: str | Path) -> Path:

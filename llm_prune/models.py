@@ -278,6 +278,8 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
 
         try:
             model = _complete(source, lambda **kw: load_pruned(source.path, dtype=dtype, device=device, **kw))
+        except OSError as exc:  # e.g. the weights renamed: from_pretrained finds no model.safetensors
+            raise _hub_error(source, exc) from None
         except SafetensorError as exc:
             raise _weights_error(source, exc) from None
         # Passing our config keeps the tokenizer from resolving the folder's auto_map (remote code).

@@ -245,6 +245,7 @@ class Job:
     def final(self, path: Path, summary: dict) -> dict:
         from llm_prune.card import as_run, card_license, model_card
         from llm_prune.families import layer_shapes
+        from llm_prune.gguf_export import gguf_refusal
         from llm_prune.plan import PrunePlan
 
         r = self.recipe
@@ -262,7 +263,8 @@ class Job:
                           needs_remote_code=pr["needs_remote_code"],
                           metrics={"recovery": summary.get("recovered"), "selection": summary.get("selection")},
                           ran=as_run(PrunePlan.load(self.out / "pruned" / "plan.json")),
-                          license=card_license(self.out / "pruned" / "README.md"))
+                          license=card_license(self.out / "pruned" / "README.md"),
+                          gguf_refusal=gguf_refusal(model.config))
         (path / "README.md").write_text(card)
         self._fold_eval(path, summary["baseline"], "dense")
         self._fold_eval(path, pr["eval"], "pruned")

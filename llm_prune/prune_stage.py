@@ -49,6 +49,7 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
     from llm_prune.card import as_run, model_card
     from llm_prune.export import export_checkpoint
     from llm_prune.families import layer_shapes
+    from llm_prune.gguf_export import gguf_refusal
     from llm_prune.models import load_model, source_dtype, source_license
 
     out = Path(out)
@@ -94,7 +95,8 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
                                               shapes=layer_shapes(model), params_before=before,
                                               params_after=after, needs_remote_code=info["needs_remote_code"],
                                               metrics=measured, ran=None if applied else as_run(plan),
-                                              license=source_license(recipe.model)))
+                                              license=source_license(recipe.model),
+                                              gguf_refusal=gguf_refusal(model.config)))
     return PrunedCheckpoint(model=model, tokenizer=tok, path=out, plan=plan, params_before=before,
                             params_after=after, params_target=target, needs_remote_code=info["needs_remote_code"],
                             shapes_before=shapes_before, timings=timings)

@@ -1,6 +1,7 @@
 """Serving: the portable layout (stock config) and GGUF export run in the real llama.cpp."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -188,6 +189,7 @@ def test_gguf_bad_input(heterogeneous, tiny_qwen2, tmp_path, capsys):
          "GGUF export supports llama"),
         (["export", str(heterogeneous), "--dtype", "f16", "-o", str(tmp_path / "m-F32.gguf")],
          "--dtype f16 but the file name m-F32.gguf says f32: rename the output or leave --dtype out"),
+        (["export", str(heterogeneous), "-o", str(tmp_path / "m-F16-q8_0.gguf")], "names f16 and q8_0: give --dtype"),
     ]
     for args, needle in cases:
         code, _, err = run_main(capsys, *args)
@@ -204,7 +206,19 @@ def test_gguf_bad_input(heterogeneous, tiny_qwen2, tmp_path, capsys):
         (badtok / f.name).write_bytes(f.read_bytes())
     (badtok / "tokenizer.json").write_text('{"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}, '
                                            '"pre_tokenizer": null, "added_tokens": []}')
+    # A per-layer checkpoint with its weights renamed, or its config edited out of step: one line.
+    renamed, edited, foreign = tmp_path / "renamed", tmp_path / "edited", tmp_path / "foreign"
+    for folder in (renamed, edited, foreign):
+        shutil.copytree(heterogeneous, folder)
+    (renamed / "model.safetensors").rename(renamed / "model-00001-of-00001.safetensors")
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] - 2}))
+    (foreign / "config.json").write_text(json.dumps({**config, "base_model_type": "gpt2"}))
     for args, needle in [(["export", str(heterogeneous), "-o", "/proc/x.gguf"], "cannot write /proc/x.gguf"),
+                         (["export", str(renamed), "-o", str(tmp_path / "r.gguf")], "no file named model.safetensors"),
+                         (["eval", str(renamed), "--speed"], "could not read model at"),
+                         (["export", str(edited), "-o", str(tmp_path / "x.gguf")], "config.json is inconsistent"),
+                         (["eval", str(foreign), "--speed"], "base_model_type 'gpt2'"),
                          (["export", str(heterogeneous), "-o", str(tmp_path / ("a" * 300 + ".gguf"))], "not usable"),
                          (["export", str(badtok), "-o", str(tmp_path / "t.gguf")], "tokenizer of"),
                          (["eval", str(badtok), "--speed"], "tokenizer of")]:
@@ -364,3 +378,19 @@ def test_the_base_models_license_carries_over_to_card_and_gguf(tmp_path, capsys)
     assert source_license("smollm2-135m") == {"license": "apache-2.0"}
     (src / "README.md").write_text("# no front matter\n---\nlicense: mit\n")
     assert source_license(str(src)) == {}
+
+
+def test_model_card_offers_gguf_only_where_export_writes_it(dense, tiny_qwen2):
+    """The card's engine list is what `llm-prune export` does for that family: Qwen2 gets the
+    reason instead of a command that is then refused."""
+    from llm_prune.card import model_card
+    from llm_prune.gguf_export import gguf_refusal
+
+    cards = {}
+    for name, src in (("llama", dense), ("qwen2", tiny_qwen2)):
+        model, _ = load_model(str(src))
+        cards[name] = model_card(base_model=name, recipe={}, shapes=layer_shapes(model), params_before=2,
+                                 params_after=1, needs_remote_code=False, gguf_refusal=gguf_refusal(model.config))
+    assert "`llm-prune export PATH --format gguf" in cards["llama"]
+    assert "--format gguf" not in cards["qwen2"]
+    assert "no GGUF export (GGUF export supports llama, mistral models, not 'qwen2'" in cards["qwen2"]

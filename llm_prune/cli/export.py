@@ -46,7 +46,10 @@ def _dtype_for(output: Path, dtype: str | None) -> str:
 
     named = {m.lower() for m in re.findall(r"(?<![a-z0-9])(f32|f16|q8_0)(?![a-z0-9])", output.stem, re.IGNORECASE)}
     if dtype is None:
-        return named.pop() if len(named) == 1 else "f16"
+        if len(named) > 1:
+            raise UserError(f"the file name {output.name} names {' and '.join(sorted(named))}: give --dtype",
+                            param="dtype")
+        return named.pop() if named else "f16"
     if named and dtype.lower() not in named:
         raise UserError(f"--dtype {dtype} but the file name {output.name} says {'/'.join(sorted(named))}: rename the "
                         "output or leave --dtype out", param="dtype")
