@@ -45,7 +45,7 @@ def card_license(readme: Path) -> dict[str, str]:
 
 
 def _yaml_scalar(value: str) -> str:
-    return value if re.fullmatch(r"[A-Za-z0-9][\w.\-]*", value) else json.dumps(value)
+    return value if re.fullmatch(r"[A-Za-z0-9][\w./\-]*", value) else json.dumps(value)
 
 
 def as_run(plan) -> dict:
@@ -67,16 +67,18 @@ def _metas(meta: dict):
 
 def model_card(*, base_model: str, recipe: dict, shapes: list[LayerShape], params_before: int,
                params_after: int, needs_remote_code: bool, metrics: dict | None = None,
-               ran: dict | None = None, license: dict[str, str] | None = None, gguf_refusal: str | None = None) -> str:
+               ran: dict | None = None, license: dict[str, str] | None = None, gguf_refusal: str | None = None,
+               base_model_id: str | None = None) -> str:
     """`license`: the base model's (`models.source_license`), which a derived model stays under;
-    `gguf_refusal`: why `llm-prune export` refuses GGUF for this model (`gguf_export.gguf_refusal`)."""
+    `gguf_refusal`: why `llm-prune export` refuses GGUF for this model (`gguf_export.gguf_refusal`);
+    `base_model_id`: its Hub repository (`models.hub_id`), the front matter's `base_model`."""
     load = ("model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # widths differ per layer"
             if needs_remote_code else "model = AutoModelForCausalLM.from_pretrained(path)")
     lines = [
         "---",
         "library_name: transformers",
         "tags: [llm-prune, pruned, structured-pruning]",
-        f"base_model: {base_model}",
+        *([f"base_model: {_yaml_scalar(base_model_id)}"] if base_model_id else []),
         *(f"{k}: {_yaml_scalar(v)}" for k, v in (license or {}).items() if k in LICENSE_KEYS),
         "---",
         "",

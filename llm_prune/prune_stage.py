@@ -50,7 +50,7 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
     from llm_prune.export import export_checkpoint
     from llm_prune.families import layer_shapes
     from llm_prune.gguf_export import gguf_refusal
-    from llm_prune.models import load_model, source_dtype, source_license
+    from llm_prune.models import hub_id, load_model, source_dtype, source_license
 
     out = Path(out)
     t0 = time.perf_counter()
@@ -96,7 +96,8 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
                                               params_after=after, needs_remote_code=info["needs_remote_code"],
                                               metrics=measured, ran=None if applied else as_run(plan),
                                               license=source_license(recipe.model),
-                                              gguf_refusal=gguf_refusal(model.config)))
+                                              gguf_refusal=gguf_refusal(model.config),
+                                              base_model_id=hub_id(recipe.model)))
     return PrunedCheckpoint(model=model, tokenizer=tok, path=out, plan=plan, params_before=before,
                             params_after=after, params_target=target, needs_remote_code=info["needs_remote_code"],
                             shapes_before=shapes_before, timings=timings)

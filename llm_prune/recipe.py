@@ -249,7 +249,8 @@ class RecoveryConfig(_Strict):
                                              "default: all linear layers of the decoder")
     perp_train_lm_head: bool = Field(False, description="PERP: also train the LM head")
     perp_train_embeddings: bool = Field(False, description="PERP: also train the embeddings")
-    keep_adapter: bool = Field(False, description="keep the LoRA adapter next to the merged checkpoint")
+    keep_adapter: bool = Field(False, description="keep the adapter (LoRA files, PERP tensors) in the final "
+                                       "checkpoint's adapter/ folder, beside the merged weights")
     distill_weight: float = Field(0.0, ge=0, description="weight of KL to the dense model's logits")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="held-out fraction of the selected data")
     force: bool = Field(False, description="allow QLoRA without CUDA")

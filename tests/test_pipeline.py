@@ -80,6 +80,11 @@ def test_run_end_to_end_then_resume(tiny_llama, job_inputs, tmp_path, monkeypatc
     probe = torch.randint(3, 300, (1, 12))
     assert torch.allclose(model(probe).logits, ours(probe).logits, atol=1e-5)
     assert "Recipe" in (final / "README.md").read_text() and '"layers_dropped"' in (final / "README.md").read_text()
+    # --keep-adapter publishes the adapter with the final checkpoint (a job's download), the card
+    # names it there, and the plan that made the shapes comes along as in `pruned`.
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    assert '"adapter": "adapter/ (for the pruned checkpoint' in (final / "README.md").read_text()
+    assert (final / "plan.json").read_text() == (out / "pruned" / "plan.json").read_text()
 
     # A third run finds everything done and changes nothing.
     again = pipeline.run_recipe(recipe, out)

@@ -394,3 +394,23 @@ def test_model_card_offers_gguf_only_where_export_writes_it(dense, tiny_qwen2):
     assert "`llm-prune export PATH --format gguf" in cards["llama"]
     assert "--format gguf" not in cards["qwen2"]
     assert "no GGUF export (GGUF export supports llama, mistral models, not 'qwen2'" in cards["qwen2"]
+
+
+def test_card_names_the_base_model_by_its_hub_id(dense, tmp_path):
+    """The Hub refuses a card whose `base_model` is no repository id: an alias names its source,
+    a local folder is left out."""
+    from llm_prune.card import model_card
+    from llm_prune.models import hub_id
+
+    assert hub_id("smollm2-135m") == hub_id("SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id("meta-llama/Llama-3.1-8B") == "meta-llama/Llama-3.1-8B"
+    assert hub_id(str(dense)) is None and hub_id("model.gguf") is None and hub_id("a/b/c") is None
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    assert hub_id(str(tmp_path / "org" / "name")) is None
+    shapes = layer_shapes(load_model(str(dense))[0])
+    for spec, line in (("smollm2-135m", "base_model: HuggingFaceTB/SmolLM2-135M-Instruct\n"), (str(dense), None)):
+        card = model_card(base_model=spec, recipe={}, shapes=shapes, params_before=2, params_after=1,
+                          needs_remote_code=False, base_model_id=hub_id(spec))
+        front = card.split("---")[1]
+        assert (line in front) if line else "base_model" not in front
+        assert f"# {spec} — structurally pruned" in card
