@@ -57,15 +57,19 @@ def scrub(value, data_dir: Path):
     return value
 
 
-# The checkpoint files that may quote the job's recipe or its own folder (transformers'
-# `_name_or_path`, the model card, the plan); weights and tokenizers never do.
-_QUOTING = ("config.json", "README.md", "plan.json", "eval_results.json", "generation_config.json")
+# The checkpoint files, at any depth, that may quote the job's recipe or its own folder
+# (transformers' `_name_or_path`, the model card, the plan, a kept adapter's
+# `base_model_name_or_path`); weights and tokenizers never do.
+_QUOTING = ("config.json", "README.md", "plan.json", "eval_results.json", "generation_config.json",
+            "adapter_config.json")
 
 
 def _scrub_files(root: Path, data_dir: Path) -> None:
     """Server paths out of a checkpoint before it is published, as out of everything else the API
     shows. Written under a new inode: a file linked into another stage's folder keeps its own."""
-    for name in _QUOTING:
+    for name in checkpoint_files(root):
+        if Path(name).name not in _QUOTING:
+            continue
         path = root / name
         try:
             text = path.read_text(encoding="utf-8")
@@ -73,7 +77,7 @@ def _scrub_files(root: Path, data_dir: Path) -> None:
             continue
         clean = scrub(scrub(text, data_dir), data_dir.resolve())  # as configured, and as a job saw it
         if clean != text:  # two requests may publish at once: each writes its own temporary file
-            fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.")
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(clean)
             os.chmod(tmp, path.stat().st_mode & 0o777)

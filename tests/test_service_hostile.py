@@ -201,6 +201,7 @@ def _publish(settings, job_id, name, files):
     root = settings.job_dir(job_id) / "run" / name
     root.mkdir(parents=True)
     for fname, data in files.items():
+        (root / fname).parent.mkdir(parents=True, exist_ok=True)
         (root / fname).write_bytes(data)
     (root / ".done").write_text("{}")
     return root
@@ -319,8 +320,11 @@ def test_published_checkpoints_do_not_quote_server_paths(env):
     data = str(settings.data_dir)
     config = json.dumps({"_name_or_path": f"{data}/jobs/{job_id}/run/pruned", "model_type": "llama"})
     card = f"---\nbase_model: m\n---\n```json\n{{\"pool\": \"{data}/files/file-1/pool.jsonl\"}}\n```\n"
+    adapter = json.dumps({"base_model_name_or_path": f"{data}/jobs/{job_id}/run/pruned", "peft_type": "LORA"})
     root = _publish(settings, job_id, "pruned", {"config.json": config.encode(), "README.md": card.encode(),
-                                                 "model.safetensors": data.encode()})
+                                                 "model.safetensors": data.encode(),
+                                                 "adapter/adapter_config.json": adapter.encode(),
+                                                 "adapter/README.md": card.encode()})
     elsewhere = root.parent / "linked-config.json"
     os.link(root / "config.json", elsewhere)
     store.claim("w", "cpu", 60)
@@ -333,6 +337,9 @@ def test_published_checkpoints_do_not_quote_server_paths(env):
         if f["name"] != "model.safetensors":  # weights are not text to rewrite
             assert data.encode() not in body, f["name"]
     assert json.loads((root / "config.json").read_text())["_name_or_path"] == "pruned"
+    # A kept adapter names the pruned checkpoint it applies to: the download's folder, not the server's.
+    assert json.loads((root / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "pruned"
+    assert not list((root / "adapter").glob(".*"))
     assert "<data>/files/file-1/pool.jsonl" in (root / "README.md").read_text()
     assert json.loads(elsewhere.read_text())["_name_or_path"].startswith(data)
 
