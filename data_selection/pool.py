@@ -8,6 +8,7 @@ import codecs
 import csv
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -128,6 +129,8 @@ def normalise(row: Any, source_id: str) -> Record:
     rid = row.get("id")
     if isinstance(rid, (str, int)) and str(rid):
         source_id = f"{source_id}#{rid}"
+    # An id (or a file name) in another encoding than UTF-8 is only a label: written out escaped.
+    source_id = source_id.encode("utf-8", "backslashreplace").decode("utf-8")
     return Record(prompt=prompt, response=response, source_id=source_id, system=system)
 
 
@@ -254,6 +257,23 @@ def _is_datasets_dir(path: Path) -> bool:
     return (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()
 
 
+def _folder_entries(folder: Path) -> list[Path]:
+    """A pool folder's datasets folders and record files, in path order: the folder itself when it
+    is one datasets folder; a datasets folder inside is read as one (its own JSON files are
+    metadata, not records); pipes and other special files are left out."""
+    if _is_datasets_dir(folder):
+        return [folder]
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        if here != folder and _is_datasets_dir(here):
+            entries.append(here)
+            dirnames.clear()
+            continue
+        entries += [here / f for f in filenames if Path(f).suffix.lower() in FILE_SUFFIXES and (here / f).is_file()]
+    return sorted(entries)
+
+
 def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     """(location, raw row) for every row of a pool file or folder, in order, before normalising;
     a row that cannot be decoded comes as a MalformedRecord."""
@@ -261,16 +281,15 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     if not path.exists():
         raise UserError(f"pool not found: {path}", param="pool")
     if path.is_dir():
-        if _is_datasets_dir(path):
-            yield from _iter_datasets_dir(path)
-            return
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and p.is_file())
-        if not files:
+        entries = _folder_entries(path)
+        if not entries:
             raise UserError(f"pool folder {path} holds no datasets folder and no "
                             f"{'/'.join(FILE_SUFFIXES)} files", param="pool")
-        for f in files:
-            yield from _iter_file(f)
+        for entry in entries:
+            yield from (_iter_datasets_dir(entry) if entry.is_dir() else _iter_file(entry))
         return
+    if not path.is_file():  # a named pipe would block the read until someone writes to it
+        raise UserError(f"pool {path} is not a regular file or folder", param="pool")
     if path.suffix.lower() not in FILE_SUFFIXES:
         raise UserError(f"pool file {path} has an unsupported type; use {', '.join(FILE_SUFFIXES)} "
                         f"or a datasets folder", param="pool")

@@ -81,10 +81,18 @@ def write_selection(selection: Selection, out_dir: str | Path) -> dict[str, str]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "selected.jsonl").open("w", encoding="utf-8") as fh:
-        for record in selection.records:
-            fh.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
-    (out / "report.json").write_text(json.dumps(selection.report, indent=2, default=float) + "\n")
-    plot_report(selection, out / "report.png")
+    # Written beside and renamed into place: a failure midway leaves an earlier selection whole.
+    staged = {name: out / f".{Path(name).stem}.partial{Path(name).suffix}" for name in SELECTION_FILES}
+    try:
+        with staged["selected.jsonl"].open("w", encoding="utf-8") as fh:
+            for record in selection.records:
+                fh.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+        staged["report.json"].write_text(json.dumps(selection.report, indent=2, default=float) + "\n")
+        plot_report(selection, staged["report.png"])
+        for name, path in staged.items():
+            path.replace(out / name)
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
     return {"selected": str(out / "selected.jsonl"), "report": str(out / "report.json"),
             "plot": str(out / "report.png")}

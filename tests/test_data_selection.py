@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -90,6 +91,12 @@ def test_csv_parquet_and_datasets_folder(tmp_path):
     assert [r.prompt for r in load_pool(tmp_path / "p.parquet").records] == ["x", "z"]
     ds.save_to_disk(str(tmp_path / "dsdir"))
     assert len(load_pool(tmp_path / "dsdir").records) == 2
+    # A datasets folder inside a pool folder is read as one: its JSON files are metadata, not records.
+    folder = tmp_path / "folder"
+    ds.save_to_disk(str(folder / "a_saved"))
+    (folder / "b.jsonl").write_text('{"instruction": "q", "output": "r"}\n')
+    load = load_pool(folder)
+    assert [r.prompt for r in load.records] == ["x", "z", "q"] and not load.errors
 
 
 def test_json_python_refuses_is_a_malformed_record_or_a_user_error(tmp_path):
@@ -133,11 +140,19 @@ def test_pools_in_other_encodings_are_reported_not_garbled(tmp_path):
     load = load_pool(tmp_path / "n.jsonl")
     assert [r.response for r in load.records] == ["12"] and [e[1] for e in load.errors] == [
         "'output' is nan, expected text", "'output' is -inf, expected text"]
+    # An id in Latin-1 is only a label: the record stays and its id is written out escaped.
+    (tmp_path / "id.jsonl").write_bytes(b'{"id": "r\xe9c", "instruction": "a", "output": "b"}\n')
+    (record,) = load_pool(tmp_path / "id.jsonl").records
+    assert record.source_id == "id.jsonl:1#r\\udce9c"
+    json.dumps(record.to_dict(), ensure_ascii=False).encode("utf-8")
 
 
 def test_pool_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="pool not found"):
         load_pool(tmp_path / "missing.jsonl")
+    os.mkfifo(tmp_path / "fifo.jsonl")  # no writer: opening it would wait for ever
+    with pytest.raises(UserError, match="not a regular file or folder"):
+        load_pool(tmp_path / "fifo.jsonl")
     (tmp_path / "x.txt").write_text("hi")
     with pytest.raises(UserError, match="unsupported type"):
         load_pool(tmp_path / "x.txt")
@@ -263,3 +278,36 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
         err = capsys.readouterr().err
         assert exc.value.code == 2, err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_select_output_takes_an_earlier_selection_only(tmp_path, capsys, monkeypatch):
+    """Selecting again into a selection's folder replaces it; a folder of other files is refused
+    untouched, and a selection that fails midway leaves the earlier one whole."""
+    from llm_prune.cli import main
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(6)))
+
+    def select(out, *extra):
+        with pytest.raises(SystemExit) as exc:
+            main(["select", str(pool), "--method", "random", "--budget", "3", "-o", str(out), *extra])
+        return exc.value.code, capsys.readouterr().err
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.json").write_text('{"my": "results"}')
+    code, err = select(mine)
+    assert code == 2 and "holds other files" in err and err.count("\n") == 1, err
+    assert (mine / "report.json").read_text() == '{"my": "results"}' and len(list(mine.iterdir())) == 1
+    out = tmp_path / "sel"
+    assert select(out)[0] == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert select(out, "--seed", "1")[0] == 0  # an earlier selection: replaced
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    import data_selection.report
+
+    monkeypatch.setattr(data_selection.report, "plot_report", lambda *a: (_ for _ in ()).throw(OSError(28, "full")))
+    code, err = select(out)
+    assert code == 1 and err.startswith("error: no space left on the disk") and err.count("\n") == 1, err
+    after = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert after == before  # the earlier selection, whole, and no partial file

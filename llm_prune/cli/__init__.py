@@ -3,6 +3,7 @@ errors a user can cause print one line and exit with status 2."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -56,6 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         print(f"error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise  # anything else is a bug to see in full
+        # The machine's disk, not the input: one line, and what was written before stays whole.
+        print(f"error: no space left on the disk ({exc.filename or 'while writing'}); free some and run "
+              "the command again", file=sys.stderr)
+        sys.exit(1)
     except (KeyboardInterrupt, typer.Abort):
         code = 130
     if code == 130:  # typer turns Ctrl-C into Exit(130), which comes back as the return value here

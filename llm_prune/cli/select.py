@@ -54,6 +54,7 @@ def register(app: typer.Typer) -> None:
 
         check_output_dir(output)
         check_output_beside_pool(pool, output)
+        _check_output_is_ours(output)
         method = data.selection
         if method in ("paser", "loss") and (original is None or pruned is None):
             raise UserError(f"--method {method} needs --original and --pruned", param="original")
@@ -78,6 +79,23 @@ def register(app: typer.Typer) -> None:
             emit_json({**selection.report, "files": files})
             return
         typer.echo(render_summary(selection.report, files))
+
+
+def _check_output_is_ours(output: Path) -> None:
+    """The selection replaces selected.jsonl, report.json and report.png: an existing folder with
+    files is taken only when it holds an earlier selection (selecting again into the same place)."""
+    from data_selection.selection import SELECTION_FILES
+    from llm_prune.pipeline import DONE
+
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not (output / SELECTION_FILES[0]).is_file():
+        raise UserError(f"output {output} holds other files (no earlier selection), which the selection's "
+                        f"{', '.join(SELECTION_FILES)} would overwrite or sit among; give an empty or new folder",
+                        param="output")
+    if (output / DONE).exists():  # `run` would take the new selection for the stage it finished
+        raise UserError(f"output {output} is a finished stage of an `llm-prune run` job; select into another "
+                        "folder", param="output")
 
 
 def render_summary(report: dict, files: dict) -> str:
