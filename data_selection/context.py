@@ -72,7 +72,7 @@ class SelectionContext:
             raise UserError("a token budget needs a tokenizer: give --original", param="token_budget")
         idx = range(len(self.records)) if indices is None else indices
         cutoff = self.cutoff_len or 1 << 30
-        encoded = (encode_example(tok, self.records[i], cutoff_len=1 << 30) for i in idx)
+        encoded = (encode_example(tok, self.records[i], cutoff_len=cutoff) for i in idx)
         return np.asarray([min(e.untruncated, cutoff) if e else 0 for e in encoded], dtype=np.int64)
 
 

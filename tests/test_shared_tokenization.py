@@ -81,3 +81,34 @@ def test_a_template_without_a_system_role_gets_the_system_text_in_the_prompt(tin
     tok.chat_template = "{{ raise_exception('no chat here') }}"
     with pytest.raises(UserError, match="chat template refuses a record: no chat here"):
         format_example(tok, Record(prompt="Hi", response="Hello", source_id="s"))
+
+
+@pytest.mark.parametrize("template", [None, CHAT], ids=["bos-alpaca", "chat-template"])
+def test_a_long_record_encodes_as_one_call_would_in_bounded_pieces(tiny_llama, monkeypatch, template):
+    """Past `PIECE_CHARS` a field is tokenized in windows and pieces (a 10 MB field in one call held
+    about 2 GB); the ids a record keeps and its whole token count are what one call gives."""
+    from data_selection import encoding
+    from data_selection.pool import format_example
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = template
+    monkeypatch.setattr(encoding, "PIECE_CHARS", 500)  # so a few pages exercise the long path
+    words = "the long river runs to the sea, and 12 boats  sail on it; ".split(" ")
+    text = " ".join(words[i * 7 % len(words)] for i in range(3000))
+    calls = []
+    real_call = type(tok).__call__
+    monkeypatch.setattr(type(tok), "__call__", lambda self, t, **kw: calls.append(len(t)) or real_call(self, t, **kw))
+    for record in (Record(prompt=text, response="short answer", source_id="p"),
+                   Record(prompt="short question?", response=text, source_id="r"),
+                   Record(prompt=text[:9000], response=text[5000:], source_id="b")):
+        prompt, response = format_example(tok, record)
+        one = real_call(tok, prompt, add_special_tokens=template is None)["input_ids"]
+        two = real_call(tok, response, add_special_tokens=False)["input_ids"]
+        for cutoff in (64, 300):
+            calls.clear()
+            enc = encoding.encode_example(tok, record, cutoff)
+            assert max(calls) <= 2 * 500 + 2 * 500  # no call on the whole text
+            budget = max(cutoff - len(two), cutoff // 2)
+            kept = one[-budget:]
+            assert enc.input_ids == kept + two[:cutoff - len(kept)], (record.source_id, cutoff)
+            assert enc.response_start == len(kept) and enc.untruncated == len(one) + len(two)
