@@ -263,6 +263,11 @@ def test_eval_refuses_a_dataset_column_that_is_not_text(tiny_llama, tmp_path, ca
                       "--column", "x")
     assert "--column chooses the text of --ppl-dataset, which is not given" in _one_error(
         capsys, "eval", str(tiny_llama), "--tasks", "piqa", "--column", "text")
+    # So do the perplexity windows without a text.
+    assert "--seq-len and --max-windows set the perplexity windows, which need --ppl FILE or --ppl-dataset" \
+        in _one_error(capsys, "eval", str(tiny_llama), "--tasks", "boolq", "--seq-len", "256", "--max-windows", "3")
+    assert "--max-windows sets the perplexity windows" in _one_error(
+        capsys, "eval", str(tiny_llama), "--speed", "--max-windows", "3")
     datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["a b"]})}).save_to_disk(tmp_path / "dd")
     (tmp_path / "dd" / "dataset_dict.json").write_text('{"not": "splits"}')  # clobbered by another tool
     assert "could not load dataset" in _one_error(

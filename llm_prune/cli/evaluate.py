@@ -56,9 +56,9 @@ def eval_command(
                                               help="`datasets` name or saved folder for perplexity."),
     split: Optional[str] = typer.Option(None, "--split", help="Split of --ppl-dataset (default: test)."),
     column: Optional[str] = typer.Option(None, "--column", help="Text column of --ppl-dataset (default: text)."),
-    seq_len: List[str] = typer.Option(["128"], "--seq-len",
-                                      help="Perplexity window(s): repeat or comma-separate, e.g. 128,2048; "
-                                           "'max' = the model's context length."),
+    seq_len: Optional[List[str]] = typer.Option(None, "--seq-len",
+                                                help="Perplexity window(s): repeat or comma-separate, e.g. "
+                                                     "128,2048; 'max' = the model's context length (default 128)."),
     max_windows: Optional[int] = typer.Option(None, "--max-windows", min=1, help="Score at most N windows."),
     tasks: Optional[str] = typer.Option(None, "--tasks",
                                         help="Comma list of boolq, piqa, hellaswag, winogrande, arc_easy, "
@@ -89,7 +89,11 @@ def eval_command(
         raise UserError(f"{given} choose{'s' if ' and ' not in given else ''} the text of --ppl-dataset, which is not "
                         "given" + (" (--ppl reads the whole file)" if ppl is not None else ""), param="split")
     task_names = parse_tasks(tasks)
-    lens = parse_seq_lens(seq_len)
+    lens = parse_seq_lens(seq_len or ["128"])
+    if ppl is None and ppl_dataset is None and (seq_len or max_windows is not None):  # likewise
+        given = " and ".join(f for f, v in (("--seq-len", seq_len), ("--max-windows", max_windows)) if v)
+        raise UserError(f"{given} set{'s' if ' and ' not in given else ''} the perplexity windows, which need "
+                        "--ppl FILE or --ppl-dataset", param="seq_len")
     if ppl is None and ppl_dataset is None and not task_names and not speed:
         raise UserError("nothing to measure: give --ppl FILE, --ppl-dataset, --tasks and/or --speed", param="model")
     # Everything that can be refused is, before the evaluation, which may take hours.
