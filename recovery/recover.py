@@ -106,6 +106,11 @@ def recover(model: nn.Module, tokenizer, records: Sequence[Any], config: Recover
     trainable, total = parameter_counts(prepared.train_model)
     if prepared.notes.get("warning"):
         on_event(ProgressEvent(STAGE, kind="warning", message=prepared.notes["warning"]))
+    per_step = config.micro_batch_size * config.gradient_accumulation
+    if per_step > len(split.train):  # the Trainer ends a step at the end of the data, silently
+        on_event(ProgressEvent(STAGE, kind="warning", message=(
+            f"a step asks for {per_step} examples ({config.micro_batch_size} x {config.gradient_accumulation} "
+            f"accumulated) but there are {len(split.train)}: each step takes the whole training set once")))
     on_event(ProgressEvent(STAGE, kind="metric", message=f"{config.method}: {trainable:,} of {total:,} "
                            f"parameters train ({trainable / total:.3%})",
                            metrics={"trainable_params": trainable, "trainable_fraction": trainable / total}))

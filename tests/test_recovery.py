@@ -364,3 +364,16 @@ def test_recover_a_pruned_checkpoint_and_export_it(tiny_llama, tmp_path):
     reloaded, _ = load_model(str(tmp_path / "recovered"))
     assert reloaded.model.layers[1].mlp.gate_proj.out_features == c.intermediate_size // 2
     torch.testing.assert_close(logits(reloaded, tok), logits(result.model, tok), atol=1e-5, rtol=1e-5)
+
+
+def test_a_step_larger_than_the_data_is_told(tiny_llama, tmp_path):
+    """4 x 4 accumulated asks for 16 examples of 8: each step takes the whole set, which is said."""
+    events = []
+    model, tok = load(tiny_llama)
+    recover(model, tok, RECORDS, cfg(max_steps=1, gradient_accumulation=4), tmp_path / "a", on_event=events.append)
+    assert [e.message for e in events if e.kind == "warning"] == [
+        "a step asks for 16 examples (4 x 4 accumulated) but there are 8: each step takes the whole training set once"]
+    events.clear()
+    model, tok = load(tiny_llama)
+    recover(model, tok, RECORDS, cfg(max_steps=1, gradient_accumulation=2), tmp_path / "b", on_event=events.append)
+    assert not [e for e in events if e.kind == "warning"]
