@@ -65,8 +65,33 @@ def serve(settings: dict = None) -> None:
         raise UserError(f"--no-auth is only allowed when binding to localhost, not {settings.host}")
     if settings.worker_slots > 0:
         _check_device(settings)
+    # The port first: the embedded worker starts with the app, and a server that then failed to
+    # bind had already claimed a queued job, which waited out its lease and lost an attempt.
+    sock = _listen(settings.host, settings.port)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", **SERVER_OPTIONS)
+    uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                                  **SERVER_OPTIONS)).run(sockets=[sock])
+
+
+def _listen(host: str, port: int):
+    """A socket bound to HOST:PORT (as uvicorn binds one); an address in use or a host that does
+    not resolve is one line."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc}",
+                        param="host") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", param="port") from None
+    return sock
 
 
 @with_recipe_flags(WORKER_FLAGS, into="settings")

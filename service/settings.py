@@ -7,8 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -31,18 +32,30 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="largest accepted upload")
     max_json_bytes: int = Field(1024**2, gt=0, description="largest JSON request body; counted as it streams in")
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="largest job `metadata`, as compact JSON")
-    max_active_jobs_per_key: int = Field(4, ge=1, description="queued or running jobs one key may have")
-    max_attempts: int = Field(3, ge=1, description="runs of a job before a lost worker fails it")
-    lease_seconds: float = Field(30.0, gt=0, description="a job whose worker stops renewing for this long "
-                                 "is requeued")
-    heartbeat_seconds: float = Field(2.0, gt=0, description="lease renewal and cancel check interval")
-    poll_seconds: float = Field(1.0, gt=0, description="how often an idle worker looks for jobs")
-    cancel_grace_seconds: float = Field(3.0, ge=0, description="SIGTERM to SIGKILL delay on cancel")
+    max_active_jobs_per_key: int = Field(4, ge=1, le=1_000_000, description="queued or running jobs one key may have")
+    # Upper bounds: attempts are a 32-bit database column; a wait past a day is no wait a worker
+    # could keep (and past threading's limit an idle worker's wait raised and stopped it).
+    max_attempts: int = Field(3, ge=1, le=1000, description="runs of a job before a lost worker fails it")
+    lease_seconds: float = Field(30.0, gt=0, le=86_400, allow_inf_nan=False,
+                                 description="a job whose worker stops renewing for this long is requeued")
+    heartbeat_seconds: float = Field(2.0, gt=0, le=3600, allow_inf_nan=False,
+                                     description="lease renewal and cancel check interval")
+    poll_seconds: float = Field(1.0, gt=0, le=3600, allow_inf_nan=False,
+                                description="how often an idle worker looks for jobs")
+    cancel_grace_seconds: float = Field(3.0, ge=0, le=3600, allow_inf_nan=False,
+                                        description="SIGTERM to SIGKILL delay on cancel")
     device: str = Field("cpu", description="device the worker pins its jobs to: cpu, cuda:N or auto")
     prestart_runner: bool = Field(True, description="keep a job process with the libraries imported, "
                                                     "ready for the next job")
     worker_slots: int = Field(1, ge=0, description="jobs a worker runs at once; for serve, 0 runs no embedded worker "
                              "(a standalone worker runs at least one)")
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, str) and not value.strip():  # Path("") is the current directory
+            raise ValueError("data_dir is empty; give a directory")
+        return value
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self):
@@ -55,7 +68,10 @@ class Settings(BaseSettings):
 
     @property
     def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.data_dir / 'jobs.db'}"
+        if self.database_url:
+            return self.database_url
+        # Built, not formatted: a '?' or '%' in the path would otherwise be read as URL syntax.
+        return URL.create("sqlite", database=str(self.data_dir / "jobs.db")).render_as_string(hide_password=False)
 
     @property
     def model_roots(self) -> list[Path]:

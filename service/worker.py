@@ -152,6 +152,9 @@ class Worker:
             if job is None:
                 self._stop.wait(self.outage.backoff(self.settings.poll_seconds))
                 continue
+            if self._stop.is_set():  # stopped while claiming: hand it back now, not after its lease
+                self._release(job.id)
+                break
             try:
                 self.run_job(job, spare)
             except Exception:  # noqa: BLE001
@@ -166,6 +169,12 @@ class Worker:
         for job_id, proc in list(self._children.items()):
             self._terminate(proc)
             self.store.release(job_id, self.id)
+
+    def _release(self, job_id: str) -> None:
+        try:
+            self.store.release(job_id, self.id)
+        except Exception:  # noqa: BLE001 - out of touch with the database: its lease runs out instead
+            self.outage.failed(f"handing back {job_id}")
 
     def _spawn(self, job_dir: Path | None) -> subprocess.Popen:
         """A runner for `job_dir`, or a prestarted one (job_dir None) that waits for it on stdin."""
@@ -221,7 +230,9 @@ class Worker:
         """Until the child exits: store its events, heartbeat, obey cancel. True if the lease was lost."""
         next_beat, last_beat = 0.0, time.monotonic()
         while proc.poll() is None:
-            if self._stop.is_set():
+            if self._stop.is_set():  # stop() hands back the jobs it found; one started meanwhile, here
+                self._terminate(proc)
+                self._release(job_id)
                 return True
             try:
                 self._drain(job_id, lines, tracker, outcome)

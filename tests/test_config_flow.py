@@ -186,7 +186,10 @@ def test_every_setting_is_a_serve_flag_and_a_variable(monkeypatch):
 
     got = []
     monkeypatch.setattr(service.app, "create_app", lambda settings: got.append(settings))
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    import service.cli
+
+    monkeypatch.setattr(service.cli, "_listen", lambda host, port: None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda *a, **k: None)
     values = [((name,), _settings_value(name, f)) for name, f in Settings.model_fields.items()]
     result = CliRunner().invoke(cli_app, ["serve", *_argv(SERVE_FLAGS, values)])
     assert result.exit_code == 0, result.output

@@ -18,7 +18,7 @@ def _nothing_starts(monkeypatch):
     def started(*_a, **_k):
         raise AssertionError("started although the flags were bad")
 
-    monkeypatch.setattr(uvicorn, "run", started)
+    monkeypatch.setattr(uvicorn.Server, "run", started)
     monkeypatch.setattr(Worker, "run_forever", started)
 
 
@@ -258,3 +258,23 @@ def test_waiting_on_a_job_outlasts_a_server_restart(monkeypatch):
     with pytest.raises(UserError, match=r"cannot reach the server") as info:
         _client_on(down).job("job-1", retries=2)
     assert "submitted" not in str(info.value)  # only a lost POST may have made a job
+
+
+def test_a_port_in_use_is_one_line_and_takes_no_job(tmp_path):
+    """serve binds before its embedded worker starts: a server that cannot listen claims nothing."""
+    import socket
+
+    from service.store import Store
+
+    data = tmp_path / "d"
+    store = Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    store.create_job("k", "m", {}, {"model": "m"}, max_attempts=1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        msg = _fails("serve", "--data-dir", str(data), "--db", f"sqlite:///{tmp_path / 'jobs.db'}",
+                     "--port", str(port))
+    assert msg.startswith(f"cannot listen on 127.0.0.1:{port}: ") and "in use" in msg
+    assert [j.status for j in store.list_jobs("k")[0]] == ["queued"]
+    store.close()

@@ -112,3 +112,28 @@ def test_archive_is_reproducible_and_matches_manifest(tmp_path):
     with tarfile.open(fileobj=io.BytesIO(first)) as tar:
         assert tar.extractfile("final/sub/x.txt").read() == b"x" * 513
     assert artifacts.build_manifest(tmp_path, "pruned") is None
+
+
+def test_a_job_claimed_while_the_worker_stops_is_handed_back(tmp_path):
+    """stop() hands back the jobs it finds running; one claimed while it ran (a server whose start
+    failed) went back only when its lease ran out, an attempt lost."""
+    from service.settings import Settings
+    from service.store import Store
+    from service.worker import Worker
+
+    settings = Settings(data_dir=tmp_path, prestart_runner=False)
+    store = Store(settings.db_url)
+    job = store.create_job("k", "m", {}, {"model": "m"}, max_attempts=1)
+    worker = Worker(settings, store)
+    real_claim = store.claim
+
+    def claim_then_stop(*args):
+        got = real_claim(*args)
+        worker.stop()
+        return got
+
+    store.claim = claim_then_stop
+    worker.run_forever()  # returns: the slot saw the stop
+    row = store.get_job(job.id, "k")
+    assert (row.status, row.attempts, row.lease_owner) == ("queued", 0, None)
+    store.close()
