@@ -119,6 +119,8 @@ def keys_create(name: str = typer.Option("", "--name", help="label for the key")
 
     if len(name) > 200:  # the column's width; PostgreSQL refuses longer with a traceback
         raise UserError(f"--name is {len(name)} characters; at most 200", param="name")
+    if not name.isprintable():  # a newline broke `keys list`'s table; other bytes than UTF-8 the database
+        raise UserError("--name must be printable UTF-8 text (no newlines or control characters)", param="name")
     settings = _settings(settings)
     settings.prepare()
     key_id, secret = Store(settings.db_url).create_key(name)
@@ -257,13 +259,23 @@ def _upload_named_files(client, body: dict) -> None:
     if isinstance(data, dict):
         pool = data.pop("pool", None)
         if pool:
-            data["file_id"] = client.upload(pool, "recovery")["id"]
+            path = _local_file(pool, "data.pool")
+            data["file_id"] = client.upload(path, "recovery")["id"]
         elif "file_id" not in data:
             raise UserError("data options need a recovery pool: give --pool", param="data.file_id")
     for section, key in (("evaluation", "ppl"), ("pruning", "calibration")):
-        value = (body.get(section) or {}).get(key)
-        if value and not str(value).startswith("file-"):
-            body[section][key] = client.upload(value, "eval")["id"]
+        options = body.get(section)
+        value = options.get(key) if isinstance(options, dict) else None  # another shape: the body check says
+        if value and not (isinstance(value, str) and value.startswith("file-")):
+            path = _local_file(value, f"{section}.{key}")
+            options[key] = client.upload(path, "eval")["id"]
+
+
+def _local_file(value, param: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{param} must be a file path (or an uploaded file's id), not {type(value).__name__}",
+                        param=param)
+    return value
 
 
 @jobs_app.command("list")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tarfile
 import time
 import uuid
@@ -173,10 +174,18 @@ class Client:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise UserError(f"cannot create --out directory {out}: {exc.strerror or exc}", param="out") from None
+        target = out / name
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            # Unpacking over it would mix two checkpoints' files (another job's adapter, stale shards).
+            raise UserError(f"--out {out} already holds '{name}'; give another --out or remove {target}",
+                            param="out")
         tar_path = out / f"{job_id}-{name}.tar"
         # A broken download leaves the .part file; the next call resumes it with a Range request
         # (If-Range: a changed archive is sent whole instead).
         part = tar_path.with_name(tar_path.name + ".part")
+        for path in (part, tar_path):
+            if path.is_dir():
+                raise UserError(f"{path} is a directory, where the download goes; move it", param="out")
         have = part.stat().st_size if part.exists() and part.stat().st_size < ckpt["archive_bytes"] else 0
         headers = {"Range": f"bytes={have}-", "If-Range": f'"{ckpt["archive_sha256"]}"'} if have else {}
         try:
@@ -204,14 +213,20 @@ class Client:
             part.unlink()
             raise UserError(f"download of {name} is corrupt (sha256 mismatch); try again")
         part.replace(tar_path)
+        # Unpacked beside and renamed into place: a failed unpack (a full disk) leaves no half checkpoint.
+        staging = out / f".{job_id}-{name}.unpacking"
         try:
+            shutil.rmtree(staging, ignore_errors=True)
             with tarfile.open(tar_path) as tar:
-                tar.extractall(out, filter="data")  # refuses members outside `out`, links, devices
+                tar.extractall(staging, filter="data")  # refuses members outside `staging`, links, devices
+            (staging / name).rename(target)
         except (tarfile.TarError, OSError) as exc:
             raise UserError(f"could not unpack the {name} checkpoint into {out}: {first_line(exc, 200)}; the archive "
                             f"is kept at {tar_path}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         tar_path.unlink()
-        return out / name
+        return target
 
 
 def _raise_for_error(r: httpx.Response) -> None:
@@ -223,7 +238,13 @@ def _raise_for_error(r: httpx.Response) -> None:
         if not isinstance(message, str) or not message:
             raise TypeError
     except (ValueError, KeyError, TypeError):
-        message, param, code = f"server answered {r.status_code}: {r.text[:200]}".rstrip(": "), None, "api_error"
+        kind = r.headers.get("content-type", "no content type").split(";")[0]
+        if "json" not in kind and "text/plain" not in kind:  # a web page: another server or a proxy's
+            raise UserError(f"{r.request.url.scheme}://{r.request.url.netloc.decode()} did not answer as an "
+                            f"llm-prune server (HTTP {r.status_code}, {kind}); check --server / LLM_PRUNE_SERVER",
+                            param="server", code="api_error") from None
+        body = " ".join(r.text[:200].split())  # one line
+        message, param, code = f"server answered {r.status_code}: {body}".rstrip(": "), None, "api_error"
     raise UserError(message, param=param, code=code)
 
 
@@ -231,4 +252,6 @@ def _segment(job_id: str) -> str:
     """A job id as one path segment: `/`, `?`, `#` and `..` in it cannot reach another route."""
     if not job_id.strip():
         raise UserError("give a job id (job-...)", param="job_id")
-    return quote(job_id, safe="")
+    if job_id in (".", ".."):  # quote() keeps them, and the HTTP client resolves them as path steps
+        raise UserError(f"no job with id '{job_id}'", param="job_id")
+    return quote(job_id, safe="", errors="backslashreplace")  # bytes of another encoding: no such id

@@ -278,3 +278,93 @@ def test_a_port_in_use_is_one_line_and_takes_no_job(tmp_path):
     assert msg.startswith(f"cannot listen on 127.0.0.1:{port}: ") and "in use" in msg
     assert [j.status for j in store.list_jobs("k")[0]] == ["queued"]
     store.close()
+
+
+def test_job_ids_that_are_path_steps_or_not_utf8_reach_no_other_route():
+    """`.` and `..` were resolved by the HTTP client as path steps (`jobs status .` printed the job
+    list as the job); an id in another encoding than UTF-8 is sent escaped, as no job's id."""
+    from service.client import _segment
+
+    for step in (".", ".."):
+        with pytest.raises(UserError, match=f"no job with id '{re_escape(step)}'"):
+            _segment(step)
+    assert _segment("job-\udce9") == "job-%5Cudce9" and _segment("a/b?c") == "a%2Fb%3Fc"
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_a_web_page_for_an_error_is_one_line():
+    import httpx
+
+    page = "<!DOCTYPE HTML>\n<html>\n<head><title>Error 404</title></head>\n<body>Not found</body></html>\n"
+    client = _client_on(lambda request: httpx.Response(404, text=page, headers={"content-type": "text/html"}))
+    with pytest.raises(UserError) as exc:
+        client.job("job-1")
+    assert exc.value.message == ("http://srv.test did not answer as an llm-prune server (HTTP 404, text/html); "
+                                 "check --server / LLM_PRUNE_SERVER")
+    client = _client_on(lambda request: httpx.Response(502, text="bad\ngateway\n"))
+    with pytest.raises(UserError, match="^server answered 502: bad gateway$"):
+        client.job("job-1")
+
+
+def test_download_never_unpacks_over_another_checkpoint(tmp_path):
+    """A second job's `final` unpacked into a folder holding one mixed their files; a folder in the
+    way of the archive is one line."""
+    import hashlib
+    import io
+    import tarfile
+
+    import httpx
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("final/config.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    archive = buf.getvalue()
+    ckpt = {"name": "final", "archive_url": "http://srv.test/a.tar", "archive_bytes": len(archive),
+            "archive_sha256": hashlib.sha256(archive).hexdigest()}
+
+    def handler(request):
+        if request.url.path.endswith("/checkpoints"):
+            return httpx.Response(200, json={"object": "list", "data": [ckpt]})
+        return httpx.Response(200, content=archive)
+
+    client = _client_on(handler)
+    out = tmp_path / "models"
+    assert client.download("job-1", out) == out / "final"
+    assert sorted(p.name for p in out.iterdir()) == ["final"] and (out / "final" / "config.json").read_text() == "{}"
+    (out / "final" / "adapter").mkdir()
+    with pytest.raises(UserError, match="already holds 'final'; give another --out or remove"):
+        client.download("job-2", out)
+    assert (out / "final" / "adapter").is_dir()
+    other = tmp_path / "other"
+    (other / "job-3-final.tar.part").mkdir(parents=True)
+    with pytest.raises(UserError, match="is a directory, where the download goes"):
+        client.download("job-3", other)
+
+
+def test_recipe_values_of_the_wrong_type_are_one_line(tmp_path):
+    from service.cli import _upload_named_files
+
+    for body, param in [({"data": {"pool": 5}}, "data.pool"), ({"evaluation": {"ppl": 7}}, "evaluation.ppl"),
+                        ({"pruning": {"calibration": ["x"]}}, "pruning.calibration")]:
+        with pytest.raises(UserError, match=f"^{param} must be a file path"):
+            _upload_named_files(None, body)
+    _upload_named_files(None, {"evaluation": [1], "data": {"file_id": "file-1"}})  # left to the body's check
+
+
+def test_arguments_in_another_encoding_are_one_line(tmp_path, capsys):
+    from llm_prune.cli import main
+
+    for argv in (["keys", "create", "--data-dir", str(tmp_path), "--name", "caf\udce9"],
+                 ["keys", "revoke", "key-\udce9", "--data-dir", str(tmp_path)]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert "UTF-8" in err and "Traceback" not in err

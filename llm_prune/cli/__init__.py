@@ -57,6 +57,14 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         print(f"error: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except UnicodeEncodeError as exc:
+        if "surrogates not allowed" not in str(exc):
+            raise
+        # An argument in another encoding than UTF-8 (kept by Python as surrogates) sent where text goes.
+        shown = exc.object[:80].encode("utf-8", "backslashreplace").decode("utf-8")
+        print(f"error: '{shown}' is not UTF-8 text (bytes of another encoding?); give it in UTF-8",
+              file=sys.stderr)
+        sys.exit(2)
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise  # anything else is a bug to see in full
