@@ -137,6 +137,11 @@ def create_app(settings: Settings | None = None, *, embedded_worker: bool | None
     settings = settings or Settings()
     settings.prepare()
     store = Store(settings.db_url)
+    try:
+        store.check_data_dir(settings.data_dir)
+    except UserError:
+        store.close()
+        raise
     run_worker = settings.worker_slots > 0 if embedded_worker is None else embedded_worker
 
     @asynccontextmanager

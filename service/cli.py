@@ -103,6 +103,7 @@ def worker(settings: dict = None) -> None:
     _check_device(settings)
     settings.prepare()
     w = Worker(settings)
+    w.store.check_data_dir(settings.data_dir)
     signal.signal(signal.SIGTERM, lambda *_: w.stop())
     typer.echo(f"worker {w.id} on {settings.device}, store {settings.db_url}", err=True)
     try:

@@ -15,12 +15,13 @@ import math
 import secrets
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Float, Integer, String, Text, case, create_engine, delete,
                         event, func, select, update)
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from llm_prune.errors import UserError, first_line
@@ -117,6 +118,15 @@ class EventRow(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
 
 
+class MetaRow(Base):
+    """Facts about the deployment: `data_dir_id`, the id of the data directory the store serves."""
+    __tablename__ = "service_meta"
+    key: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+DATA_DIR_MARKER = ".store-id"  # in the data directory: the id the store has recorded for it
+
 LOCK_TIMEOUT_MS = 30_000  # how long a query waits for a lock before the request gets a 503
 
 
@@ -191,6 +201,42 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def check_data_dir(self, data_dir: Path) -> None:
+        """The store and the data directory belong together: a worker given another directory than
+        its server's wrote the checkpoints where the API never looks, and its jobs ended
+        `succeeded` with nothing to download. The first start records a random id in both (a
+        deployment from before this check adopts its directory); every later start must find it."""
+        marker = Path(data_dir) / DATA_DIR_MARKER
+        try:
+            mine = marker.read_text(encoding="ascii").strip() or None
+        except FileNotFoundError:
+            mine = None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read {marker}: {getattr(exc, 'strerror', None) or exc}", param="data_dir") \
+                from None
+        with self.session() as s:
+            recorded = s.scalar(select(MetaRow.value).where(MetaRow.key == "data_dir_id"))
+        if recorded is None:  # a new store: record this directory's id (another process may win the race)
+            try:
+                with self.session.begin() as s:
+                    s.add(MetaRow(key="data_dir_id", value=mine or secrets.token_hex(16)))
+            except IntegrityError:
+                pass
+            with self.session() as s:
+                recorded = s.scalar(select(MetaRow.value).where(MetaRow.key == "data_dir_id"))
+            if mine is None:
+                try:
+                    with open(marker, "x", encoding="ascii") as fh:
+                        fh.write(recorded + "\n")
+                    mine = recorded
+                except FileExistsError:  # written by a process starting beside this one
+                    mine = marker.read_text(encoding="ascii").strip()
+        if mine != recorded:
+            url = _hide_password(self.url)
+            raise UserError(f"data directory {data_dir} is not the one the database {url} serves "
+                            f"({DATA_DIR_MARKER} {'differs' if mine else 'is missing'}): a worker must use its "
+                            f"server's --data-dir (shared storage) and --db", param="data_dir")
 
     # --- API keys -------------------------------------------------------------------------
     def create_key(self, name: str = "") -> tuple[str, str]:

@@ -368,3 +368,22 @@ def test_arguments_in_another_encoding_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
         assert "UTF-8" in err and "Traceback" not in err
+
+
+def test_a_worker_on_another_data_dir_than_its_server_is_refused(tmp_path):
+    """Its checkpoints would land where the API never looks, and its jobs end `succeeded` with
+    nothing to download: the store records its data directory's id at the first start."""
+    from service.app import create_app
+    from service.settings import Settings
+    from service.store import DATA_DIR_MARKER
+
+    db = f"sqlite:///{tmp_path / 'jobs.db'}"
+    create_app(Settings(data_dir=tmp_path / "server", database_url=db, worker_slots=0))
+    recorded = (tmp_path / "server" / DATA_DIR_MARKER).read_text().strip()
+    create_app(Settings(data_dir=tmp_path / "server", database_url=db, worker_slots=0))  # a restart: the same
+    msg = _fails("worker", "--data-dir", str(tmp_path / "elsewhere"), "--db", db)
+    assert msg.startswith(f"data directory {tmp_path / 'elsewhere'} is not the one the database") and "missing" in msg
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / DATA_DIR_MARKER).write_text("0" * 32)
+    assert "differs" in _fails("serve", "--data-dir", str(tmp_path / "other"), "--db", db)
+    assert (tmp_path / "server" / DATA_DIR_MARKER).read_text().strip() == recorded
