@@ -25,7 +25,8 @@ CONVENTION = "non-overlapping windows, exp(mean token loss) (LLM-Pruner)"
 def read_text_file(path: str | Path) -> str:
     path = Path(path).expanduser()
     if not path.is_file():
-        what = "is a directory, not a text file" if path.is_dir() else "not found"
+        what = ("is a directory, not a text file" if path.is_dir()
+                else "is not a regular file (a pipe or a device)" if path.exists() else "not found")
         raise UserError(f"perplexity text file {what}: {path}", param="ppl")
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no text (calibration drops it too)
