@@ -204,7 +204,8 @@ def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: Allocati
         else:  # the widths move in whole KV groups and round_to channels, and never grow back
             knobs = ["--round-to"] + (["--adaptive-step"] if cfg.allocation == "adaptive" else []) + (
                 ["--prune-layers"] if dropped else [])
-            why = f"the cut overshoots it in whole KV groups and MLP steps: lower {' or '.join(knobs)}"
+            why = f"the cut overshoots it in whole KV groups and MLP steps: lower {' or '.join(knobs)}" + (
+                " (or use --allocation uniform, whose one step lands on it)" if cfg.allocation == "adaptive" else "")
         raise UserError(f"cannot reach {target_params:,} parameters within 0.5% (best: {after:,}); {why}",
                         param="budget")
     info = {"allocation": cfg.allocation, "base_sparsity": base, "round_to": cfg.round_to,

@@ -177,6 +177,13 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
         else:
             plan = allocate(scores, costs, step_target, alloc, meta=meta, strict=strict, prior=prior,
                             reference=reference)
+            if step < n_steps and plan.params_after < stage_target - 0.005 * stage_target:
+                # At a small cut one step's whole KV groups can pass the stage's budget, and no later
+                # step grows them back: this step becomes the stage's last and cuts to the budget.
+                n_steps = step
+                meta["steps"] = step
+                plan = allocate(scores, costs, stage_target, alloc, meta=meta, strict=stage == cfg.stages,
+                                prior=prior, reference=reference)
         timings["allocate_s"] += time.perf_counter() - t
         t = time.perf_counter()
         apply_plan(model, _drops_only(plan, costs) if deferred and step == n_steps else plan)
@@ -195,6 +202,8 @@ def _prune_stage(model: nn.Module, ids, scorer: ImportanceScorer, stage: int, st
             scores = Scores(kv=[scores.kv[lp.index][lp.keep_kv_groups] for lp in kept],
                             mlp=[scores.mlp[lp.index][lp.keep_channels] for lp in kept],
                             layer_cos=scores.layer_cos[old], loss=scores.loss)
+        else:
+            break  # the last step (or one that became it)
     timings["steps"] = timings.get("steps", 0) + n_steps
     if targets is not None:
         t = time.perf_counter()

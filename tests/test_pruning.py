@@ -347,3 +347,19 @@ def test_kernel_cache_is_bounded_unless_the_user_set_it(preset, expected):
                           "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"],
                          capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == expected
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.02])
+def test_adaptive_steps_never_land_off_the_budget_silently(tmp_path, ratio):
+    """A small adaptive cut's first step could remove whole KV groups past the budget; the later
+    steps then had nothing left to cut and the miss (-1.7 to -2.7%) came back as a success."""
+    path = build_model(tmp_path / "m", "llama", layers=8)
+    model, tok = load_model(str(path))
+    try:
+        result = prune_model(model, tok, Budget(ratio=ratio),
+                             PruningConfig(allocation="adaptive", adaptive_step=0.005, calibration_samples=2,
+                                           calibration_seq_len=16, reconstruct=False, importance="taylor"))
+    except UserError as exc:
+        assert "--allocation uniform" in exc.message
+    else:
+        assert abs(result.params_after - result.params_target) <= 0.005 * result.params_target
