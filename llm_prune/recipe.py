@@ -4,8 +4,9 @@ and the body of `POST /v1/jobs` all become the same Recipe; validation lives her
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -25,6 +26,18 @@ Precision = Literal["auto", "fp32", "bf16"]
 class _Strict(BaseModel):
     # NaN and Infinity parse from JSON, YAML and flags alike; no field means anything by them.
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data):
+        # pydantic's lax mode reads true as 1: `target_params: true` pruned to one parameter.
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name) if isinstance(name, str) else None
+                kinds = set(get_args(field.annotation) or (field.annotation,)) if field else set()
+                if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+                    raise ValueError(f"{name} must be a number, not {str(value).lower()}")
+        return data
 
 
 SEED_RANGE = {"ge": 0, "le": 2**32 - 1}  # what numpy's and torch's generators all take
@@ -345,6 +358,17 @@ class Recipe(_Strict):
     metadata: dict[str, Any] = Field(default_factory=dict, description="free-form labels kept with the job "
                                      "(JSON object on the CLI)")
 
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_is_json(cls, v: dict) -> dict:
+        def walk(value):
+            if isinstance(value, float) and not math.isfinite(value):  # written bare, no JSON reader takes it
+                raise ValueError(f"{value} is not a JSON number")
+            for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+                walk(item)
+        walk(v)
+        return v
+
     @field_validator("model")
     @classmethod
     def _model_nonempty(cls, v: str) -> str:
@@ -401,6 +425,8 @@ class Recipe(_Strict):
                              ("pruning.calibration", self.pruning.calibration)):
             if value and not Path(value).exists():
                 raise UserError(f"{param}: file not found: {value}", param=param)
+            if value and not (Path(value).is_file() or Path(value).is_dir()):  # a pipe would block the read
+                raise UserError(f"{param}: {value} is not a regular file (a pipe or a device)", param=param)
         if self.recovery.method != "none" and self.recovery.max_steps == 0 and self.recovery.epochs is None:
             raise UserError("recovery.max_steps is 0 and no epochs given: set --max-steps or --recovery none",
                             param="recovery.max_steps")
@@ -473,7 +499,8 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     """CLI flags override recipe-file values, section by section."""
     out = dict(base)
     for k, v in override.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        # The budget is one choice (ratio or target_params): a flag for either replaces the file's.
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "budget":
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = v

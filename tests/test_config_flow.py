@@ -2,6 +2,7 @@
 every server setting is a `serve` flag and an environment variable. The values are generated from
 the models, so a field added later is covered with no change here."""
 
+import re
 import typing
 
 import pytest
@@ -209,3 +210,27 @@ def test_deprecated_flags_still_work_and_say_so(tmp_path):
     assert result.exit_code == 0, result.output
     assert "--max-length is deprecated; use --cutoff-len" in result.stderr
     assert sum(1 for _ in (tmp_path / "sel" / "selected.jsonl").open()) == 4
+
+
+def test_recipe_values_a_user_can_get_wrong(tmp_path):
+    """A budget flag replaces the file's budget (it said 'not both' of a user who typed one);
+    true is no number; NaN in metadata was written bare into config.json; a pipe is no file."""
+    import os
+
+    from llm_prune.errors import UserError
+    from llm_prune.recipe import deep_merge, parse_recipe
+
+    merged = deep_merge({"model": "m", "budget": {"ratio": 0.2}, "data": {"budget": 0.5}},
+                        {"budget": {"target_params": 5000}, "data": {"budget": 0.3}})
+    assert merged == {"model": "m", "budget": {"target_params": 5000}, "data": {"budget": 0.3}}
+    for data, needle in [({"budget": {"target_params": True}}, "budget: target_params must be a number, not true"),
+                         ({"budget": {"ratio": 0.2}, "pruning": {"stages": False}}, "stages must be a number"),
+                         ({"budget": {"ratio": 0.2}, "metadata": {"a": [1, {"b": float("nan")}]}},
+                          "metadata: nan is not a JSON number")]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            parse_recipe({"model": "m", **data})
+    assert parse_recipe({"model": "m", "budget": {"ratio": 0.2}, "trust_remote_code": True}).trust_remote_code
+    os.mkfifo(tmp_path / "calib.txt")
+    recipe = parse_recipe({"model": "m", "budget": {"ratio": 0.2}, "pruning": {"calibration": str(tmp_path / "calib.txt")}})
+    with pytest.raises(UserError, match="is not a regular file"):
+        recipe.check_files()
