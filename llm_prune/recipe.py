@@ -484,15 +484,39 @@ def load_recipe_file(path: str | Path) -> dict[str, Any]:
         if p.suffix in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_unique_keys_loader())
         else:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_unique_keys)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         raise UserError(f"recipe file {path} is not valid {p.suffix.lstrip('.') or 'JSON'}: "
                         f"{str(exc).splitlines()[0]}", param="recipe") from None
     if not isinstance(data, dict):
         raise UserError(f"recipe file {path} must hold a mapping at the top level", param="recipe")
     return data
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    """A mapping that names a key twice is refused: both parsers keep the last silently, so
+    `budget: {ratio: 0.2}` written again below as 0.3 pruned at 0.3 without a word."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the key '{key}' is given twice in one mapping")
+        seen[key] = value
+    return seen
+
+
+def _unique_keys_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            # Before `<<:` merges are flattened in: a key written here may override a merged one.
+            _unique_keys([(self.construct_object(k, deep=deep), None) for k, _ in node.value
+                          if k.tag != "tag:yaml.org,2002:merge"])
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

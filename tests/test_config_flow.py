@@ -234,3 +234,19 @@ def test_recipe_values_a_user_can_get_wrong(tmp_path):
     recipe = parse_recipe({"model": "m", "budget": {"ratio": 0.2}, "pruning": {"calibration": str(tmp_path / "calib.txt")}})
     with pytest.raises(UserError, match="is not a regular file"):
         recipe.check_files()
+
+
+def test_a_key_given_twice_in_a_recipe_file_is_refused(tmp_path):
+    """Both parsers kept the last value silently: a second `budget:` pruned at 0.3 without a word.
+    A YAML merge (`<<:`) may still be overridden."""
+    from llm_prune.errors import UserError
+    from llm_prune.recipe import load_recipe_file
+
+    cases = {"a.yaml": "model: m\nbudget: {ratio: 0.2}\nbudget: {ratio: 0.3}\n",
+             "b.json": '{"model": "m", "budget": {"ratio": 0.2, "ratio": 0.3}}'}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match="is given twice in one mapping"):
+            load_recipe_file(tmp_path / name)
+    (tmp_path / "c.yaml").write_text("base: &b {ratio: 0.2, x: 1}\nmodel: m\nbudget:\n  <<: *b\n  ratio: 0.3\n")
+    assert load_recipe_file(tmp_path / "c.yaml")["budget"] == {"ratio": 0.3, "x": 1}
