@@ -28,8 +28,11 @@ RECONNECTS = 5  # a followed event stream that breaks is resumed from its last e
 
 class Client:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
-        self.base_url = (base_url or os.environ.get("LLM_PRUNE_SERVER") or DEFAULT_SERVER).rstrip("/")
+        if base_url is not None and not base_url.strip():  # an unset variable expanded, not a choice of default
+            raise UserError("the server URL is empty; check --server or LLM_PRUNE_SERVER", param="server")
+        self.base_url = (base_url or os.environ.get("LLM_PRUNE_SERVER") or DEFAULT_SERVER).strip().rstrip("/")
         key = api_key if api_key is not None else os.environ.get("LLM_PRUNE_API_KEY")
+        key = key.strip() if key else key  # a key pasted with its line end is the same key
         if key and not (key.isascii() and key.isprintable()):
             # An HTTP header carries ASCII only; httpx would fail with an encoding error on the first request.
             raise UserError("the API key must be printable ASCII (keys look like lp-...); check --api-key or "

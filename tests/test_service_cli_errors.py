@@ -95,6 +95,13 @@ def test_api_key_must_be_ascii(key):
     assert "API key must be printable ASCII" in msg
 
 
+def test_a_key_with_its_line_end_is_the_key_and_an_empty_server_is_refused():
+    from service.client import Client
+
+    assert Client("http://127.0.0.1:9", " lp-x\n").http.headers["authorization"] == "Bearer lp-x"
+    assert "the server URL is empty" in _fails("jobs", "--server", " ", "--api-key", "lp-x", "list")
+
+
 def test_download_out_that_is_a_file_fails_before_any_request(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
