@@ -64,8 +64,8 @@ def embed_texts(texts: list[str], model: str | None = None, *, batch_size: int =
     chunk = batch_size * 8
     for start in range(0, len(texts), chunk):
         idx = order[start:start + chunk]
-        # Cut by characters first: the tokenizer reads a whole text before truncating it, and a
-        # 10 MB instruction held gigabytes for its first `max_seq_length` word pieces.
+        # Cut by characters first: the tokenizer reads a whole text before truncating it, holding
+        # memory in proportion to it for its first `max_seq_length` word pieces.
         out[idx] = embedder.encode([texts[i][:max_seq_length * 64] for i in idx], batch_size=batch_size,
                                    normalize_embeddings=True,
                                    convert_to_numpy=True, show_progress_bar=False)

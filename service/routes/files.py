@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from llm_prune.errors import NotFoundError, UserError
 from service.auth import current_owner
 from service.errors import PayloadTooLarge, shown
-from service.schemas import API_ERRORS, Deleted, ErrorResponse, FileList, FileObject
+from service.schemas import API_ERRORS, Deleted, FileList, FileObject, error_responses
 from service.store import FileRow, new_id
 from service.uploads import validate_upload
 
@@ -54,7 +54,7 @@ def _save(upload: UploadFile, target: Path, limit: int) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-@router.post("", response_model=FileObject, responses={507: {"model": ErrorResponse}})
+@router.post("", response_model=FileObject, responses=error_responses(507))
 async def upload_file(request: Request, file: UploadFile = File(...), purpose: str = Form("recovery"),
                       owner: str = Depends(current_owner)) -> FileObject:
     settings, store = request.app.state.settings, request.app.state.store

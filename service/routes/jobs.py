@@ -20,7 +20,7 @@ from service.auth import current_owner
 from service.errors import ConflictError, shown
 from service.ranges import file_chunks, ranged_response
 from service.schemas import (API_ERRORS, Checkpoint, CheckpointFile, CheckpointList, Deleted, ErrorResponse, EventList,
-                             EventObject, JobCreate, JobList, JobObject)
+                             EventObject, JobCreate, JobList, JobObject, error_responses)
 from service.store import TERMINAL, EventRow, JobRow
 from service.submission import build_recipe
 
@@ -77,7 +77,7 @@ def _job(request: Request, job_id: str, owner: str) -> JobRow:
     return row
 
 
-@router.post("", response_model=JobObject, responses={507: {"model": ErrorResponse}})
+@router.post("", response_model=JobObject, responses=error_responses(507))
 def create_job(body: JobCreate, request: Request, owner: str = Depends(current_owner),
                idempotency_key: str | None = Header(None, description="a retried POST with the same key and body "
                                                     "returns the job the first one made")) -> JobObject:
