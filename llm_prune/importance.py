@@ -162,7 +162,7 @@ class ImportanceScorer:
         was_training = model.training
         checkpointing = needs_grad and self.checkpoint_activations and model.supports_gradient_checkpointing
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _set_checkpointing(model, True)
             model.train()  # transformers only recomputes in training mode
             dropouts = _zero_dropout(model)
         else:
@@ -192,7 +192,7 @@ class ImportanceScorer:
                 p.requires_grad_(saved_flags.get(id(p), True))
                 p.grad = None
             if checkpointing:
-                model.gradient_checkpointing_disable()
+                _set_checkpointing(model, False)
                 for module, attr, value in dropouts:
                     setattr(module, attr, value)
             model.train(was_training)
@@ -260,6 +260,20 @@ def layer_cosines(model: nn.Module, input_ids: torch.LongTensor, batch_size: int
             h.remove()
         model.train(was_training)
     return (cos_sum / input_ids.numel()).float()
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation checkpointing on or off. transformers 5.x renamed it from gradient checkpointing and
+    warns on the old name; releases before the rename only have the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def _zero_dropout(model: nn.Module) -> list[tuple[nn.Module, str, float]]:

@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -166,9 +167,15 @@ def test_random_importance_is_seeded(tiny_llama):
 
 def test_scoring_leaves_no_gradients(tiny_llama):
     model, _ = load_model(str(tiny_llama))
-    ImportanceScorer("taylor").score(model, CALIB)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ImportanceScorer("taylor").score(model, CALIB)
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
+    assert not model.is_activation_checkpointing
+    # Checkpointing is switched on and off by its current name: no deprecation warning on the CLI.
+    assert not [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))], \
+        [str(w.message) for w in caught]
 
 
 def test_stages_and_depth_pruning(wide_models):
