@@ -310,6 +310,12 @@ def test_cli_prune_json(tiny_llama, tmp_path):
     assert ran["calibration_matmuls"] in ("float32", "bfloat16")
 
 
+def test_sizes_are_printed_in_the_binary_units_they_are_counted_in():
+    from llm_prune.cli.common import human_bytes
+    assert [human_bytes(n) for n in (512, 1536, 1.5 * 2**20, 3 * 2**30)] == [
+        "512 B", "1.5 KiB", "1.5 MiB", "3.0 GiB"]
+
+
 def test_scoring_only_some_layers_matches_full_scoring(tiny_llama):
     """Layers left out get zero scores; the scored ones are what full scoring gives them (their
     gradients do not depend on which other weights require grad)."""
