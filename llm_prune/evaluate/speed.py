@@ -9,6 +9,7 @@ resident set size of the process sampled while the measurement runs.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -79,7 +80,14 @@ def _vocab_size(model, tokenizer) -> int:
     return int(size or (len(tokenizer) if tokenizer is not None else 256))
 
 
+def _cache_name(model) -> str:
+    """transformers 5.x renamed the KV cache argument and output `past_key_values` to `cache`, and warns
+    on the old name; earlier releases know only the old one."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _run_once(model, ids: torch.Tensor, decode_tokens: int, device: torch.device) -> tuple[float, float]:
+    name = _cache_name(model)
     _sync(device)
     t0 = time.perf_counter()
     try:  # only the last position's logits are needed to decode, as `generate` does
@@ -88,12 +96,12 @@ def _run_once(model, ids: torch.Tensor, decode_tokens: int, device: torch.device
         out = model(input_ids=ids, use_cache=True)
     _sync(device)
     prefill = time.perf_counter() - t0
-    cache = out.past_key_values
+    cache = getattr(out, name)
     token = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=token, use_cache=True, **{name: cache})
+        cache = getattr(out, name)
         token = out.logits[:, -1:].argmax(-1)
     _sync(device)
     return prefill, time.perf_counter() - t0
