@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from llm_prune.errors import NotFoundError, UserError, first_line
 from service.errors import RETRY_AFTER, STORAGE_ERRORS, ConflictError, PayloadTooLarge, RangeError, storage_fault
@@ -58,6 +59,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None, s
     return (f"{param}: {msg}" if param else msg), param, err.get("type", "invalid")
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods a route fully matches for this path, asked of each route through `matches` (routes
+    of included routers are nested, and how differs between FastAPI releases)."""
+    return [m for m in _METHODS
+            if any(route.matches({**request.scope, "method": m})[0] == Match.FULL for route in request.app.router.routes)]
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UserError)
     async def _user_error(_request: Request, exc: UserError):
@@ -90,8 +101,15 @@ def _install_error_handlers(app: FastAPI) -> None:
             else:
                 detail, code = "request body is not valid JSON (it must be UTF-8 JSON nested at most a few " \
                                "hundred levels deep)", "json_invalid"
-        return error_response(exc.status_code, detail, getattr(exc, "param", None), code,
-                              headers=getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path in Allow; every method the
+            # path takes belongs there (RFC 9110), e.g. GET and POST for /v1/jobs.
+            allowed = _allowed_methods(request)
+            detail, code = f"{request.method} is not allowed here; this path takes {', '.join(allowed)}", \
+                "method_not_allowed"
+            headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+        return error_response(exc.status_code, detail, getattr(exc, "param", None), code, headers=headers)
 
     async def _storage(_request: Request, exc: Exception):
         fault = storage_fault(exc)

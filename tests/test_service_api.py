@@ -53,6 +53,16 @@ def test_health_and_docs(env):
     assert "HTTPValidationError" not in spec["components"]["schemas"]
 
 
+@pytest.mark.parametrize("method, path, allowed", [
+    ("PUT", "/v1/jobs", "GET, POST"), ("PATCH", "/v1/jobs/job_x", "DELETE, GET"),
+    ("PUT", "/v1/files/file_x", "DELETE, GET"), ("POST", "/healthz", "GET")])
+def test_a_wrong_method_names_every_method_the_path_takes(env, method, path, allowed):
+    client, _, _, (alice, _) = env
+    r = client.request(method, path, headers=alice)
+    _err(r, 405, code="method_not_allowed")
+    assert r.headers["allow"] == allowed and allowed in r.json()["error"]["message"]
+
+
 def test_authentication(env, tmp_path):
     client, _, _, (alice, _) = env
     assert _err(client.get("/v1/jobs"), 401, code="invalid_api_key")["type"] == "authentication_error"
