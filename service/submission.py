@@ -139,6 +139,21 @@ def check_metadata(metadata: dict, limit: int) -> None:
                         code="metadata_too_large")
 
 
+def check_clusters(recipe: Recipe, records: int | None) -> None:
+    """A pool too small for PASER's clusters would fail the job on the worker: refuse it now, in the
+    API's field names. `records` is the upload's usable record count (None: not counted)."""
+    if records is None or recipe.recovery.method == "none" or recipe.data.selection != "paser":
+        return
+    from data_selection.cluster import check_cluster_count
+
+    try:
+        check_cluster_count(records, recipe.data.num_clusters)
+    except UserError as exc:
+        param = "data.num_clusters" if exc.param == "num_clusters" else "data.file_id"
+        raise UserError(exc.message.replace("--clusters", "data.num_clusters").replace("the pool", "the pool file"),
+                        param=param) from None
+
+
 def _file_path(store: Store, owner: str, file_id: str, param: str, purpose: str) -> str:
     row = store.get_file(owner, file_id)
     if row is None:
@@ -177,6 +192,8 @@ def build_recipe(body: JobCreate, owner: str, store: Store, settings: Settings) 
                                                       "pruning.calibration", "eval")
     parsed = parse_recipe(recipe)
     parsed.check_files()
+    if body.data is not None:
+        check_clusters(parsed, store.get_file(owner, body.data.file_id).records)
     config = _model_config(source)
     if config is not None:
         parsed.check_fits(config)

@@ -164,6 +164,23 @@ def test_submit_validation_errors(env, body, param, code):
     _err(client.post("/v1/jobs", headers=alice, json=body), 400, param=param, code=code)
 
 
+def test_a_pool_too_small_for_its_clusters_is_refused_at_submission(env):
+    client, _, _, (alice, _) = env
+    line = b'{"instruction": "a", "output": "b"}\n'
+    three = _upload(client, alice, "three.jsonl", line * 3).json()["id"]
+    ten = _upload(client, alice, "ten.jsonl", line * 10).json()["id"]
+    err = _err(client.post("/v1/jobs", headers=alice, json={**MIN, "data": {"file_id": three}}), 400, "data.file_id")
+    assert "3 records" in err["message"]
+    err = _err(client.post("/v1/jobs", headers=alice, json={**MIN, "data": {"file_id": ten, "num_clusters": 6}}),
+               400, "data.num_clusters")
+    assert err["message"].startswith("data.num_clusters 6 is too many for 10 records"), err
+    # Selection without clusters, or no recovery, needs no minimum.
+    for extra in ({"data": {"file_id": three, "selection": "random"}},
+                  {"data": {"file_id": three}, "recovery": {"method": "none"}},
+                  {"data": {"file_id": ten, "num_clusters": 5}}):
+        assert client.post("/v1/jobs", headers=alice, json={**MIN, **extra}).status_code == 200
+
+
 def test_model_path_escape_and_wrong_purpose(env, tiny_llama):
     client, _, _, (alice, bob) = env
     escape = f"{tiny_llama}/../../../../etc"
