@@ -194,8 +194,10 @@ def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: Allocati
         if after > target_params:
             widths = sorted({costs.width[i] for i in prunable})
             if cfg.prune_mlp and widths and widths[0] < 2 * cfg.round_to:  # hardly a channel can go
-                why = (f"MLP widths move in steps of --round-to {cfg.round_to}, too coarse for layers of "
-                       f"{widths[0]:,} channels: lower --round-to")
+                narrowest = min(prunable, key=lambda i: costs.width[i])
+                of = (f"already cut to {widths[0]:,} channels (of {reference.width[narrowest]:,})"
+                      if reference.width[narrowest] > widths[0] else f"of {widths[0]:,} channels")
+                why = f"MLP widths move in steps of --round-to {cfg.round_to}, too coarse for layers {of}: lower --round-to"
             else:
                 hint = " or lower skip_first/skip_last" if cfg.allocation == "uniform" else ""
                 why = f"the prunable layers hold too little: prune less{hint}"

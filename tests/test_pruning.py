@@ -275,6 +275,10 @@ def test_cli_bad_input(tiny_llama, tmp_path, gpt2_dir, capsys):
           "-o", str(tmp_path / "m")], "adaptive-step"),
         (["prune", str(tiny_llama), "--ratio", "0.2", "--round-to", "4096", "-o", str(tmp_path / "m")],
          "steps of --round-to 4096, too coarse for layers of 128 channels: lower --round-to"),
+        # Adaptive steps narrow the layers first: the message says to what, and from what.
+        (["prune", str(tiny_llama), "--ratio", "0.5", "--allocation", "adaptive", "--round-to", "32",
+          "--no-reconstruct", "--calibration-tokens", "256", "-o", str(tmp_path / "n")],
+         "too coarse for layers already cut to 32 channels (of 128): lower --round-to"),
     ]
     for args, needle in cases:
         code, _, err = run_main(capsys, *args)
