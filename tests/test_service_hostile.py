@@ -500,7 +500,7 @@ def test_huge_range_numbers_and_empty_files_and_odd_event_ids(env):
 def test_retry_refused_when_the_jobs_upload_is_gone(env):
     client, store, _, (alice, _) = env
     pool = client.post("/v1/files", headers=alice,
-                       files={"file": ("p.jsonl", b'{"instruction": "a", "output": "b"}\n')}).json()["id"]
+                       files={"file": ("p.jsonl", b'{"instruction": "a", "output": "b"}\n' * 4)}).json()["id"]
     job_id = client.post("/v1/jobs", headers=alice, json={**MIN, "data": {"file_id": pool}}).json()["id"]
     store.claim("w", "cpu", 60)
     store.finish(job_id, "w", "failed", error={"message": "boom", "type": "server_error", "param": None, "code": "x"})
@@ -534,7 +534,7 @@ def test_embedding_model_paths_stay_inside_the_model_roots(env, tiny_llama):
     """PASER's embedder is loaded on the server too: the same roots and the same words as `model`."""
     client, _, _, (alice, _) = env
     pool = client.post("/v1/files", headers=alice, data={"purpose": "recovery"},
-                       files={"file": ("p.jsonl", b'{"instruction": "a", "output": "b"}\n')}).json()["id"]
+                       files={"file": ("p.jsonl", b'{"instruction": "a", "output": "b"}\n' * 4)}).json()["id"]
     messages = []
     (tiny_llama.parent / "empty_embedder").mkdir(exist_ok=True)
     for spec in ("/etc/passwd", "/nonexistent/dir", "/root", "../../../../etc", str(tiny_llama.parent / "missing"),
