@@ -51,3 +51,19 @@ def check_output_file(path: str | Path, param: str = "output", label: str = "out
         raise UserError(f"{label} {path} is a directory; give a file name", param=param)
     check_output_dir(out.parent, param=param, label=label)
     return out
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` so that a reader (or a rerun after a crash or a full disk) finds the old
+    content or the new, never a cut-off file: a temporary file beside it, flushed, then renamed over."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

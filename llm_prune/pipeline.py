@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_prune.errors import UserError
+from llm_prune.paths import check_output_dir, write_text_atomic
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 from llm_prune.recipe import Recipe
 from llm_prune.workload import adapt_accel_steps, budget_count
@@ -29,11 +30,16 @@ DONE = ".done"
 
 
 def _done(path: Path) -> bool:
-    return (path / DONE).exists()
+    """A stage is done when its marker holds what the stage returned. Markers are written atomically;
+    one that does not parse (cut off by an older writer, or damaged) leaves the stage to be redone."""
+    try:
+        return isinstance(json.loads((path / DONE).read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _mark(path: Path, info: dict) -> None:
-    (path / DONE).write_text(json.dumps(info, default=str))
+    write_text_atomic(path / DONE, json.dumps(info, default=str))
 
 
 def _read(path: Path) -> dict:
@@ -315,6 +321,10 @@ class Job:
         """Finished stages are reused only by the recipe that made them: another one (a new model,
         budget, pruning or recovery setting) in the same directory is refused, not silently given
         the old results. Where the job runs (`device`) and its labels (`metadata`) do not count."""
+        for name in STAGES:  # the stage would fail on it only after every stage before had run
+            if (self.out / name).exists() and not (self.out / name).is_dir():
+                raise UserError(f"{self.out / name} is a file, where the {name} stage writes a folder; give another "
+                                "--output, or move it", param="output")
         saved = self.out / "recipe.json"
         if not saved.is_file():
             # No run of a recipe wrote here: a stage folder that exists is someone else's (say a
@@ -336,15 +346,23 @@ class Job:
         changed = [c for c in changed if c.split(".")[0] not in RESUME_IGNORES]
         try:  # the same file name with other content is another recipe too (absent: an older run)
             made_from = json.loads((self.out / INPUTS).read_text())
-        except (OSError, ValueError):
+        except FileNotFoundError:
             made_from = None
-        if isinstance(made_from, dict):
+        except (OSError, ValueError):
+            made_from = INPUTS
+        if made_from is not None and not isinstance(made_from, dict):
+            changed.append(f"{INPUTS} (unreadable)")
+        elif isinstance(made_from, dict):
             now = input_fingerprints(self.recipe)
+            # The same file by another path (a resume from another directory, a relative path made
+            # absolute) is the same input; other content under the same path is not.
+            changed = [c for c in changed if c not in now or made_from.get(c) != now[c]]
             changed += [f"the content of {k}" for k in sorted(set(made_from) | set(now))
                         if made_from.get(k) != now.get(k) and k not in changed]
         finished = finished_stages(self.out)
         depends = _finished_depend_on(finished, self.recipe)
-        conflicts = [c for c in changed if depends(c.removeprefix("the content of "))]
+        # What made the finished stages is unknown when its record cannot be read: not the same recipe.
+        conflicts = [c for c in changed if c.endswith("(unreadable)") or depends(c.removeprefix("the content of "))]
         if "recovery.method" in changed and "recovery.method" not in conflicts and "selection" in finished \
                 and isinstance(old, dict) and ((old.get("recovery") or {}).get("method") == "none") \
                 != (self.recipe.recovery.method == "none"):
@@ -364,8 +382,8 @@ class Job:
         self.check_resumable()
         for unused in self.recipe.unused_settings():
             self.event("job", "warning", unused)
-        (self.out / "recipe.json").write_text(self.recipe.model_dump_json(indent=2))
-        (self.out / INPUTS).write_text(json.dumps(input_fingerprints(self.recipe), indent=2))
+        write_text_atomic(self.out / "recipe.json", self.recipe.model_dump_json(indent=2))
+        write_text_atomic(self.out / INPUTS, json.dumps(input_fingerprints(self.recipe), indent=2))
         self.plan_work()
         summary: dict[str, Any] = {"recipe": self.recipe.model_dump()}
         summary["baseline"] = self.baseline()
@@ -374,14 +392,12 @@ class Job:
         summary["recovered"] = self.recover()
         summary["final"] = self.final(summary)
         summary["checkpoints"] = {"pruned": str(self.out / "pruned"), "final": str(self.out / "final")}
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2, default=str))
         return summary
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback = null_callback) -> dict:
     """Run (or resume) the job described by `recipe` in `out_dir`; returns the summary."""
-    from llm_prune.paths import check_output_dir
-
     check_output_dir(out_dir)
     recipe.check_files()
     if recipe.data.pool:
@@ -393,6 +409,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
     check_config(recipe.recovery)  # bad recovery settings fail before any heavy work
     from llm_prune.models import load_config, resolve_source
 
+    _check_out_of_model(recipe.model, Path(out_dir))
     try:
         config = load_config(resolve_source(recipe.model))
     except UserError:
@@ -409,6 +426,22 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
         raise UserError("data.selection given without data.pool", param="data.pool")
     with _only_run(Path(out_dir)):
         return Job(recipe, out_dir, on_event).run()
+
+
+def _check_out_of_model(model: str, out: Path) -> None:
+    """A job folder in a local model's folder changes the model's fingerprint with every file a stage
+    writes, so no run could ever resume it (and a stage would write beside the weights)."""
+    from llm_prune.models import resolve_source
+
+    try:
+        source = resolve_source(model)
+    except UserError:
+        return  # said by the load that follows
+    if source.is_local and not source.gguf_file:
+        root = Path(source.path).resolve()
+        if out.resolve() == root or out.resolve().is_relative_to(root):
+            raise UserError(f"--output {out} is inside the model's folder {source.path}; give a directory outside it",
+                            param="output")
 
 
 @contextlib.contextmanager
@@ -489,7 +522,8 @@ RESUME_IGNORES = ("device", "metadata")  # a retried job may run on another work
 
 def _finished_depend_on(finished: list[str], recipe: Recipe):
     """A predicate on dotted recipe paths: whether a finished stage's result depends on it. A rerun
-    may change what only unfinished stages read (recovery's learning rate once selection is done)."""
+    may change what only unfinished stages read (recovery's learning rate once selection is done;
+    the export settings until the final stage is done)."""
     prefixes = {"model", "trust_remote_code"}
     if "baseline" in finished:
         prefixes |= {"evaluation"}
@@ -499,8 +533,10 @@ def _finished_depend_on(finished: list[str], recipe: Recipe):
             prefixes |= {"recovery", "data"}
     if "selection" in finished:  # what it selects and how it scores (whether it ran: recovery on or off,
         prefixes |= {"data", "recovery.cutoff_len", "recovery.seed"}  # checked by Job.check_resumable)
-    if "recovered" in finished or "final" in finished:
+    if "final" in finished:
         return lambda path: True
+    if "recovered" in finished:
+        return lambda path: path != "export" and not path.startswith("export.")
     return lambda path: any(path == p or path.startswith(p + ".") for p in prefixes)
 
 

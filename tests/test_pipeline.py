@@ -262,3 +262,104 @@ def test_one_run_per_job_folder(tiny_llama, job_inputs, tmp_path):
         with pytest.raises(UserError, match="another `llm-prune run` is working in"):
             pipeline.run_recipe(_recipe(tiny_llama, pool, text, recovery={"method": "none"}), out)
     assert not (out / "baseline").exists()
+
+
+def _finished_job(out: Path, recipe, stages) -> None:
+    """A job folder as `run` leaves it after `stages` (their markers only)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(recipe.model_dump_json(indent=2))
+    (out / pipeline.INPUTS).write_text(json.dumps(pipeline.input_fingerprints(recipe)))
+    for stage in stages:
+        (out / stage).mkdir(exist_ok=True)
+        (out / stage / pipeline.DONE).write_text("{}")
+
+
+def test_a_cut_off_marker_is_an_unfinished_stage(tmp_path):
+    """A marker cut off by a full disk (or a kill while an older writer wrote it) is redone, not read."""
+    for content in ("", '{"params_af', "[]"):
+        (tmp_path / "baseline").mkdir(exist_ok=True)
+        (tmp_path / "baseline" / pipeline.DONE).write_text(content)
+        assert pipeline.finished_stages(tmp_path) == []
+    pipeline._mark(tmp_path / "baseline", {"ppl": 1.0})
+    assert pipeline.finished_stages(tmp_path) == ["baseline"]
+    assert [p.name for p in (tmp_path / "baseline").iterdir()] == [pipeline.DONE]  # no temporary left
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_content(tmp_path, monkeypatch):
+    import os
+
+    from llm_prune.paths import write_text_atomic
+
+    target = tmp_path / "recipe.json"
+    write_text_atomic(target, "old")
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        write_text_atomic(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["recipe.json"]
+
+
+def test_unreadable_records_of_a_finished_job_refuse_another_recipe(tiny_llama, job_inputs, tmp_path):
+    pool, text = job_inputs
+    out = tmp_path / "job"
+    _finished_job(out, _recipe(tiny_llama, pool, text), ["baseline", "pruned"])
+    other = _recipe(tiny_llama, pool, text, budget={"ratio": 0.3})
+    (out / pipeline.INPUTS).write_text('{"mod')  # cut off: what made the stages is unknown
+    with pytest.raises(UserError, match=r"differs in .*inputs.json \(unreadable\)"):
+        pipeline.Job(_recipe(tiny_llama, pool, text), out, lambda e: None).check_resumable()
+    (out / pipeline.INPUTS).unlink()  # absent (an older run): the recipe alone decides
+    pipeline.Job(_recipe(tiny_llama, pool, text), out, lambda e: None).check_resumable()
+    (out / "recipe.json").write_text('{"model": "/tm')
+    with pytest.raises(UserError, match=r"differs in recipe.json \(unreadable\)"):
+        pipeline.Job(other, out, lambda e: None).check_resumable()
+
+
+def test_the_same_files_by_another_path_resume(tiny_llama, job_inputs, tmp_path, monkeypatch):
+    """A resume from another directory names the model and files by other relative paths."""
+    pool, text = job_inputs
+    out = tmp_path / "job"
+    _finished_job(out, _recipe(tiny_llama, pool, text), ["baseline", "pruned", "selection"])
+    import os
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    relative = _recipe(*(os.path.relpath(p, elsewhere) for p in (tiny_llama, pool, text)))
+    assert relative.model != str(tiny_llama) and relative.data.pool != str(pool)
+    pipeline.Job(relative, out, lambda e: None).check_resumable()
+
+
+def test_export_settings_are_free_until_the_final_stage(tiny_llama, job_inputs, tmp_path):
+    """A GGUF asked for after recovery is the final stage's to write; once that is done, it is not."""
+    pool, text = job_inputs
+    out = tmp_path / "job"
+    _finished_job(out, _recipe(tiny_llama, pool, text), ["baseline", "pruned", "selection", "recovered"])
+    gguf = _recipe(tiny_llama, pool, text, export={"gguf": "f16"})
+    pipeline.Job(gguf, out, lambda e: None).check_resumable()
+    with pytest.raises(UserError, match="differs in recovery.keep_adapter"):
+        pipeline.Job(_recipe(tiny_llama, pool, text, recovery={"keep_adapter": True}), out,
+                     lambda e: None).check_resumable()
+    _finished_job(out, _recipe(tiny_llama, pool, text), ["final"])
+    with pytest.raises(UserError, match="differs in export.gguf"):
+        pipeline.Job(gguf, out, lambda e: None).check_resumable()
+
+
+def test_job_folders_the_stages_could_never_finish_are_refused_first(tiny_llama, job_inputs, tmp_path):
+    import shutil
+
+    pool, text = job_inputs
+    out = tmp_path / "job"
+    out.mkdir()
+    (out / "final").write_text("notes")  # the last stage would fail on it after all the others ran
+    with pytest.raises(UserError, match="final is a file, where the final stage writes a folder"):
+        pipeline.run_recipe(_recipe(tiny_llama, pool, text), out)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == ["final"]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    for inside in (model, model / "job"):  # every file a stage writes would change the model's fingerprint
+        with pytest.raises(UserError, match="inside the model's folder"):
+            pipeline.run_recipe(_recipe(model, pool, text), inside)
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in tiny_llama.iterdir())
