@@ -7,7 +7,9 @@ Placement is accelerate's: CPU here, one or several GPUs elsewhere."""
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,7 +167,22 @@ def train(model: nn.Module, split: TokenizedSplit, pad_token_id: int, settings: 
         teacher=teacher if settings.distill_weight > 0 else None, distill_weight=settings.distill_weight)
     trainer.remove_callback(PrinterCallback)  # stages never print; progress goes to on_event
     start = time.time()
-    out = trainer.train(resume_from_checkpoint=last)
+    finished = _finished_state(last)
+    if finished is not None:
+        # Killed after its last checkpoint but before the stage was marked done: the Trainer would
+        # take one more step past max_steps on resume, so the checkpoint is the result.
+        trainer._load_from_checkpoint(last)
+        trainer.state = finished
+        out = None
+    else:
+        try:
+            out = trainer.train(resume_from_checkpoint=last)
+        except RuntimeError as exc:
+            # torch.save reports a full disk as a failed stream ("file write failed", "unexpected
+            # pos"), without the OS's errno: say it is the disk when the disk is indeed full.
+            if _nearly_full(checkpoint_dir):
+                raise OSError(errno.ENOSPC, "No space left on device", str(checkpoint_dir)) from exc
+            raise
     wall = time.time() - start
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics: dict[str, Any] = {
@@ -173,7 +190,7 @@ def train(model: nn.Module, split: TokenizedSplit, pad_token_id: int, settings: 
         "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
         # Over every step's logged loss, the resumed run's earlier ones included (its state holds
         # them): the Trainer's own mean covers only the steps since the resume.
-        "train_loss_mean": sum(losses) / len(losses) if losses else float(out.training_loss),
+        "train_loss_mean": sum(losses) / len(losses) if losses else out and float(out.training_loss),
         "wall_s": wall, "resumed_from_step": _step_of(last),
         "train_examples": len(split.train), "eval_examples": len(split.eval), "dropped_records": split.dropped,
     }
@@ -210,6 +227,21 @@ def last_complete_checkpoint(checkpoint_dir: Path, on_event: ProgressCallback = 
                                    "stopped while saving it): removed, resuming from the one before"))
             shutil.rmtree(path, ignore_errors=True)
     return None
+
+
+def _nearly_full(path: Path) -> bool:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < 64 * 2**20
+
+
+def _finished_state(checkpoint: str | None):
+    """The TrainerState of `checkpoint` when it is the run's last step, else None."""
+    if checkpoint is None:
+        return None
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
 
 
 def _step_of(checkpoint: str | None) -> int:

@@ -188,6 +188,22 @@ def test_resume_continues_step_count(tiny_llama, tmp_path, method):
     assert result.metrics["train_loss_mean"] == pytest.approx(straight.metrics["train_loss_mean"], rel=1e-4)
 
 
+def test_a_rerun_after_the_last_checkpoint_trains_no_further(tiny_llama, tmp_path):
+    """Killed after the last checkpoint, before its caller took the model: the rerun trains no step
+    past max_steps and reports the run as it ended (the Trainer alone would take one more)."""
+    model, tok = load(tiny_llama)
+    config = cfg(max_steps=13)
+    straight = recover(model, tok, RECORDS, config, tmp_path, keep_checkpoints=True)
+    assert (tmp_path / "checkpoints" / "checkpoint-13").is_dir()
+    again, _ = load(tiny_llama)
+    events = []
+    repeat = recover(again, tok, RECORDS, config, tmp_path, on_event=events.append)
+    assert not [e for e in events if e.kind == "progress"]
+    for key in ("steps", "tokens", "train_loss_last", "train_loss_first", "train_loss_mean"):
+        assert repeat.metrics[key] == pytest.approx(straight.metrics[key], rel=1e-6), key
+    torch.testing.assert_close(logits(repeat.model, tok), logits(straight.model, tok), atol=1e-6, rtol=1e-6)
+
+
 def test_checkpoint_of_another_method_is_refused(tiny_llama, tmp_path):
     def stop(event):
         if event.kind == "progress" and event.step == 11:
@@ -377,3 +393,26 @@ def test_a_step_larger_than_the_data_is_told(tiny_llama, tmp_path):
     model, tok = load(tiny_llama)
     recover(model, tok, RECORDS, cfg(max_steps=1, gradient_accumulation=2), tmp_path / "b", on_event=events.append)
     assert not [e for e in events if e.kind == "warning"]
+
+
+def test_a_failed_write_on_a_full_disk_is_said_to_be_the_disk(tiny_llama, tmp_path, monkeypatch):
+    """torch.save reports a full disk as a failed stream; training says ENOSPC when the disk is full."""
+    import errno
+    import os
+    from types import SimpleNamespace
+
+    import transformers
+
+    def failed_stream(*_a, **_k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(transformers.Trainer, "train", failed_stream)
+    real = os.statvfs
+    for free, expected in ((1 << 20, OSError), (1 << 40, RuntimeError)):
+        monkeypatch.setattr(os, "statvfs", lambda p, free=free: SimpleNamespace(
+            **{k: getattr(real(p), k) for k in ("f_frsize", "f_blocks")}, f_bavail=free // real(p).f_frsize))
+        model, tok = load(tiny_llama)
+        with pytest.raises(expected) as caught:
+            recover(model, tok, RECORDS, cfg(max_steps=2), tmp_path / str(free))
+        if expected is OSError:
+            assert caught.value.errno == errno.ENOSPC and isinstance(caught.value.__cause__, RuntimeError)
