@@ -2,6 +2,7 @@
 results file that is not ours): one `error:` line before any work, and nothing of the user's lost."""
 
 import json
+import re
 
 from llm_prune.evaluate import write_eval_results
 from tests.test_pruning import run_main
@@ -365,3 +366,22 @@ def test_an_evaluation_window_past_the_context_is_refused_before_any_stage(tiny_
                       str(tmp_path / "t.txt"), "--seq-len", "100000", "-o", str(tmp_path / "job"))
     assert "--seq-len 100000 is longer than the model's context" in line
     assert not (tmp_path / "job" / "baseline").exists()
+
+
+def test_a_full_disk_under_a_writer_that_is_not_pythons_is_one_line(tiny_llama, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk in its own exception, with the OS's words; torch's writers in
+    a RuntimeError: the CLI says it as it says ENOSPC, in one line, without a traceback."""
+    from safetensors import SafetensorError
+
+    import llm_prune.export
+
+    def full(*_a, **_k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(llm_prune.export, "_write_checkpoint", full)
+    code, _, err = run_main(capsys, "prune", str(tiny_llama), "--ratio", "0.2", "--no-reconstruct",
+                            "--calibration-tokens", "128", "-o", str(tmp_path / "out"))
+    shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", err).replace("\r", "\n")
+    lines = [ln.strip() for ln in shown.splitlines() if ln.strip().startswith("error:")]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: no space left on the disk"), err
+    assert "Traceback" not in err

@@ -37,6 +37,24 @@ def _click_exceptions():
     return exceptions
 
 
+# How writers that are not Python's own file objects report a full disk: safetensors (Rust's
+# io::Error text) and C libraries' strerror.
+_FULL_DISK = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def _disk_full(exc: BaseException) -> str | None:
+    """Where the disk filled up, if that is what `exc` (or an error it was raised from) says."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return str(exc.filename or "while writing")
+        if any(text in str(exc) for text in _FULL_DISK):
+            return "while writing"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     click = _click_exceptions()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,15 +83,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: '{shown}' is not UTF-8 text (bytes of another encoding?); give it in UTF-8",
               file=sys.stderr)
         sys.exit(2)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise  # anything else is a bug to see in full
-        # The machine's disk, not the input: one line, and what was written before stays whole.
-        print(f"error: no space left on the disk ({exc.filename or 'while writing'}); free some and run "
-              "the command again", file=sys.stderr)
-        sys.exit(1)
     except (KeyboardInterrupt, typer.Abort):
         code = 130
+    except Exception as exc:
+        full = _disk_full(exc)
+        if full is None:
+            raise  # anything else is a bug to see in full
+        # The machine's disk, not the input: one line, and what was written before stays whole.
+        print(f"error: no space left on the disk ({full}); free some and run the command again", file=sys.stderr)
+        sys.exit(1)
     if code == 130:  # typer turns Ctrl-C into Exit(130), which comes back as the return value here
         print("interrupted", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)  # as click's standalone mode does
