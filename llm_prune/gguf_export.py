@@ -47,9 +47,12 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-def gguf_refusal(config) -> str | None:
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # the rope scalings the GGUF keys describe
+
+
+def gguf_refusal(config, folder: str | Path | None = None) -> str | None:
     """Why llama.cpp cannot run this model from our export (the model card says it too); None
-    when it can."""
+    when it can. `folder`, the model's files, lets its tokenizer be judged as well."""
     from llm_prune.families import base_model_type
 
     base = base_model_type(config)
@@ -58,12 +61,23 @@ def gguf_refusal(config) -> str | None:
                 f"checkpoint folder is what serves it (transformers; vLLM with --portable)")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         return "GGUF export: models with attention or MLP biases are not supported"
+    act = getattr(config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):  # llama.cpp's llama/deci graphs gate the MLP with SiLU only
+        return f"GGUF export: llama.cpp runs these models with a SiLU MLP, and this one uses '{act}'"
+    rope_type = _rope_type(config)
+    if rope_type not in ROPE_TYPES:
+        return f"GGUF export: rope scaling '{rope_type}' is not supported"
+    if folder is not None and (Path(folder) / "tokenizer.json").is_file():
+        try:
+            _tokenizer_json(Path(folder))
+        except UserError as exc:
+            return exc.message
     return None
 
 
-def check_exportable(config) -> None:
+def check_exportable(config, folder: str | Path | None = None) -> None:
     """Fail early (before pruning or training) for models llama.cpp cannot run from our export."""
-    refusal = gguf_refusal(config)
+    refusal = gguf_refusal(config, folder)
     if refusal is not None:
         raise UserError(refusal, param="gguf")
 
@@ -141,6 +155,11 @@ def _rope(config) -> tuple[float, dict]:
     return float(theta), params
 
 
+def _rope_type(config) -> str:
+    params = _rope(config)[1]
+    return params.get("rope_type", params.get("type", "default")) or "default"
+
+
 def llama3_rope_factors(theta: float, head_dim: int, params: dict) -> np.ndarray:
     """Per-frequency divisors of Llama 3.1's rope scaling; llama.cpp reads them as `rope_freqs`."""
     factor = params.get("factor", 8.0)
@@ -191,9 +210,7 @@ def _write(model, tokenizer, src: Path, tmp: Path, dtype: str) -> dict:
     arch = "llama" if uniform else "deci"
     tok_json = _tokenizer_json(src)
     theta, rope = _rope(config)
-    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if rope_type not in ("default", "linear", "llama3", "yarn"):
-        raise UserError(f"GGUF export: rope scaling '{rope_type}' is not supported", param="checkpoint")
+    rope_type = _rope_type(config)
 
     w = gguf.GGUFWriter(str(tmp), arch)
     w.add_name(str((json.loads((src / "config.json").read_text()).get("llm_prune") or {}).get("base_model")

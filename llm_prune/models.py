@@ -310,6 +310,7 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
             model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
             tokenizer = _tokenizer(source, lambda: AutoTokenizer.from_pretrained(source.path,
                                                                                  gguf_file=source.gguf_file))
+            _drop_tokens_past(tokenizer, model.get_input_embeddings().weight.shape[0])
             if source.spec.lower() in ALIASES:
                 _cache_alias(source.spec.lower(), model, tokenizer)
         else:
@@ -323,6 +324,20 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
         raise _weights_error(source, exc) from None
     del config
     return _finish(model, tokenizer)
+
+
+def _drop_tokens_past(tokenizer, rows: int) -> None:
+    """transformers rebuilds a GGUF's BPE tokenizer as GPT-2's, which adds `<|endoftext|>` when the
+    vocabulary lacks it (Llama 3's does): an id past the embedding, which any text naming it would
+    index, and which the saved checkpoint would carry. Tokens the model has no row for go."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or len(tokenizer) <= rows:
+        return
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t["id"] < rows]
+    tokenizer._tokenizer = Tokenizer.from_str(json.dumps(data))
 
 
 def _tokenizer(source: ModelSource, load):

@@ -281,7 +281,7 @@ class Job:
                           metrics={"recovery": recovery, "selection": summary.get("selection")},
                           ran=as_run(PrunePlan.load(self.out / "pruned" / "plan.json")),
                           license=card_license(self.out / "pruned" / "README.md"),
-                          gguf_refusal=gguf_refusal(model.config), base_model_id=hub_id(r.model))
+                          gguf_refusal=gguf_refusal(model.config, path), base_model_id=hub_id(r.model))
         (path / "README.md").write_text(card)
         self._fold_eval(path, summary["baseline"], "dense")
         self._fold_eval(path, pr["eval"], "pruned")
@@ -411,7 +411,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
 
     _check_out_of_model(recipe.model, Path(out_dir))
     try:
-        config = load_config(resolve_source(recipe.model))
+        source = resolve_source(recipe.model)
+        config = load_config(source)
     except UserError:
         if not recipe.trust_remote_code or recipe.export.gguf:
             raise
@@ -421,7 +422,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback =
     if recipe.export.gguf:
         from llm_prune.gguf_export import check_exportable
 
-        check_exportable(config)
+        check_exportable(config, None if source.gguf_file else source.path)
     if recipe.data.pool is None and recipe.data.selection != "paser" and recipe.recovery.method != "none":
         raise UserError("data.selection given without data.pool", param="data.pool")
     with _only_run(Path(out_dir)):

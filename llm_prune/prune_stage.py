@@ -96,7 +96,7 @@ def prune_to_checkpoint(recipe: Recipe, out: str | Path, *, on_event: ProgressCa
                                               params_after=after, needs_remote_code=info["needs_remote_code"],
                                               metrics=measured, ran=None if applied else as_run(plan),
                                               license=source_license(recipe.model),
-                                              gguf_refusal=gguf_refusal(model.config),
+                                              gguf_refusal=gguf_refusal(model.config, out),
                                               base_model_id=hub_id(recipe.model)))
     return PrunedCheckpoint(model=model, tokenizer=tok, path=out, plan=plan, params_before=before,
                             params_after=after, params_target=target, needs_remote_code=info["needs_remote_code"],

@@ -396,6 +396,41 @@ def test_model_card_offers_gguf_only_where_export_writes_it(dense, tiny_qwen2):
     assert "no GGUF export (GGUF export supports llama, mistral models, not 'qwen2'" in cards["qwen2"]
 
 
+def test_what_llama_cpp_cannot_run_is_refused_before_the_work(dense, tmp_path, capsys):
+    """An activation other than SiLU, a rope scaling the GGUF keys cannot describe, a SentencePiece
+    tokenizer: `prune --gguf` refuses them before pruning, and the card offers no GGUF for them."""
+    from llm_prune.card import model_card
+    from llm_prune.gguf_export import gguf_refusal
+
+    def variant(name, config=None, tokenizer=None):
+        folder = tmp_path / name
+        shutil.copytree(dense, folder)
+        if config:
+            data = json.loads((folder / "config.json").read_text())
+            (folder / "config.json").write_text(json.dumps({**data, **config}))
+        if tokenizer:
+            data = json.loads((folder / "tokenizer.json").read_text())
+            data["model"] = {**data["model"], **tokenizer}
+            (folder / "tokenizer.json").write_text(json.dumps(data))
+        return folder
+
+    for folder, needle in [
+        (variant("gelu", {"hidden_act": "gelu_pytorch_tanh"}), "SiLU MLP, and this one uses 'gelu_pytorch_tanh'"),
+        (variant("dynamic", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}),
+         "rope scaling 'dynamic' is not supported"),
+        (variant("spm", tokenizer={"byte_fallback": True}), "this one is SentencePiece-like"),
+    ]:
+        out = tmp_path / f"{folder.name}-out"
+        code, _, err = run_main(capsys, "prune", str(folder), "--ratio", "0.2", "--gguf", "f16", "-o", str(out))
+        lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+        assert code == 2 and len(lines) == 1 and needle in lines[0] and "prune:" not in err, (folder.name, err)
+        assert not out.exists()
+        model, _ = load_model(str(folder))
+        card = model_card(base_model="m", recipe={}, shapes=layer_shapes(model), params_before=2, params_after=1,
+                          needs_remote_code=False, gguf_refusal=gguf_refusal(model.config, folder))
+        assert "--format gguf" not in card and needle in card, folder.name
+
+
 def test_card_names_the_base_model_by_its_hub_id(dense, tmp_path):
     """The Hub refuses a card whose `base_model` is no repository id: an alias names its source,
     a local folder is left out."""
@@ -414,3 +449,19 @@ def test_card_names_the_base_model_by_its_hub_id(dense, tmp_path):
         front = card.split("---")[1]
         assert (line in front) if line else "base_model" not in front
         assert f"# {spec} — structurally pruned" in card
+
+
+def test_a_gguf_input_keeps_a_tokenizer_the_size_of_its_embedding(portable, tmp_path):
+    """transformers adds GPT-2's `<|endoftext|>` to a GGUF's BPE vocabulary that lacks it (Llama 3's
+    does): a token past the embedding, which a text naming it would index. It goes on load."""
+    from llm_prune.gguf_export import export_gguf
+
+    export_gguf(portable, tmp_path / "m.gguf", "f32")
+    model, tok = load_model(str(tmp_path / "m.gguf"))
+    rows = model.get_input_embeddings().weight.shape[0]
+    assert len(tok) == rows and "<|endoftext|>" not in tok.get_vocab()
+    ids = tok("Paris<|endoftext|>")["input_ids"]
+    assert max(ids) < rows
+    model(torch.tensor([ids]))
+    export_checkpoint(model, tok, tmp_path / "ckpt")
+    assert export_gguf(tmp_path / "ckpt", tmp_path / "again.gguf", "f32")["path"]

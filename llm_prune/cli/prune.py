@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
             from llm_prune.gguf_export import check_exportable
             from llm_prune.models import load_config, resolve_source
 
-            check_exportable(load_config(resolve_source(model)))  # before the work, not after it
+            source = resolve_source(model)
+            check_exportable(load_config(source), None if source.gguf_file else source.path)  # before the work
         renderer = TqdmRenderer(disable=as_json)
         try:
             ckpt = prune_to_checkpoint(recipe, output, on_event=renderer, plan=saved)
