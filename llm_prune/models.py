@@ -173,6 +173,14 @@ def _gguf_license(path: Path) -> dict[str, str]:
         return {}
 
 
+def _config_keys(folder: str) -> set:
+    try:
+        data = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"model_type"}  # unreadable: not the case this asks about
+    return set(data) if isinstance(data, dict) else {"model_type"}
+
+
 def load_config(source: ModelSource):
     from transformers import AutoConfig
 
@@ -187,6 +195,10 @@ def load_config(source: ModelSource):
         reason = str(exc).strip().splitlines()[-1].strip().removeprefix("ValueError: ")[:300]
         raise UserError(f"{source.spec} has a config.json transformers refuses: {reason}", param="model") from None
     except ValueError as exc:
+        if not source.gguf_file and source.is_local and "model_type" not in _config_keys(source.path):
+            raise UserError(f"{source.spec}/config.json has no model_type (transformers reads the architecture "
+                            f"from it); add the family's, one of {', '.join(SUPPORTED_MODEL_TYPES)}",
+                            param="model") from None
         if "model_type" in str(exc) or "Unrecognized" in str(exc):
             raise UserError(f"unsupported architecture in {source.spec}; supported: "
                             f"{', '.join(SUPPORTED_MODEL_TYPES)}", param="model") from None

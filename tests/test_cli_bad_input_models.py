@@ -82,6 +82,15 @@ def test_config_json_not_json(model_copy, tmp_path, capsys):
 
 
 # 3. corrupt weights file.
+def test_a_config_without_model_type_says_so(model_copy, tmp_path, capsys):
+    """Not "unsupported architecture": its `architectures` may well name a supported one."""
+    config = json.loads((model_copy / "config.json").read_text())
+    del config["model_type"]
+    (model_copy / "config.json").write_text(json.dumps(config))
+    line = one_error(capsys, "prune", str(model_copy), "--ratio", "0.2", "-o", str(tmp_path / "out"))
+    assert "config.json has no model_type" in line and "llama" in line, line
+
+
 def test_corrupt_safetensors_names_the_file(model_copy, tmp_path, capsys):
     (model_copy / "model.safetensors").write_bytes(b"\xff" * 64)
     line = one_error(capsys, "prune", model_copy, "--ratio", "0.2", "-o", tmp_path / "out", *FAST)
