@@ -349,7 +349,7 @@ class Job:
         except FileNotFoundError:
             made_from = None
         except (OSError, ValueError):
-            made_from = INPUTS
+            made_from = "unreadable"
         if made_from is not None and not isinstance(made_from, dict):
             changed.append(f"{INPUTS} (unreadable)")
         elif isinstance(made_from, dict):
