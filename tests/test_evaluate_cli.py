@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from llm_prune.cli import main
 from tests.tiny_models import CORPUS
@@ -38,3 +39,44 @@ def test_eval_missing_file_is_one_line_error(tiny_llama, tmp_path, capsys):
 
     code, _, err = _run(capsys, ["eval", str(tiny_llama), "--tasks", "piqa,nope"])
     assert code == 2 and "unknown task 'nope'" in err
+
+
+def _broken_copy(src, dst, name: str, change):
+    """A copy of the model folder `src` whose tensor `name` is changed by `change`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "model.safetensors")
+    weights[name] = change(weights[name])
+    save_file(weights, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_nan_outputs_are_refused_not_scored(tiny_llama, tmp_path, capsys):
+    nan_model = _broken_copy(tiny_llama, tmp_path / "nan", "model.norm.weight",
+                             lambda w: torch.full_like(w, float("nan")))
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(CORPUS * 6))
+    code, out, err = _run(capsys, ["eval", str(nan_model), "--ppl", str(text), "--seq-len", "16", "--json"])
+    assert code == 2 and not out and "NaN" not in out
+    assert err.splitlines()[-1].startswith("error: the model's outputs are not finite (NaN)")
+    assert "Traceback" not in err
+    code, out, err = _run(capsys, ["eval", str(nan_model), "--tasks", "boolq", "--limit", "2", "--quiet"])
+    assert code == 2 and "boolq" not in out  # no accuracy read off NaN scores
+    assert "not finite (NaN)" in err and "log-likelihoods of boolq are NaN" in err
+
+
+def test_json_writers_never_write_nan(tmp_path, capsys):
+    from llm_prune.cli.common import emit_json
+    from llm_prune.evaluate import write_eval_results
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    results = {"params": 7, "speed": {"runs": [], "peak_memory_bytes": 1.0, "x": [float("nan"), float("-inf")]}}
+    emit_json(results)
+    assert strict(capsys.readouterr().out)["speed"]["x"] == [None, None]
+    write_eval_results(tmp_path, results, name="broken")
+    assert strict((tmp_path / "eval_results.json").read_text())["broken"]["speed"]["x"] == [None, None]

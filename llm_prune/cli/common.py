@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and Infinity made null: Python writes them as bare NaN/Infinity, which is
+    not JSON and which strict parsers (jq, JavaScript, PostgreSQL) refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_text(data: Any) -> str:
+    """Indented JSON that is valid JSON: non-finite numbers are null (see `json_safe`)."""
+    return json.dumps(json_safe(data), indent=2, default=str, allow_nan=False)
+
+
 def emit_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
+    sys.stdout.write(json_text(data) + "\n")
 
 
 def human_bytes(n: float) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
@@ -76,7 +75,7 @@ def eval_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Perplexity, zero-shot accuracy (lm-eval prompts) and speed of MODEL."""
-    from llm_prune.cli.common import emit_json
+    from llm_prune.cli.common import emit_json, json_text
     from llm_prune.evaluate import format_table, parse_tasks, read_text_dataset, read_text_file, write_eval_results
     from llm_prune.evaluate.harness import parse_seq_lens
     from llm_prune.models import resolve_source
@@ -131,7 +130,7 @@ def eval_command(
     try:
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+            output.write_text(json_text(payload) + "\n")
         if record_dir is not None:
             write_eval_results(record_dir, results, name=record)
     except (OSError, UnicodeError) as exc:

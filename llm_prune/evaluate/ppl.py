@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from llm_prune.errors import UserError
-from llm_prune.evaluate.scoring import model_device
+from llm_prune.evaluate.scoring import model_device, not_finite
 from llm_prune.lm_loss import next_token_nll
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 
@@ -98,6 +98,9 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, max_windows: int
             chunk = windows[start:start + batch].to(device)
             total_nll += float(next_token_nll(model, chunk))
             done = min(start + batch, n_windows)
+            if math.isnan(total_nll):  # stays NaN: no need to score the remaining windows
+                raise not_finite(f"its loss on window {start + 1}-{done} of {n_windows} at --seq-len {seq_len} "
+                                 "is NaN")
             scored = done * (seq_len - 1)
             on_event(ProgressEvent(stage=stage, step=done, total=n_windows,
                                    metrics={"ppl": math.exp(total_nll / scored)}))

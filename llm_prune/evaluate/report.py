@@ -96,6 +96,8 @@ def _card_section(all_results: dict) -> str:
 
 def write_eval_results(checkpoint_dir: str | Path, results: dict, name: str = "eval") -> Path:
     """Merge `results` under `name` into `eval_results.json` and fold the table into README.md."""
+    from llm_prune.cli.common import json_text
+
     root = Path(checkpoint_dir)
     root.mkdir(parents=True, exist_ok=True)
     path = root / RESULTS_FILE
@@ -110,7 +112,7 @@ def write_eval_results(checkpoint_dir: str | Path, results: dict, name: str = "e
             stored = {}
     stored[name] = results
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(stored, indent=2, default=str) + "\n")
+    tmp.write_text(json_text(stored) + "\n")
     tmp.replace(path)
 
     card = root / "README.md"

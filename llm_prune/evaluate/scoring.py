@@ -14,8 +14,16 @@ from typing import Sequence
 
 import torch
 
+from llm_prune.errors import UserError
 from llm_prune.evaluate.tasks import Item
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
+
+
+def not_finite(what: str) -> UserError:
+    """A model whose outputs are NaN has no perplexity or accuracy: max() over NaN scores always
+    picks the first choice, which would pass for a (poor) accuracy."""
+    return UserError(f"the model's outputs are not finite (NaN): {what}; its weights are broken "
+                     "(a pruning or conversion gone wrong?)", param="model")
 
 
 def model_device(model) -> torch.device:
@@ -161,6 +169,9 @@ def score_items(model, tokenizer, items: Sequence[Item], *, batch_size: int = 16
         raise ValueError("no items to score")
     requests = [(ctx, cont) for item in items for ctx, cont in zip(item.contexts, item.continuations)]
     flat = loglikelihoods(model, tokenizer, requests, batch_size=batch_size, on_event=on_event, stage=stage)
+    n_nan = sum(math.isnan(v) for v in flat)
+    if n_nan:
+        raise not_finite(f"{n_nan} of {len(flat)} log-likelihoods of {stage.removeprefix('eval:')} are NaN")
     scores, pos = [], 0
     for item in items:
         scores.append(flat[pos:pos + len(item.continuations)])
