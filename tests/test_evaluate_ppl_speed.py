@@ -32,6 +32,21 @@ def test_uniform_model_perplexity_equals_vocab_size(tiny):
     assert "non-overlapping" in result["convention"]
 
 
+def test_perplexity_past_float_range_is_infinite(tiny, capsys):
+    from llm_prune.cli.common import emit_json
+
+    _, tokenizer = tiny
+    # Every token of the text costs ~2000 nats (the model is sure of the pad token): exp overflows.
+    model = FixedLogits(len(tokenizer), favoured=[tokenizer.pad_token_id], boost=2000.0)
+    result = perplexity(model, tokenizer, TEXT, seq_len=16, max_windows=2)
+    assert result["ppl"] == math.inf and result["nll"] == pytest.approx(2000, rel=0.01)
+    assert "inf" in format_table({"ppl_by_seq_len": {"16": result}})
+    emit_json({"ppl": result})
+    stored = json.loads(capsys.readouterr().out)["ppl"]
+    assert stored["ppl"] is None and stored["nll"] == pytest.approx(result["nll"])
+    assert "inf" in format_table({"ppl_by_seq_len": {"16": stored}})  # as read back from eval_results.json
+
+
 def test_perplexity_windows_and_limits(tiny):
     model, tokenizer = tiny
     full = perplexity(model, tokenizer, TEXT, seq_len=32, batch_size=3)

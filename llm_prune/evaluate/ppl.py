@@ -22,6 +22,15 @@ from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 CONVENTION = "non-overlapping windows, exp(mean token loss) (LLM-Pruner)"
 
 
+def exp_loss(mean_nll: float) -> float:
+    """exp(mean loss), infinite past float range (a mean loss above ~709 nats: a badly broken
+    model) instead of math.exp's OverflowError; `nll` keeps the finite mean loss."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
 def read_text_file(path: str | Path) -> str:
     path = Path(path).expanduser()
     if not path.is_file():
@@ -103,9 +112,9 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 128, max_windows: int
                                  "is NaN")
             scored = done * (seq_len - 1)
             on_event(ProgressEvent(stage=stage, step=done, total=n_windows,
-                                   metrics={"ppl": math.exp(total_nll / scored)}))
+                                   metrics={"ppl": exp_loss(total_nll / scored)}))
     on_event(ProgressEvent(stage=stage, step=n_windows, total=n_windows, kind="stage_end"))
     scored = n_windows * (seq_len - 1)
     mean_nll = total_nll / scored
-    return {"ppl": math.exp(mean_nll), "nll": mean_nll, "seq_len": seq_len, "windows": n_windows,
+    return {"ppl": exp_loss(mean_nll), "nll": mean_nll, "seq_len": seq_len, "windows": n_windows,
             "tokens": scored, "text_tokens": int(ids.numel()), "convention": CONVENTION}

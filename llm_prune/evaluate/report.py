@@ -26,7 +26,8 @@ def metric_rows(results: dict) -> list[tuple[str, float, str]]:
     if "params" in results:
         rows.append(("params (M)", results["params"] / 1e6, f"{results['params'] / 1e6:.2f}"))
     for length, p in (results.get("ppl_by_seq_len") or {}).items():
-        rows.append((f"ppl@{length}", p["ppl"], f"{p['ppl']:.3f}"))
+        ppl = math.inf if p["ppl"] is None else p["ppl"]  # JSON keeps an infinite perplexity as null
+        rows.append((f"ppl@{length}", ppl, f"{ppl:.3f}"))
     tasks = results.get("tasks") or {}
     for name in sorted(tasks, key=lambda n: ALL_TASK_NAMES.index(n) if n in ALL_TASK_NAMES else 99):
         r = tasks[name]
