@@ -296,6 +296,7 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
 
     source = resolve_source(spec)
     device = pick_device(device)
+    check_tokenizer_files(source)  # before the weights, which may take minutes to load
     dtype = dtype or default_dtype(device)
     if source.path and not source.gguf_file and is_pruned_checkpoint(source.path):  # a .gguf beside it is its own
         from llm_prune.export import load_pruned
@@ -352,15 +353,32 @@ def _drop_tokens_past(tokenizer, rows: int) -> None:
     tokenizer._tokenizer = Tokenizer.from_str(json.dumps(data))
 
 
+# Files one of which every tokenizer transformers can load from a folder has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+
+
+def check_tokenizer_files(source: ModelSource) -> None:
+    """Refuse a local model folder without any tokenizer file before its weights are loaded."""
+    if not source.is_local or source.gguf_file:  # a GGUF carries its tokenizer
+        return
+    folder = Path(source.path)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+        raise UserError(f"{source.spec} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...): copy "
+                        "the tokenizer files of the model it comes from into the folder", param="model")
+
+
 def _tokenizer(source: ModelSource, load):
-    """`load()`, with a tokenizer file the `tokenizers` library cannot parse (valid JSON, missing
-    vocab or merges) a one-line error: it raises a bare `Exception` for that."""
+    """`load()`, with a tokenizer that cannot be made a one-line error: transformers raises a
+    ValueError when no file it can build one from is there, the `tokenizers` library a bare
+    `Exception` for a file it cannot parse (valid JSON, missing vocab or merges)."""
     try:
         return load()
-    except Exception as exc:  # noqa: BLE001 - narrowed to the bare Exception below
-        if type(exc) is not Exception:
+    except Exception as exc:  # noqa: BLE001 - narrowed below; a hub model's OSError is a fetch failure
+        unreadable = type(exc) is Exception or isinstance(exc, ValueError)
+        if not (unreadable or (source.is_local and isinstance(exc, OSError))):
             raise
-        raise UserError(f"the tokenizer of {source.spec} cannot be read: {first_line(exc, 200)}",
+        raise UserError(f"the tokenizer of {source.spec} is missing or cannot be read: {first_line(exc, 200)}",
                         param="model") from None
 
 

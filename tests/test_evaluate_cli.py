@@ -80,3 +80,19 @@ def test_json_writers_never_write_nan(tmp_path, capsys):
     assert strict(capsys.readouterr().out)["speed"]["x"] == [None, None]
     write_eval_results(tmp_path, results, name="broken")
     assert strict((tmp_path / "eval_results.json").read_text())["broken"]["speed"]["x"] == [None, None]
+
+
+def test_a_folder_without_tokenizer_is_one_line_error(tiny_llama, tmp_path, capsys):
+    import shutil
+
+    notok = shutil.copytree(tiny_llama, tmp_path / "notok")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (notok / name).unlink()
+    code, _, err = _run(capsys, ["eval", str(notok), "--tasks", "boolq", "--limit", "2", "--quiet"])
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"error: {notok} has no tokenizer")
+    # Present but unusable (a tokenizer_config.json alone): the load's failure, on one line.
+    (notok / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    code, _, err = _run(capsys, ["eval", str(notok), "--tasks", "boolq", "--limit", "2", "--quiet"])
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"error: the tokenizer of {notok} is missing or cannot be read")
