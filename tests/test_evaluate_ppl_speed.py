@@ -105,7 +105,7 @@ def test_seq_len_forms():
     assert _seq_lens("128,max", 512) == [128, 512]
     assert _seq_lens(["128", 2048, "128"], 4096) == [128, 2048]
     assert _seq_lens(["MAX", " 64 ,"], 512) == [512, 64]
-    for bad in ("12x", "1", "-5", "", ","):  # the same rule for the CLI flag and the Python call
+    for bad in ("12x", "1", "-5", "", ",", "²", "٣", "1٢8", "１２８"):  # the same rule for the CLI flag and the Python call
         with pytest.raises(UserError, match="--seq-len"):
             _seq_lens(bad, 512)
 

@@ -29,7 +29,8 @@ def parse_seq_lens(seq_len) -> list[int | str]:
     for part in (p.strip().lower() for s in seq_len for p in str(s).split(",")):
         if not part:
             continue
-        if part != "max" and (not part.isdigit() or int(part) < 2):
+        # ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and '٣' (int() reads 3).
+        if part != "max" and (not (part.isascii() and part.isdigit()) or int(part) < 2):
             raise UserError(f"--seq-len takes integers of at least 2 or 'max', got '{part}'", param="seq_len")
         values.append(part if part == "max" else int(part))
     if not values:
