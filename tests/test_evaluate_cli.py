@@ -40,6 +40,10 @@ def test_eval_missing_file_is_one_line_error(tiny_llama, tmp_path, capsys):
     code, _, err = _run(capsys, ["eval", str(tiny_llama), "--tasks", "piqa,nope"])
     assert code == 2 and "unknown task 'nope'" in err
 
+    for empty in ("", " "):  # refused before the evaluation, not silently left unrecorded after it
+        code, _, err = _run(capsys, ["eval", str(tiny_llama), "--speed", "--record", empty])
+        assert code == 2 and err.strip().startswith("error: --record needs a name to store the results under")
+
 
 def _broken_copy(src, dst, name: str, change):
     """A copy of the model folder `src` whose tensor `name` is changed by `change`."""
