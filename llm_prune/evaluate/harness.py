@@ -10,7 +10,7 @@ from llm_prune.errors import UserError
 from llm_prune.evaluate.ppl import perplexity, read_text_file
 from llm_prune.evaluate.scoring import model_max_length, score_items
 from llm_prune.evaluate.speed import SpeedConfig, count_parameters, measure_speed
-from llm_prune.evaluate.tasks import COMMONSENSE_TASKS, PRIMARY_METRIC, load_task, parse_tasks
+from llm_prune.evaluate.tasks import COMMONSENSE_TASKS, PRIMARY_METRIC, check_task_data, load_task, parse_tasks
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 
 
@@ -55,6 +55,7 @@ def evaluate_model(model, tokenizer, *, ppl_file: str | Path | None = None, ppl_
     (mean of each commonsense task's reported metric) when tasks are given; "speed" when asked.
     """
     task_names = parse_tasks(list(tasks) if not isinstance(tasks, str) else tasks)
+    check_task_data(task_names)
     max_len = model_max_length(model, default=2048)
     lens = _seq_lens(seq_len, max_len)
     if ppl_text is not None or ppl_file is not None:

