@@ -374,6 +374,22 @@ WEIGHT_FILES = (("model.safetensors", "model.safetensors.index.json"),
                 ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 
 
+def weight_files(folder: str | Path) -> list[Path]:
+    """The files of `folder` that its model's weights are loaded from ([] when none is there):
+    not every weight-like file in it (a GGUF export beside them, an adapter/ subfolder)."""
+    folder = Path(folder)
+    for single, index in WEIGHT_FILES:
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            try:
+                shards = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values()
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                return []  # an index transformers cannot read either; its load says why
+            return [folder / name for name in sorted(set(shards)) if (folder / name).is_file()]
+    return []
+
+
 def check_model_files(source: ModelSource) -> None:
     """Refuse, from its file names alone, a local model folder that cannot load: without weights or
     without a tokenizer. Cheap: checked for every model before any is evaluated."""

@@ -134,3 +134,23 @@ def test_ppl_text_from_saved_dataset(tmp_path):
     assert read_text_dataset(str(tmp_path / "one")) == "e f"
     with pytest.raises(UserError, match="single split; --split train does not apply"):
         read_text_dataset(str(tmp_path / "one"), split="train")
+
+
+def test_weights_on_disk_are_the_files_the_model_loads(tmp_path):
+    from llm_prune.evaluate.speed import disk_bytes
+
+    folder = tmp_path / "ckpt"
+    (folder / "adapter").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"w" * 1000)
+    (folder / "model-f16.gguf").write_bytes(b"g" * 500)  # an export beside the weights
+    (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"a" * 300)
+    assert disk_bytes(folder) == {"weights_bytes": 1000, "dir_bytes": 1800}
+    assert disk_bytes(folder / "model-f16.gguf") == {"weights_bytes": 500}
+    # Sharded: the shards the index names, not the stale single-file copy of another save.
+    (folder / "model.safetensors").rename(folder / "old.safetensors")
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (folder / shard).write_bytes(b"s" * 200)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+                        "c": "model-00002-of-00002.safetensors"}}))
+    assert disk_bytes(folder)["weights_bytes"] == 400

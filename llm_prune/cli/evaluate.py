@@ -78,7 +78,9 @@ def _evaluate_one(spec: str, *, device: str, text: str | None, lens: list[str], 
 
     source = resolve_source(spec)
     model, tokenizer = load_model(spec, device=device)
-    checkpoint = source.path if source.is_local and Path(source.path).is_dir() and not source.gguf_file else None
+    checkpoint = None  # what --speed reports the size on disk of
+    if source.is_local:
+        checkpoint = Path(source.path) / source.gguf_file if source.gguf_file else source.path
     results = evaluate_model(model, tokenizer, ppl_text=text, seq_len=lens, max_windows=max_windows, tasks=tasks,
                              limit=limit, speed=speed, checkpoint_dir=checkpoint, batch_size=batch_size,
                              on_event=renderer)

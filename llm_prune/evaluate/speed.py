@@ -20,8 +20,6 @@ import torch
 from llm_prune.evaluate.scoring import model_device
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
-
 
 @dataclass
 class SpeedConfig:
@@ -35,11 +33,18 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def disk_bytes(checkpoint_dir: str | Path) -> dict:
-    root = Path(checkpoint_dir)
-    files = [p for p in root.rglob("*") if p.is_file()]
-    weights = sum(p.stat().st_size for p in files if p.name.endswith(WEIGHT_SUFFIXES))
-    return {"weights_bytes": weights, "dir_bytes": sum(p.stat().st_size for p in files)}
+def disk_bytes(checkpoint: str | Path) -> dict:
+    """Bytes of the weights the model is loaded from: a .gguf file, or the weight files of a model
+    folder, not whatever else in it looks like weights (a GGUF export, an adapter/). A folder's
+    `dir_bytes` is everything in it."""
+    from llm_prune.models import weight_files
+
+    path = Path(checkpoint)
+    if path.is_file():
+        return {"weights_bytes": path.stat().st_size}
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return {"weights_bytes": sum(p.stat().st_size for p in weight_files(path)),
+            "dir_bytes": sum(p.stat().st_size for p in files)}
 
 
 class _PeakRss:
@@ -109,7 +114,8 @@ def _run_once(model, ids: torch.Tensor, decode_tokens: int, device: torch.device
 
 def measure_speed(model, tokenizer=None, *, checkpoint_dir: str | Path | None = None,
                   config: SpeedConfig | None = None, on_event: ProgressCallback = null_callback) -> dict:
-    """Throughput and memory of `model`; every number is positive and finite."""
+    """Throughput and memory of `model`; every number is positive and finite. `checkpoint_dir`
+    (a model folder or a .gguf file) adds its size on disk."""
     config = config or SpeedConfig()
     device = model_device(model)
     model.eval()
@@ -117,7 +123,7 @@ def measure_speed(model, tokenizer=None, *, checkpoint_dir: str | Path | None = 
     vocab = _vocab_size(model, tokenizer)
     result: dict = {"device": str(device), "prompt_len": config.prompt_len, "decode_tokens": config.decode_tokens,
                     "params": count_parameters(model), "config": asdict(config), "runs": []}
-    if checkpoint_dir is not None and Path(checkpoint_dir).is_dir():
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists():
         result.update(disk_bytes(checkpoint_dir))
     steps = len(config.batch_sizes)
     on_event(ProgressEvent(stage="speed", step=0, total=steps, kind="stage_start"))
