@@ -149,3 +149,19 @@ def test_compare_failing_midway_keeps_the_first_models_results(tiny_llama, tmp_p
     shown = json.loads(out)
     assert shown["compare"] is None and shown["model"]["ppl"]["windows"] > 0
     assert json.loads(out_file.read_text()) == shown
+
+
+def test_quiet_and_json_silence_the_bars_transformers_draws_while_loading(tiny_llama, tmp_path, capsys):
+    from transformers.utils import logging as hf_logging
+
+    from llm_prune.gguf_export import export_gguf
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(CORPUS * 6))
+    gguf = export_gguf(tiny_llama, tmp_path / "tiny.gguf", "f32")["path"]
+    capsys.readouterr()
+    for model, flag in [(tiny_llama, "--quiet"), (gguf, "--json")]:  # "Loading weights", GGUF dequantizing
+        code, _, err = _run(capsys, ["eval", str(model), "--ppl", str(text), "--seq-len", "16", "--max-windows", "1",
+                                     flag])
+        assert code == 0 and "it/s" not in err and "Loading weights" not in err, err
+    assert hf_logging.is_progress_bar_enabled()  # for this command only

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
@@ -31,6 +33,25 @@ def _check_not_an_input(output: Path, sources, files) -> None:
         if target == root or (root.is_dir() and root in target.parents):
             raise UserError(f"--output {output} is inside the model folder {source.path}; give a file elsewhere "
                             "(--record stores results with the model)", param="output")
+
+
+@contextmanager
+def _library_bars_off():
+    """Silence the bars transformers draws itself while loading (weights, a GGUF's dequantizing,
+    the alias cache's save), which --quiet and --json promise too; restored afterwards. The GGUF
+    bar is a plain tqdm that transformers' switch does not reach: it is made a disabled one."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_loading
+    from transformers.utils import logging as hf_logging
+
+    was_enabled, gguf_bar = hf_logging.is_progress_bar_enabled(), gguf_loading.tqdm
+    hf_logging.disable_progress_bar()
+    gguf_loading.tqdm = partial(gguf_bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_loading.tqdm = gguf_bar
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _check_models(sources, lens, measures_ppl: bool) -> None:
@@ -160,12 +181,13 @@ def eval_command(
                   batch_size=batch_size, speed=speed, renderer=renderer)
     other = failed = None
     try:
-        results = _evaluate_one(model, **common)
-        if compare:
-            try:
-                other = _evaluate_one(compare, **common)
-            except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - raised again once MODEL's results are out
-                failed = exc
+        with _library_bars_off() if quiet or as_json else nullcontext():
+            results = _evaluate_one(model, **common)
+            if compare:
+                try:
+                    other = _evaluate_one(compare, **common)
+                except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - raised again once MODEL's are out
+                    failed = exc
     finally:
         renderer.close()
     payload = {"model": results, "compare": other} if compare else results
