@@ -39,6 +39,17 @@ def test_prompt_formats_follow_lm_eval():
     assert shot.count("\nAnswer:") == 6  # five solved examples and the question
 
 
+def test_acc_norm_divides_by_the_choices_lm_eval_builds():
+    # lm-eval scores " " + choice and divides by len(choice), the choice unstripped.
+    piqa = load_task("piqa", 2)[1]
+    assert piqa.choices == ["replace drawer with bobby pin ", "finish, woodgrain with  bobby pin "]  # raw sol1/sol2
+    hella = load_task("hellaswag", 3244)[3243]  # preprocess() keeps the space a removed "[header]" leaves
+    assert hella.choices[0].startswith(" Many high schools") and hella.choices[3].startswith(" Earn a bachelor")
+    for item in (piqa, hella, load_task("arc_easy", 1)[0]):
+        assert item.continuations == [" " + c for c in item.choices]
+    assert load_task("boolq", 1)[0].choices == ["no", "yes"] and load_task("mmlu", 1)[0].choices == list("ABCD")
+
+
 def test_full_split_sizes():
     # The splits lm-eval scores: ARC and OpenBookQA test, the others validation.
     assert len(load_task("arc_challenge")) == 1172

@@ -54,7 +54,9 @@ DATA = {
 class Item:
     """One multiple-choice question: choice i is scored as log P(continuations[i] | contexts[i]).
 
-    `choices` are the answer strings whose character length lm-eval uses for acc_norm."""
+    `choices` are the answer strings whose character length lm-eval uses for acc_norm, as its task
+    builds them: by default each continuation without lm-eval's target delimiter (one space),
+    otherwise untouched (HellaSwag's preprocess() and PIQA's solutions can keep a space at either end)."""
 
     contexts: list[str]
     continuations: list[str]
@@ -63,7 +65,7 @@ class Item:
 
     def __post_init__(self):
         if not self.choices:
-            self.choices = [c.strip() for c in self.continuations]
+            self.choices = [c.removeprefix(" ") for c in self.continuations]
 
 
 def _data_root() -> Path:
