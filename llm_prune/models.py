@@ -296,10 +296,11 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
 
     source = resolve_source(spec)
     device = pick_device(device)
-    check_tokenizer_files(source)  # before the weights, which may take minutes to load
     dtype = dtype or default_dtype(device)
     if source.path and not source.gguf_file and is_pruned_checkpoint(source.path):  # a .gguf beside it is its own
         from llm_prune.export import load_pruned
+
+        check_tokenizer_files(source)  # before the weights, which may take minutes to load
 
         try:
             model = _complete(source, lambda **kw: load_pruned(source.path, dtype=dtype, device=device, **kw))
@@ -310,7 +311,8 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
         # Passing our config keeps the tokenizer from resolving the folder's auto_map (remote code).
         tokenizer = _tokenizer(source, lambda: AutoTokenizer.from_pretrained(source.path, config=model.config))
         return _finish(model, tokenizer)
-    config = load_config(source)
+    config = load_config(source)  # an architecture llm-prune does not prune is said first
+    check_tokenizer_files(source)
     kwargs: dict = {"dtype": dtype}
     if device == "auto":
         # Shard across visible GPUs only: CPU/disk offload would break gradient flow while scoring.
