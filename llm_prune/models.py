@@ -301,7 +301,6 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
         from llm_prune.export import load_pruned
 
         check_tokenizer_files(source)  # before the weights, which may take minutes to load
-
         try:
             model = _complete(source, lambda **kw: load_pruned(source.path, dtype=dtype, device=device, **kw))
         except OSError as exc:  # e.g. the weights renamed: from_pretrained finds no model.safetensors

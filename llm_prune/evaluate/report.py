@@ -98,6 +98,7 @@ def _card_section(all_results: dict) -> str:
 def write_eval_results(checkpoint_dir: str | Path, results: dict, name: str = "eval") -> Path:
     """Merge `results` under `name` into `eval_results.json` and fold the table into README.md."""
     from llm_prune.cli.common import json_text
+    from llm_prune.paths import write_text_atomic
 
     root = Path(checkpoint_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -112,9 +113,7 @@ def write_eval_results(checkpoint_dir: str | Path, results: dict, name: str = "e
             path.replace(path.with_name(f"{RESULTS_FILE}.unreadable-{int(time.time())}"))
             stored = {}
     stored[name] = results
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json_text(stored) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json_text(stored) + "\n")
 
     card = root / "README.md"
     text = card.read_text() if card.exists() else ""
