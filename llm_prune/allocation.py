@@ -20,6 +20,7 @@ from llm_prune.errors import UserError
 from llm_prune.importance import Scores
 from llm_prune.plan import LayerPlan, PrunePlan, UnitCosts
 from llm_prune.recipe import PRUNING_DEFAULTS as _DEFAULT
+from llm_prune.recipe import leading_layers_kept
 
 
 @dataclass
@@ -122,10 +123,8 @@ def prunable_layers(n_layers: int, cfg: AllocationConfig) -> list[int]:
     layers whole; adaptive allocation decides that itself, from layer importance."""
     if cfg.allocation != "uniform":
         return list(range(n_layers))
-    # The first layers change the hidden state most (cos(h_in, h_out) near 0 for layer 0):
-    # pruning them costs far more than their share of parameters.
-    first = max(1, round(0.1 * n_layers)) if cfg.skip_first is None else cfg.skip_first
-    return list(range(first, n_layers - cfg.skip_last))
+    # Pruning the first layers costs far more than their share of parameters.
+    return list(range(leading_layers_kept(n_layers, cfg.skip_first), n_layers - cfg.skip_last))
 
 
 def allocate(scores: Scores, costs: UnitCosts, target_params: int, cfg: AllocationConfig,

@@ -208,11 +208,24 @@ class PruningConfig(_Strict):
         if self.prune_layers is not None and self.prune_layers >= n_layers:
             raise UserError(f"--prune-layers {self.prune_layers}: the model has {n_layers} layers, and at least one "
                             "must stay", param="pruning.prune_layers")
-        first = max(1, round(0.1 * n_layers)) if self.skip_first is None else self.skip_first
-        if self.allocation == "uniform" and not self.portable and first + self.skip_last >= n_layers \
-                and (self.prune_attention or self.prune_mlp):
+        if self.allocation != "uniform" or self.portable:
+            return
+        first = leading_layers_kept(n_layers, self.skip_first)
+        open_layers = max(0, n_layers - first - self.skip_last)
+        if not open_layers and (self.prune_attention or self.prune_mlp):
             raise UserError(f"--skip-first {first} and --skip-last {self.skip_last} leave none of the model's "
                             f"{n_layers} layers to prune", param="pruning.skip_first")
+        # Uniform allocation drops whole layers only among those it may cut (allocation._drop_layers).
+        if self.prune_layers is not None and self.prune_layers > open_layers:
+            raise UserError(f"--prune-layers {self.prune_layers}: --skip-first {first} and --skip-last "
+                            f"{self.skip_last} leave {open_layers} of the model's {n_layers} layers to drop",
+                            param="pruning.prune_layers")
+
+
+def leading_layers_kept(n_layers: int, skip_first: int | None) -> int:
+    """Uniform allocation's protected first layers: `skip_first`, or by default the first 10%
+    (at least one), which change the hidden state most (cos(h_in, h_out) near 0 for layer 0)."""
+    return max(1, round(0.1 * n_layers)) if skip_first is None else skip_first
 
 
 # Each pruning field's default, for code that takes it as a keyword default (not a copy).

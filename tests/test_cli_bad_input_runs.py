@@ -385,3 +385,21 @@ def test_a_full_disk_under_a_writer_that_is_not_pythons_is_one_line(tiny_llama, 
     lines = [ln.strip() for ln in shown.splitlines() if ln.strip().startswith("error:")]
     assert code == 1 and len(lines) == 1 and lines[0].startswith("error: no space left on the disk"), err
     assert "Traceback" not in err
+
+
+def test_more_layer_drops_than_uniform_may_cut_are_refused_before_any_stage(tiny_llama, tmp_path, capsys):
+    """Uniform allocation drops layers only among those --skip-first/--skip-last leave (2 of the
+    tiny model's 4 by default); a third was found only inside the prune stage, after the dense
+    evaluation had run (and, over HTTP, after the job was accepted)."""
+    from transformers import AutoConfig
+
+    from llm_prune.recipe import PruningConfig
+
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    line = _one_error(capsys, "run", str(tiny_llama), "--ratio", "0.5", "--recovery", "none", "--eval-ppl",
+                      str(tmp_path / "t.txt"), "--prune-layers", "3", "-o", str(tmp_path / "job"))
+    assert "--prune-layers 3: --skip-first 1 and --skip-last 1 leave 2 of the model's 4 layers to drop" in line
+    assert not (tmp_path / "job" / "baseline").exists()
+    config = AutoConfig.from_pretrained(tiny_llama)
+    PruningConfig(prune_layers=3, skip_first=0).check_fits(config)  # three layers open
+    PruningConfig(prune_layers=3, allocation="adaptive").check_fits(config)  # adaptive protects none

@@ -158,6 +158,7 @@ def test_submit_minimal_and_full(env, tiny_llama):
     ({**MIN, "pruning": {"prune_attention": False, "prune_mlp": False}}, "pruning", None),
     ({**MIN, "pruning": {"prune_layers": 1_000_000}}, "pruning.prune_layers", None),
     ({**MIN, "pruning": {"skip_first": 1_000_000}}, "pruning.skip_first", None),
+    ({**MIN, "pruning": {"prune_layers": 27}}, "pruning.prune_layers", None),  # 26 of 30 open to uniform
 ])
 def test_submit_validation_errors(env, body, param, code):
     client, _, _, (alice, _) = env
