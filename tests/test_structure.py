@@ -147,4 +147,5 @@ def test_whole_layers_never_come_from_the_protected_ends(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["prune", str(src), "--ratio", "0.3", "--skip-first", "3", "--skip-last", "3", "--prune-layers", "5",
               "-o", str(tmp_path / "q")])
-    assert "cannot drop 5 layers: 4 are not protected" in capsys.readouterr().err
+    assert "--prune-layers 5: --skip-first 3 and --skip-last 3 leave 4 of the model's 10 layers to drop" \
+        in capsys.readouterr().err
