@@ -368,6 +368,9 @@ class Job:
                 != (self.recipe.recovery.method == "none"):
             conflicts.append("recovery.method")  # selection ran (or was skipped) for recovery on or off
         if conflicts:
+            # A local model is fingerprinted by its files' metadata (input_fingerprints), not content.
+            conflicts = [c.replace("the content of model", "the model's files (names, sizes or modification "
+                                   "times)") for c in conflicts]
             shown = ", ".join(conflicts[:5]) + (f" and {len(conflicts) - 5} more" if len(conflicts) > 5 else "")
             raise UserError(f"{self.out} holds finished stages of another recipe (differs in {shown}); give another "
                             "--output, or delete it to start over", param="output")
