@@ -79,8 +79,9 @@ def write_selection(selection: Selection, out_dir: str | Path) -> dict[str, str]
     """Write selected.jsonl (normalised records with source ids), report.json and report.png."""
     from data_selection.report import plot_report
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from llm_prune.paths import make_dir
+
+    out = make_dir(out_dir)
     # Written beside and renamed into place: a failure midway leaves an earlier selection whole.
     staged = {name: out / f".{Path(name).stem}.partial{Path(name).suffix}" for name in SELECTION_FILES}
     try:

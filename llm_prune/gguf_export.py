@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from llm_prune.errors import UserError
+from llm_prune.paths import check_replaceable_file
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 EXPORTABLE_TYPES = ("llama", "mistral")  # the families llama.cpp runs as `llama` / `deci`
@@ -327,6 +328,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16", for
                         param="output") from None
     if is_dir:
         raise UserError(f"output {out} is a directory; give a .gguf file name", param="output")
+    check_replaceable_file(out)  # --force replaces an older export, never a device, a pipe or a link
     _check_not_checkpoint_file(src, out)
     if exists and not force:
         raise UserError(f"output {out} exists; pass --force to overwrite it", param="output")

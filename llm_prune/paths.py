@@ -3,15 +3,29 @@ client uses them too)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 from llm_prune.errors import UserError
 
 
+def check_utf8(path: str | Path, param: str, label: str) -> None:
+    """A name in another encoding (kept by Python as surrogates) cannot be written into the JSON and
+    text files that record where outputs went: refused before the work, not after it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path)[:80].encode("utf-8", "backslashreplace").decode("utf-8")
+        raise UserError(f"{label} {shown} is not UTF-8 text (bytes of another encoding?); give it in UTF-8",
+                        param=param) from None
+
+
 def check_output_dir(path: str | Path, param: str = "output", label: str = "output") -> Path:
     """Fail before any work unless PATH is a directory or can be created as one: nothing on its way
-    may be an existing file (or a dangling link), and the nearest existing folder must be writable."""
+    may be an existing file (or a dangling link), and the nearest existing folder must be writable.
+    Returns the path to use (`~` expanded, as inputs are)."""
+    check_utf8(path, param, label)
     out = Path(path).expanduser()
     try:
         if out.exists():
@@ -40,7 +54,8 @@ def check_output_dir(path: str | Path, param: str = "output", label: str = "outp
 
 def check_output_file(path: str | Path, param: str = "output", label: str = "output") -> Path:
     """Fail before any work unless PATH can be written as a file: not a directory, not a name the
-    file system refuses, in a folder that exists or can be created."""
+    file system refuses, in a folder that exists or can be created. Returns the path to use."""
+    check_utf8(path, param, label)
     out = Path(path).expanduser()
     try:
         is_dir = out.is_dir()
@@ -49,8 +64,33 @@ def check_output_file(path: str | Path, param: str = "output", label: str = "out
                         param=param) from None
     if is_dir:
         raise UserError(f"{label} {path} is a directory; give a file name", param=param)
+    check_replaceable_file(out, param=param, label=label)
     check_output_dir(out.parent, param=param, label=label)
     return out
+
+
+def check_replaceable_file(out: Path, param: str = "output", label: str = "output") -> None:
+    """Outputs are written beside and renamed over: over a device or a pipe that would replace the
+    node itself (as root, /dev/null), and over a link to nothing or a loop of links, the link."""
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"{label} {out} is a link to nothing (or a loop of links); give a file name", param=param)
+    if out.exists() and not out.is_file():
+        raise UserError(f"{label} {out} is not a regular file (a device or a pipe); give a file name", param=param)
+
+
+def make_dir(path: str | Path, param: str = "output", label: str = "output") -> Path:
+    """mkdir -p, where a folder the checks could not foresee refusing it (/proc, /sys, a race) is
+    one line rather than a traceback."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{label} {path} cannot be created: a file is in its way", param=param) from None
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise  # the disk, not the path: reported as such
+        raise UserError(f"{label} {path} cannot be created: {exc.strerror or exc}", param=param) from None
+    return path
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_prune.errors import UserError
-from llm_prune.paths import check_output_dir, write_text_atomic
+from llm_prune.paths import check_output_dir, make_dir, write_text_atomic
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 from llm_prune.recipe import Recipe
 from llm_prune.workload import adapt_accel_steps, budget_count
@@ -86,7 +86,7 @@ def _stage(name: str, describe: str):
 class Job:
     def __init__(self, recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback):
         self.recipe, self.out, self.emit = recipe, Path(out_dir), on_event
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_dir(self.out)
         self.current: str | None = None
         self.work: dict[str, dict[str, float]] = {}
         self._records: list | None = None
@@ -401,7 +401,7 @@ class Job:
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, on_event: ProgressCallback = null_callback) -> dict:
     """Run (or resume) the job described by `recipe` in `out_dir`; returns the summary."""
-    check_output_dir(out_dir)
+    out_dir = check_output_dir(out_dir)
     recipe.check_files()
     if recipe.data.pool:
         from data_selection.selection import check_output_beside_pool
@@ -454,7 +454,7 @@ def _only_run(out: Path):
     goes with the process that holds it, so a killed run leaves nothing to clean up."""
     import fcntl
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     with open(out / ".lock", "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

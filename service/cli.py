@@ -367,7 +367,7 @@ def jobs_download(job_id: str, out: Path = typer.Option(Path("."), help="directo
 
     from llm_prune.paths import check_output_dir
 
-    check_output_dir(out, param="out", label="--out")  # before the progress bar and any request
+    out = check_output_dir(out, param="out", label="--out")  # before the progress bar and any request
     with _client() as client, tqdm(unit="B", unit_scale=True, desc=checkpoint) as bar:
         def progress(n: int, total: int) -> None:
             bar.total = total

@@ -403,3 +403,42 @@ def test_more_layer_drops_than_uniform_may_cut_are_refused_before_any_stage(tiny
     config = AutoConfig.from_pretrained(tiny_llama)
     PruningConfig(prune_layers=3, skip_first=0).check_fits(config)  # three layers open
     PruningConfig(prune_layers=3, allocation="adaptive").check_fits(config)  # adaptive protects none
+
+
+def test_outputs_that_are_nodes_links_or_names_the_work_cannot_keep(tiny_llama, tmp_path, capsys, monkeypatch):
+    """--force replaced a pipe (as root, /dev/null) with the GGUF file; a link to nothing was written
+    through without --force; a loop of links as eval's --output was a traceback; `--output=~/x`
+    (no shell expands that `~`) was checked under the home folder and written to a folder named `~`;
+    a folder /proc refuses was a traceback; a name in another encoding failed after the whole prune;
+    a newline in a value split the error over two lines."""
+    import os
+    import stat
+
+    fifo = tmp_path / "pipe.gguf"
+    os.mkfifo(fifo)
+    assert "is not a regular file" in _one_error(capsys, "export", str(tiny_llama), "-o", str(fifo), "--force")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    dangling = tmp_path / "gone.gguf"
+    dangling.symlink_to(tmp_path / "nowhere" / "x.gguf")
+    assert "link to nothing" in _one_error(capsys, "export", str(tiny_llama), "-o", str(dangling), "--force")
+    assert dangling.is_symlink()
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "t.txt").write_text("hello world " * 50)
+    assert "loop of links" in _one_error(capsys, "eval", str(tiny_llama), "--ppl", str(tmp_path / "t.txt"),
+                                         "--output", str(tmp_path / "loop1"))
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"instruction": "a", "output": "b"}\n' * 4)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(capsys, "select", str(pool), "--method", "random", "--budget", "2", "--output=~/sel")
+    assert code == 0, err
+    assert (tmp_path / "home" / "sel" / "selected.jsonl").is_file() and not (tmp_path / "~").exists()
+    assert re.search("cannot be (created|written)",  # root passes the permission check; mkdir still fails
+                     _one_error(capsys, "select", str(pool), "--method", "random", "-o", "/proc/llmx"))
+    assert "is not UTF-8" in _one_error(capsys, "prune", str(tiny_llama), "--ratio", "0.2",
+                                        "-o", str(tmp_path / "bad\udcff"))
+    assert not list(tmp_path.glob("bad*"))
+    assert "--record" in _one_error(capsys, "eval", str(tiny_llama), "--ppl", str(tmp_path / "t.txt"),
+                                    "--record", "x\udcff")
+    assert "'pi\\nqa'" in _one_error(capsys, "eval", str(tiny_llama), "--tasks", "pi\nqa")

@@ -55,14 +55,20 @@ def _disk_full(exc: BaseException) -> str | None:
     return None
 
 
+def _one_line(text: str) -> str:
+    """A message quoting what the user typed stays one line: control characters (a newline in a
+    value, an escape sequence) are shown escaped, not acted on."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def main(argv: list[str] | None = None) -> None:
     click = _click_exceptions()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _register()
     try:
+        _register()  # the commands' imports take a moment: a Ctrl-C during them is an interruption too
         code = app(args=argv, standalone_mode=False)
     except UserError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"error: {_one_line(exc.message)}", file=sys.stderr)
         sys.exit(2)
     except click.NoArgsIsHelpError as exc:  # `llm-prune jobs` alone: the group's help, as click shows it
         exc.show()
@@ -70,10 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.UsageError as exc:  # a mistyped option or value: one line, like every other refusal
         command = exc.ctx.command_path.partition(" ")[2] if exc.ctx is not None else ""
         hint = f" (llm-prune {command} --help)".replace("  ", " ") if exc.ctx is not None else ""
-        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        print(f"error: {_one_line(exc.format_message())}{hint}", file=sys.stderr)
         sys.exit(2)
     except click.ClickException as exc:
-        print(f"error: {exc.format_message()}", file=sys.stderr)
+        print(f"error: {_one_line(exc.format_message())}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except UnicodeEncodeError as exc:
         if "surrogates not allowed" not in str(exc):

@@ -162,12 +162,15 @@ def eval_command(
     if output is not None:
         from llm_prune.paths import check_output_file
 
-        check_output_file(output, label="--output")
+        output = check_output_file(output, label="--output")
         _check_not_an_input(output, sources, [ppl, ppl_dataset])
     record_dir = None
     if record is not None:  # `--record ''` too: it would otherwise store nothing without a word
         if not record.strip():
             raise UserError("--record needs a name to store the results under, e.g. --record pruned", param="record")
+        from llm_prune.paths import check_utf8
+
+        check_utf8(record, "record", "--record")  # the name goes into eval_results.json and the card
         source = sources[0]
         if not (source.is_local and Path(source.path).is_dir()) or source.gguf_file:
             raise UserError("--record needs MODEL to be a local model directory", param="record")

@@ -49,7 +49,7 @@ def register(app: typer.Typer) -> None:
         for unused in recipe.pruning.unused_settings():  # told, not refused, as `run` does
             typer.echo(f"warning: {unused}", err=True)
         recipe.check_files()
-        check_output_dir(output)
+        output = check_output_dir(output)
         _check_not_input(model, output)
         _check_output_is_ours(output)
         if recipe.export.gguf:

@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"pool not found: {pool}", param="pool")
         from llm_prune.paths import check_output_dir
 
-        check_output_dir(output)
+        output = check_output_dir(output)
         check_output_beside_pool(pool, output)
         _check_output_is_ours(output)
         method = data.selection
