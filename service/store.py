@@ -494,6 +494,8 @@ class Store:
             status, fields = "queued", {}
             message = f"{reason}; retrying (attempt {job.attempts} of {job.max_attempts} used)"
         with self.session.begin() as s:
+            if self._cancel_run(s, job_id, worker_id, now, f"{reason}; the job was being cancelled: cancelled"):
+                return "cancelled"
             won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker_id,
                                                  JobRow.status == "running")
                             .values(status=status, lease_owner=None, lease_expires=None, updated_at=now,
@@ -503,11 +505,29 @@ class Store:
                                message=message, metrics={"status": status}))
         return status if won else None
 
+    def _cancel_run(self, s: Session, job_id: str, worker_id: str, now: float, message: str) -> bool:
+        """A run that ends without an outcome (its process died, its worker shut down) of a job whose
+        cancel was accepted ends the job `cancelled`: queued again, it would run once more against
+        what the client was told."""
+        won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker_id,
+                                             JobRow.status == "running", JobRow.cancel_requested.is_(True))
+                        .values(status="cancelled", finished_at=now, lease_owner=None, lease_expires=None,
+                                updated_at=now)).rowcount > 0
+        if won:
+            stage = s.scalar(select(JobRow.stage).where(JobRow.id == job_id))
+            s.add(EventRow(job_id=job_id, created_at=now, kind="warning", stage=stage or "job", message=message,
+                           metrics={"status": "cancelled"}))
+        return won
+
     def release(self, job_id: str, worker_id: str) -> bool:
-        """A worker shutting down hands its job back; the attempt does not count, and the events say
-        so (the next start reads as the same attempt again)."""
+        """A worker shutting down hands its job back (or ends it `cancelled` if a cancel was accepted);
+        the attempt does not count, and the events say so (the next start reads as the same attempt
+        again)."""
         now = time.time()
         with self.session.begin() as s:
+            if self._cancel_run(s, job_id, worker_id, now, "the worker shut down while the job was being "
+                                                             "cancelled; job cancelled"):
+                return True
             won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker_id,
                                                  JobRow.status == "running")
                             .values(status="queued", lease_owner=None, lease_expires=None, updated_at=now,

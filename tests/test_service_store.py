@@ -259,3 +259,17 @@ def test_an_idempotency_key_returns_the_job_it_made(store):
     assert store.delete_job("k1", first.id)
     fresh = store.create_job("k1", "m", {"model": "m"}, {"model": "m"}, max_attempts=2, idempotency_key="abc")
     assert fresh.id != first.id
+
+
+def test_an_accepted_cancel_survives_a_worker_shutdown_and_a_dead_job_process(store):
+    """release (the worker stopped gracefully) and requeue (the job process died) queued a job whose
+    cancel had been accepted: it ran again."""
+    for hand_back in (lambda j: store.release(j, "w1"), lambda j: store.requeue(j, "w1", "killed by SIGKILL")):
+        job = _job(store)
+        store.claim("w1", "cpu", 30)
+        assert store.request_cancel("k1", job.id)[1]
+        assert hand_back(job.id) in (True, "cancelled")
+        row = store.get_job(job.id)
+        assert (row.status, row.lease_owner) == ("cancelled", None) and row.finished_at is not None
+        assert store.list_events(job.id)[0][-1].metrics == {"status": "cancelled"}
+        assert store.claim("w2", "cpu", 30) is None
