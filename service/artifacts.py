@@ -148,9 +148,13 @@ def build_manifest(job_dir: Path, name: str) -> dict | None:
         return None
     cache = job_dir / "manifests" / f"{name}.json"
     if cache.exists():
-        cached = json.loads(cache.read_text())
-        if _unchanged(root, cached["files"], cache.stat().st_mtime):
-            return cached
+        try:
+            cached = json.loads(cache.read_text())
+            if _unchanged(root, cached["files"], cache.stat().st_mtime):
+                return cached
+        # Only a cache: one cut short (a crash mid-write, a full disk, a hand edit) is rebuilt, not a 500.
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
     _scrub_files(root, job_dir.parent.parent)  # job_dir is <data_dir>/jobs/<id>
     files = checkpoint_files(root)
     entries = [{"name": f, "bytes": (root / f).stat().st_size, "sha256": _sha256_file(root / f)} for f in files]

@@ -114,6 +114,20 @@ def test_checkpoint_files_removed_on_the_server_are_not_announced(env):
     assert client.get(ckpt["archive_url"], headers=alice).status_code == 200
 
 
+def test_a_corrupt_manifest_cache_is_rebuilt_not_a_500(env):
+    client, store, settings, alice = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    _publish(store, settings, job_id, {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"w" * 100})
+    (ckpt,) = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice).json()["data"]
+    cache = settings.job_dir(job_id) / "manifests" / "final.json"
+    for broken in ("", "{}", '{"files": 3}', '{"files": [{"bytes": 1}]}', "[]", "\xff"):
+        cache.write_text(broken)
+        r = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice)
+        assert r.status_code == 200 and r.json()["data"] == [ckpt], broken
+        cache.write_text(broken)
+        assert client.get(ckpt["archive_url"], headers=alice).status_code == 200, broken
+
+
 def test_an_upload_gone_from_disk_is_refused_without_its_server_path(env):
     client, _, settings, alice = env
     pool = _upload(client, alice, "pool.jsonl", b'{"instruction": "a", "output": "b"}\n').json()
