@@ -102,13 +102,29 @@ def main(argv: list[str] | None = None) -> int:
         send("result", summary=summary)
         return 0
     except UserError as exc:
-        send("error", message=exc.message, param=exc.param, code=exc.code, user=True)
+        send("error", message=exc.message[:MAX_MESSAGE], param=exc.param, code=exc.code, user=True)
         return 2
-    except Exception as exc:  # noqa: BLE001 - reported to the job, traceback kept in the log
+    # BaseException: a stage that raises KeyboardInterrupt or SystemExit is a failed job, said as
+    # such; unreported, the worker took it for a killed process and ran it twice more. (The worker
+    # stops a job with SIGTERM/SIGKILL, which no handler here turns into an exception.)
+    except BaseException as exc:  # noqa: BLE001 - reported to the job, traceback kept in the log
         traceback.print_exc()
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        send("error", message=f"{type(exc).__name__}: {first}", param=None, code="pipeline_error", user=False)
+        send("error", message=describe(exc), param=None, code="pipeline_error", user=False)
         return 1
+
+
+MAX_MESSAGE = 2000  # a job's error message is one line for people, not the stage's whole output
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: first line of the message`, at most MAX_MESSAGE characters, even for an exception
+    whose __str__ raises (that escaped the report, and the job was retried as a dead process)."""
+    try:
+        lines = str(exc).strip().splitlines()
+    except Exception:  # noqa: BLE001
+        lines = ["(its message could not be formatted)"]
+    name = type(exc).__name__
+    return (f"{name}: {lines[0]}" if lines else name)[:MAX_MESSAGE]
 
 
 if __name__ == "__main__":

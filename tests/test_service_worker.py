@@ -87,6 +87,25 @@ def test_runner_reports_a_bad_recipe_as_user_error(tmp_path):
     assert msg["type"] == "error" and msg["user"] and msg["param"] == "budget.ratio"
 
 
+def test_runner_reports_any_exception_of_a_stage_in_one_short_line(tmp_path):
+    """A stage raising KeyboardInterrupt or SystemExit, or an exception whose __str__ raises, went
+    unreported: the job was retried as a dead process; a 5 MB message was stored whole."""
+    (tmp_path / "recipe.json").write_text("{}")
+    faults = {"KeyboardInterrupt()": "KeyboardInterrupt", "SystemExit(0)": "SystemExit: 0",
+              "BadStr()": "BadStr: (its message could not be formatted)", "ValueError('x' * 5_000_000)": None}
+    for raised, message in faults.items():
+        script = ("import sys, llm_prune.recipe as recipe, service.runner as runner\n"
+                  "class BadStr(Exception):\n    def __str__(self): raise RuntimeError('no')\n"
+                  f"def parse(_): raise {raised}\n"
+                  "recipe.parse_recipe = parse\n"
+                  f"sys.exit(runner.main([{str(tmp_path)!r}, '--parent-pid', str(__import__('os').getppid())]))\n")
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        (line,) = proc.stdout.splitlines()
+        msg = json.loads(line)
+        assert proc.returncode == 1 and msg["type"] == "error" and not msg["user"], raised
+        assert msg["message"] == (message or "ValueError: " + "x" * 1988) and len(msg["message"]) <= 2000
+
+
 def test_runner_exits_when_its_parent_is_gone(tmp_path):
     (tmp_path / "recipe.json").write_text("{}")
     proc = subprocess.run([sys.executable, "-m", "service.runner", str(tmp_path), "--parent-pid", "1"],
