@@ -448,6 +448,9 @@ def _check_out_of_model(model: str, out: Path) -> None:
                             param="output")
 
 
+RUN_IN_PROGRESS = "run_in_progress"  # the UserError code of a folder another run holds (the job service waits)
+
+
 @contextlib.contextmanager
 def _only_run(out: Path):
     """One run per job folder: a second one would restart the stages the first is writing. The lock
@@ -460,7 +463,7 @@ def _only_run(out: Path):
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"another `llm-prune run` is working in {out}; wait for it to end, or give another "
-                            "--output", param="output") from None
+                            "--output", param="output", code=RUN_IN_PROGRESS) from None
         yield
 
 

@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe.check_files()
         from llm_prune.pipeline import run_recipe
 
-        summary = run_recipe(recipe, job_dir / "run", on_event=lambda e: send("event", **e.to_dict()))
+        summary = _run_when_free(lambda: run_recipe(recipe, job_dir / "run",
+                                                    on_event=lambda e: send("event", **e.to_dict())))
+        if summary is None:
+            return FOLDER_BUSY
         send("result", summary=summary)
         return 0
     except UserError as exc:
@@ -111,6 +114,30 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         send("error", message=describe(exc), param=None, code="pipeline_error", user=False)
         return 1
+
+
+# The job's folder is locked by another process only when an earlier attempt's process is still
+# being stopped (its worker lost the lease): wait for it, then hand the job back unreported (the
+# worker requeues a job process that exits without a result) rather than fail it as the user's fault.
+FOLDER_WAIT_S = 30.0
+FOLDER_BUSY = 75  # EX_TEMPFAIL
+
+
+def _run_when_free(run):
+    from llm_prune.errors import UserError
+    from llm_prune.pipeline import RUN_IN_PROGRESS
+
+    deadline = time.monotonic() + FOLDER_WAIT_S
+    while True:
+        try:
+            return run()
+        except UserError as exc:
+            if exc.code != RUN_IN_PROGRESS:
+                raise
+            if time.monotonic() > deadline:
+                print(f"gave up waiting: {exc.message}", file=sys.stderr)
+                return None
+            time.sleep(0.5)
 
 
 MAX_MESSAGE = 2000  # a job's error message is one line for people, not the stage's whole output

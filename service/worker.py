@@ -170,9 +170,13 @@ class Worker:
             self._terminate(proc)
             self.store.release(job_id, self.id)
 
-    def _release(self, job_id: str) -> None:
+    def _release(self, job_id: str, reason: str | None = None) -> None:
+        """Hand a job back: released (the attempt does not count), or requeued for `reason`."""
         try:
-            self.store.release(job_id, self.id)
+            if reason is None:
+                self.store.release(job_id, self.id)
+            else:
+                self.store.requeue(job_id, self.id, reason)
         except Exception:  # noqa: BLE001 - out of touch with the database: its lease runs out instead
             self.outage.failed(f"handing back {job_id}")
 
@@ -204,19 +208,25 @@ class Worker:
                 self._terminate(spare)
         proc = proc or self._spawn(job_dir)
         self._children[job.id] = proc
-        # Who runs the job stays on the server (fault tests and operators read it); the API shows
-        # the attempt and the device only.
-        (job_dir / "process.json").write_text(json.dumps({"pid": proc.pid, "worker": self.id,
-                                                          "attempt": job.attempts}))
-        start = {"kind": "stage_start", "stage": "job", "time": time.time(),
-                 "message": f"attempt {job.attempts} of {job.max_attempts} ({self.settings.device})"}
-        self.store.record(job.id, self.id, [start])
-        lines: queue.Queue = queue.Queue()
-        reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
-        reader.start()
         outcome: dict = {}
         try:
+            # Who runs the job stays on the server (fault tests and operators read it); the API
+            # shows the attempt and the device only.
+            (job_dir / "process.json").write_text(json.dumps({"pid": proc.pid, "worker": self.id,
+                                                              "attempt": job.attempts}))
+            start = {"kind": "stage_start", "stage": "job", "time": time.time(),
+                     "message": f"attempt {job.attempts} of {job.max_attempts} ({self.settings.device})"}
+            self.store.record(job.id, self.id, [start])
+            lines: queue.Queue = queue.Queue()
+            reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
+            reader.start()
             lost = self._supervise(job.id, proc, lines, tracker, outcome)
+        except BaseException as exc:
+            # Unsupervised, the job process would run on (blocked on its unread stdout, holding the
+            # job's folder) beside the attempt that runs once the lease expires: stop it first.
+            self._terminate(proc)
+            self._release(job.id, f"the worker failed supervising its job process: {first_line(exc, 200)}")
+            raise
         finally:
             self._children.pop(job.id, None)
         reader.join(timeout=5)
@@ -330,6 +340,10 @@ def _read_lines(stream, out: queue.Queue) -> None:
 
 
 def _exit_reason(code: int) -> str:
+    from service.runner import FOLDER_BUSY
+
+    if code == FOLDER_BUSY:
+        return "an earlier attempt's job process still held the job's folder"
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
         hint = " (out of memory?)" if -code == signal.SIGKILL else ""

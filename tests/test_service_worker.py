@@ -156,3 +156,59 @@ def test_a_job_claimed_while_the_worker_stops_is_handed_back(tmp_path):
     row = store.get_job(job.id, "k")
     assert (row.status, row.attempts, row.lease_owner) == ("queued", 0, None)
     store.close()
+
+
+def test_a_store_error_right_after_the_spawn_stops_the_job_process(tmp_path):
+    """The job's first event write failing (a lock timeout) escaped run_job and left the job process
+    running, unread and holding the job's folder, beside the attempt that ran after the lease."""
+    import pytest
+
+    from service.settings import Settings
+    from service.store import Store
+    from service.worker import Worker
+
+    settings = Settings(data_dir=tmp_path, prestart_runner=False)
+    store = Store(settings.db_url)
+    store.create_job("k", "m", {}, {"model": "m"}, max_attempts=3)
+    worker = Worker(settings, store)
+    job = store.claim(worker.id, "cpu", 30)
+
+    def locked(*_a, **_k):
+        raise RuntimeError("canceling statement due to lock timeout")
+
+    store.record = locked
+    with pytest.raises(RuntimeError):
+        worker.run_job(job)
+    pid = json.loads((settings.job_dir(job.id) / "process.json").read_text())["pid"]
+    assert not os.path.exists(f"/proc/{pid}") and worker._children == {}  # stopped and reaped
+    row = store.get_job(job.id)
+    assert (row.status, row.attempts, row.lease_owner) == ("queued", 1, None)  # handed back at once
+    assert "lock timeout" in store.list_events(job.id)[0][-1].message
+    store.close()
+
+
+def test_runner_waits_for_a_folder_an_earlier_attempt_holds_then_hands_the_job_back(tmp_path):
+    """The folder lock of an earlier attempt's process, still being stopped, failed the job as a
+    user error ("another `llm-prune run` is working in ..."); now the runner waits, then exits
+    unreported (status FOLDER_BUSY), which its worker requeues."""
+    import fcntl
+    import time
+
+    from service.runner import FOLDER_BUSY
+
+    (tmp_path / "recipe.json").write_text("{}")
+    script = ("import sys, llm_prune.recipe as recipe, llm_prune.pipeline as pipeline, service.runner as runner\n"
+              "runner.FOLDER_WAIT_S = 1\n"
+              "recipe.parse_recipe = lambda _: type('R', (), {'check_files': lambda self: None})()\n"
+              "def run(_recipe, out, on_event):\n    with pipeline._only_run(out):\n        return {'ok': 1}\n"
+              "pipeline.run_recipe = run\n"
+              f"sys.exit(runner.main([{str(tmp_path)!r}, '--parent-pid', str(__import__('os').getppid())]))\n")
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        busy = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert busy.returncode == FOLDER_BUSY and busy.stdout == "" and time.monotonic() - t0 >= 1
+    assert "earlier attempt" in _exit_reason(FOLDER_BUSY)
+    free = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert free.returncode == 0 and json.loads(free.stdout)["type"] == "result"
