@@ -4,7 +4,8 @@ prestarted without JOB_DIR: it then imports the heavy libraries and reads JOB_DI
 Reads JOB_DIR/recipe.json, runs the pipeline into JOB_DIR/run (resuming after its last finished
 stage), and reports to the worker as JSON lines on its stdout: `event`, then `result` or `error`.
 Anything else the libraries print goes to stderr (the job log). It dies with its worker, so a
-`kill -9` of the worker never leaves a job running twice.
+`kill -9` of the worker never leaves a job running twice, and (with --lease-seconds) when its
+worker stops renewing the job's lease, so neither does a worker cut off from the database.
 """
 
 from __future__ import annotations
@@ -39,6 +40,32 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def _hold_lease(lease_s: float) -> None:
+    """End this job process (SIGKILL to its process group) when its worker's lease on the job runs
+    out unrenewed. After each renewal the worker writes the seconds the lease has left on our stdin;
+    a worker that cannot renew (a database behind a network partition, where its calls block for
+    good; a SIGSTOPped worker) writes nothing, and once the lease expires another worker may start
+    the job again: this process must be gone by then, whatever its worker is doing."""
+    margin = min(2.0, lease_s / 10)  # the kill, and the spawn after the claim that started the lease
+    deadline = [time.monotonic() + lease_s - margin]
+
+    def renewals() -> None:
+        for line in sys.stdin:
+            try:
+                deadline[0] = time.monotonic() + float(line) - margin
+            except ValueError:
+                continue
+
+    def expire() -> None:
+        while time.monotonic() < deadline[0]:
+            time.sleep(0.1)
+        print("the worker's lease on this job ran out unrenewed: stopping", file=sys.stderr, flush=True)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=renewals, daemon=True, name="lease-renewals").start()
+    threading.Thread(target=expire, daemon=True, name="lease-expiry").start()
+
+
 def _preload() -> None:
     """A prestarted runner imports the heavy stack (torch, transformers, peft) while it waits,
     so a claimed job starts at once."""
@@ -66,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.runner")
     parser.add_argument("job_dir", nargs="?", help="omit to prestart: the directory then comes on stdin")
     parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--lease-seconds", type=float, help="end unless the worker renews its lease (on stdin)")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
 
@@ -88,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     else:
         job_dir = Path(args.job_dir)
+    if args.lease_seconds:
+        _hold_lease(args.lease_seconds)
 
     from llm_prune.errors import UserError
 

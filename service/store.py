@@ -130,6 +130,14 @@ DATA_DIR_MARKER = ".store-id"  # in the data directory: the id the store has rec
 LOCK_TIMEOUT_MS = 30_000  # how long a query waits for a lock before the request gets a 503
 
 
+# A database behind a network partition leaves the socket open and a call waits forever: these make
+# it fail within about 20 s instead (libpq: connecting, unanswered keepalives, unacknowledged data),
+# so a worker gets its slot and an API request its 503 back. The lease itself does not depend on
+# them: a job process ends when its worker stops renewing (`service.runner._hold_lease`).
+PG_NETWORK_TIMEOUTS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 5,
+                       "keepalives_count": 3, "tcp_user_timeout": 20_000}
+
+
 def hash_key(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -173,7 +181,7 @@ class Store:
         else:
             kwargs["pool_pre_ping"] = True
             if url.startswith("postgresql"):  # a lock held elsewhere fails a request (503) instead of hanging it
-                kwargs["connect_args"] = {"options": f"-c lock_timeout={LOCK_TIMEOUT_MS}"}
+                kwargs["connect_args"] = {"options": f"-c lock_timeout={LOCK_TIMEOUT_MS}", **PG_NETWORK_TIMEOUTS}
         try:
             engine = create_engine(url, **kwargs)
         except ImportError as exc:

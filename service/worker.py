@@ -5,6 +5,7 @@ the lease expires, and the pipeline resumes after its last finished stage."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -182,13 +183,15 @@ class Worker:
 
     def _spawn(self, job_dir: Path | None) -> subprocess.Popen:
         """A runner for `job_dir`, or a prestarted one (job_dir None) that waits for it on stdin."""
-        args = [sys.executable, "-m", "service.runner", "--parent-pid", str(os.getpid())]
+        # stdin: the job directory (prestarted), then the lease's renewals (`_renewed`).
+        args = [sys.executable, "-m", "service.runner", "--parent-pid", str(os.getpid()),
+                "--lease-seconds", str(self.settings.lease_seconds)]
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         if job_dir is None:
             return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                     start_new_session=True, env=env)
         with open(job_dir / "job.log", "ab") as logfile:
-            return subprocess.Popen(args + [str(job_dir)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            return subprocess.Popen(args + [str(job_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=logfile, start_new_session=True, env=env)
 
     # --- one job --------------------------------------------------------------------------
@@ -202,7 +205,7 @@ class Worker:
         if spare is not None and spare.poll() is None:
             try:
                 spare.stdin.write(f"{job_dir}\n".encode())
-                spare.stdin.close()
+                spare.stdin.flush()
                 proc = spare
             except OSError:  # it died meanwhile
                 self._terminate(spare)
@@ -229,6 +232,8 @@ class Worker:
             raise
         finally:
             self._children.pop(job.id, None)
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
         reader.join(timeout=5)
         self._drain(job.id, lines, tracker, outcome)
         if lost or self._stop.is_set():
@@ -250,8 +255,11 @@ class Worker:
                 self.outage.failed(f"recording events of {job_id}")
             if time.monotonic() >= next_beat:
                 try:
+                    started = time.monotonic()  # the lease runs from (at the latest) here
                     owned, cancel = self.store.heartbeat(job_id, self.id, self.settings.lease_seconds)
                     last_beat = time.monotonic()
+                    if owned:
+                        _renewed(proc, self.settings.lease_seconds - (last_beat - started))
                     self.outage.ok()
                 except Exception:  # noqa: BLE001 - the database may be back by the next beat
                     self.outage.failed(f"heartbeat for {job_id}")
@@ -326,6 +334,13 @@ class Worker:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def _renewed(proc: subprocess.Popen, left_s: float) -> None:
+    """Tell the job process how long the lease it runs under has left (`runner._hold_lease`)."""
+    with contextlib.suppress(OSError, ValueError):  # it has exited (or its stdin is closed)
+        proc.stdin.write(f"{left_s:.3f}\n".encode())
+        proc.stdin.flush()
 
 
 def _read_lines(stream, out: queue.Queue) -> None:

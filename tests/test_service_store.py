@@ -273,3 +273,13 @@ def test_an_accepted_cancel_survives_a_worker_shutdown_and_a_dead_job_process(st
         assert (row.status, row.lease_owner) == ("cancelled", None) and row.finished_at is not None
         assert store.list_events(job.id)[0][-1].metrics == {"status": "cancelled"}
         assert store.claim("w2", "cpu", 30) is None
+
+
+def test_a_postgresql_connection_has_network_timeouts(store):
+    """Behind a network partition a call blocked for good (the socket stays open)."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only")
+    with store.engine.connect() as conn:
+        params = conn.connection.dbapi_connection.info.get_parameters()  # libpq's, on the client side
+    assert {k: params.get(k) for k in ("connect_timeout", "keepalives", "tcp_user_timeout")} == \
+        {"connect_timeout": "10", "keepalives": "1", "tcp_user_timeout": "20000"}

@@ -212,3 +212,41 @@ def test_runner_waits_for_a_folder_an_earlier_attempt_holds_then_hands_the_job_b
     assert "earlier attempt" in _exit_reason(FOLDER_BUSY)
     free = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert free.returncode == 0 and json.loads(free.stdout)["type"] == "result"
+
+
+def test_a_job_process_ends_when_its_worker_cannot_renew_the_lease(tmp_path, monkeypatch):
+    """A worker whose database calls block (a network partition; or a SIGSTOPped worker) never got
+    to its ownership check: its job process ran on while another worker ran the job after the
+    lease. The job process now ends itself once the lease it was last told of runs out."""
+    import time
+
+    from service.settings import Settings
+    from service.store import Store
+    from service.worker import Worker
+
+    hook = tmp_path / "hook"  # the job process's pipeline: a long stage
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import time, llm_prune.pipeline as p\n"
+                                           "p.run_recipe = lambda *a, **k: time.sleep(60)\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    settings = Settings(data_dir=tmp_path / "data", prestart_runner=False, lease_seconds=2, heartbeat_seconds=0.5)
+    settings.prepare()
+    store = Store(settings.db_url)
+    store.create_job("k", "m", {}, {"model": "m", "budget": {"ratio": 0.2}}, max_attempts=3)
+    worker = Worker(settings, store)
+    job = store.claim(worker.id, "cpu", settings.lease_seconds)
+    renew, t0, seen = store.heartbeat, time.monotonic(), {}
+
+    def partitioned(*args):
+        if time.monotonic() - t0 < 3:  # renewed past the first lease: the job runs on
+            seen["alive_while_renewed"] = worker._children[job.id].poll() is None
+            return renew(*args)
+        time.sleep(settings.lease_seconds + 0.5)  # then a call that hangs past the lease
+        seen["alive_after_lease"] = worker._children[job.id].poll() is None
+        return False, False
+
+    store.heartbeat = partitioned
+    assert worker.run_job(job) is None  # the lease was lost: the job is for another worker now
+    assert seen == {"alive_while_renewed": True, "alive_after_lease": False}
+    assert "lease on this job ran out" in (settings.job_dir(job.id) / "job.log").read_text()
+    store.close()
