@@ -434,8 +434,8 @@ class Store:
                                   .order_by(JobRow.seq).limit(1))
             if job_id is None:
                 return None
-            now = time.time()
             with self.session.begin() as s:
+                now = self._lease_clock(s)
                 won = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.status == "queued")
                                 .values(status="running", lease_owner=worker_id, lease_expires=now + lease_s,
                                         attempts=JobRow.attempts + 1, device=device, updated_at=now,
@@ -446,8 +446,8 @@ class Store:
 
     def heartbeat(self, job_id: str, worker_id: str, lease_s: float) -> tuple[bool, bool]:
         """Extends the lease; returns (still ours, cancel requested)."""
-        now = time.time()
         with self.session.begin() as s:
+            now = self._lease_clock(s)
             owned = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.lease_owner == worker_id,
                                                    JobRow.status == "running")
                               .values(lease_expires=now + lease_s)).rowcount > 0
@@ -547,12 +547,12 @@ class Store:
                                        "finished stage (the attempt does not count)"))
         return won
 
-    def requeue_expired(self, now: float | None = None) -> list[tuple[str, str]]:
+    def requeue_expired(self) -> list[tuple[str, str]]:
         """Jobs whose worker stopped heartbeating: requeue (they resume from their last finished
         stage), or fail once the retry limit is used up. Returns [(job id, new status)]."""
-        now = now or time.time()
         changed: list[tuple[str, str]] = []
         with self.session() as s:
+            now = self._lease_clock(s)
             stale = list(s.scalars(select(JobRow).where(JobRow.status == "running", JobRow.lease_expires < now)))
         for job in stale:
             if job.cancel_requested:
@@ -577,6 +577,15 @@ class Store:
             if won:
                 changed.append((job.id, status))
         return changed
+
+    def _lease_clock(self, s: Session) -> float:
+        """The time leases are written and compared in: the database's on PostgreSQL, so workers on
+        machines whose clocks disagree agree on when a lease expires (one running ahead by more than
+        the lease requeued every other worker's healthy jobs). SQLite is a file on one machine: its
+        clock is everyone's."""
+        if self.engine.dialect.name == "postgresql":
+            return float(s.scalar(select(func.extract("epoch", func.clock_timestamp()))))
+        return time.time()
 
     def list_events(self, job_id: str, after: int | None = None, limit: int = 100) -> tuple[list[EventRow], bool]:
         q = select(EventRow).where(EventRow.job_id == job_id)

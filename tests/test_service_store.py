@@ -283,3 +283,16 @@ def test_a_postgresql_connection_has_network_timeouts(store):
         params = conn.connection.dbapi_connection.info.get_parameters()  # libpq's, on the client side
     assert {k: params.get(k) for k in ("connect_timeout", "keepalives", "tcp_user_timeout")} == \
         {"connect_timeout": "10", "keepalives": "1", "tcp_user_timeout": "20000"}
+
+
+def test_leases_follow_the_database_clock_not_the_workers(store, monkeypatch):
+    """A worker whose clock ran ahead by more than the lease requeued other workers' healthy jobs."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: SQLite is one machine, one clock")
+    job = _job(store)
+    store.claim("w1", "cpu", 30)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this process's clock, an hour ahead
+    assert store.requeue_expired() == []
+    assert store.heartbeat(job.id, "w1", 30) == (True, False)
+    assert store.get_job(job.id).lease_expires < real() + 60
