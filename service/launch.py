@@ -17,7 +17,11 @@ import httpx
 # How `llm-prune serve` runs uvicorn. h11, not httptools (uvicorn's default when installed):
 # httptools has no limit on a request's head, so one client that never finishes its headers grew
 # the server by megabytes a second and stalled every other request; h11 answers 400 past 16 KiB.
-SERVER_OPTIONS = {"http": "h11", "h11_max_incomplete_event_size": 16 * 1024}
+# timeout_graceful_shutdown: on SIGTERM uvicorn waited for every connection to end, and an event
+# stream follower or a stalled upload never does: `docker stop` (10 s) or systemd then SIGKILLed the
+# server before its embedded worker handed its job back (an attempt lost). 5 s for connections
+# leaves the worker its cancel grace (3 s) to stop the job process and release the job.
+SERVER_OPTIONS = {"http": "h11", "h11_max_incomplete_event_size": 16 * 1024, "timeout_graceful_shutdown": 5}
 
 
 def free_port() -> int:

@@ -169,7 +169,7 @@ class Worker:
         self._stop.set()
         for job_id, proc in list(self._children.items()):
             self._terminate(proc)
-            self.store.release(job_id, self.id)
+            self._release(job_id)
 
     def _release(self, job_id: str, reason: str | None = None) -> None:
         """Hand a job back: released (the attempt does not count), or requeued for `reason`."""

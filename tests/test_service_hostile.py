@@ -34,7 +34,7 @@ def env(tmp_path, tiny_llama):
 
 # --- 1. nothing unauthenticated reads a byte; limits on the stream ---------------------------
 @pytest.fixture
-def live(tmp_path):
+def live_server(tmp_path):
     """uvicorn on a free loopback port, in a thread (the guard sits in front of a real socket)."""
     import uvicorn
 
@@ -50,9 +50,29 @@ def live(tmp_path):
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     key = app.state.store.create_key("live")[1]
-    yield port, key, settings
+    yield server, thread, port, key, settings
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture
+def live(live_server):
+    return live_server[2:]
+
+
+def test_shutdown_does_not_wait_for_a_stalled_upload(live_server):
+    """uvicorn waited for every connection to end: a stalled upload or an event stream follower
+    kept a SIGTERMed server up until it was SIGKILLed, its job's attempt lost."""
+    from service.launch import SERVER_OPTIONS
+
+    server, thread, port, key, _ = live_server
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(f"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                     "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 4000\r\n\r\n--b\r\n".encode())
+        time.sleep(0.5)
+        server.should_exit = True  # what SIGTERM does
+        thread.join(timeout=SERVER_OPTIONS["timeout_graceful_shutdown"] + 5)
+        assert not thread.is_alive()
 
 
 def _chunked_upload(port, key, chunk=1024 * 1024, total=100 * 1024 * 1024, wait=0.5):
