@@ -3,6 +3,7 @@ delete|download` (a client of a running server)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -40,6 +41,10 @@ def _settings(overrides: dict) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         message, param = format_validation_error(exc)
+        # A value from the environment, not from a flag: name the variable to fix.
+        env = f"LLM_PRUNE_{param or ''}".upper()
+        if param and param not in overrides and any(k.upper() == env for k in os.environ):
+            message += f" (from the environment variable {env})"
         raise UserError(f"invalid setting {message}", param=param) from None
 
 
@@ -367,6 +372,8 @@ def jobs_download(job_id: str, out: Path = typer.Option(Path("."), help="directo
 
     from llm_prune.paths import check_output_dir
 
+    if checkpoint not in ("final", "pruned"):  # the server would refuse it, after the progress bar was drawn
+        raise UserError(f"--checkpoint {checkpoint!r}: use final (recovered) or pruned", param="checkpoint")
     out = check_output_dir(out, param="out", label="--out")  # before the progress bar and any request
     with _client() as client, tqdm(unit="B", unit_scale=True, desc=checkpoint) as bar:
         def progress(n: int, total: int) -> None:

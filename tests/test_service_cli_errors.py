@@ -111,6 +111,7 @@ def test_download_out_that_is_a_file_fails_before_any_request(tmp_path):
     msg = _fails(*base, "--out", str(afile / "x" / "y"))
     assert f"{afile} is a file, not a directory" in msg
     assert afile.read_text() == "x"
+    assert "--checkpoint '5x': use final (recovered) or pruned" in _fails(*base, "--checkpoint", "5x")
 
 
 def test_download_out_checked_by_the_client_too(tmp_path):
@@ -394,3 +395,11 @@ def test_a_worker_on_another_data_dir_than_its_server_is_refused(tmp_path):
     (tmp_path / "other" / DATA_DIR_MARKER).write_text("0" * 32)
     assert "differs" in _fails("serve", "--data-dir", str(tmp_path / "other"), "--db", db)
     assert (tmp_path / "server" / DATA_DIR_MARKER).read_text().strip() == recorded
+
+
+def test_a_bad_setting_from_the_environment_names_its_variable(tmp_path, monkeypatch):
+    """Told only "invalid setting port", a user looked for a --port flag they never gave."""
+    monkeypatch.setenv("LLM_PRUNE_PORT", "x")
+    assert "(from the environment variable LLM_PRUNE_PORT)" in _fails("serve", "--data-dir", str(tmp_path))
+    monkeypatch.delenv("LLM_PRUNE_PORT")
+    assert "environment" not in _fails("serve", "--data-dir", str(tmp_path), "--port", "x")
