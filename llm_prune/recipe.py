@@ -42,10 +42,17 @@ class _Strict(BaseModel):
 
 SEED_RANGE = {"ge": 0, "le": 2**32 - 1}  # what numpy's and torch's generators all take
 
+# Upper bounds far above any real job and below what overflows on the way: 10**30 calibration
+# tokens passed validation and crashed in torch after the model had loaded.
+MAX_TOKENS = 2**31  # a token budget or count
+MAX_SEQ_LEN = 2**24  # tokens in one window or training sequence (longer than any model's context)
+MAX_LAYERS = 10_000  # a count of decoder layers
+MAX_RECORDS = 2**31  # a count of records or windows
+
 
 class Budget(_Strict):
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction of total parameters to remove")
-    target_params: int | None = Field(None, gt=0, description="parameter count to land on")
+    target_params: int | None = Field(None, gt=0, le=10**15, description="parameter count to land on")
 
     @model_validator(mode="after")
     def _one_of(self):
@@ -67,21 +74,21 @@ class PruningConfig(_Strict):
                                    "per-layer sparsity")
     stages: int = Field(1, ge=1, le=20, description="prune in T steps, rescoring each time (recovery in "
                         "between when the job has a pool)")
-    round_to: int = Field(8, ge=1, description="MLP widths are multiples of this")
-    skip_first: int | None = Field(None, ge=0, description="leading layers left unpruned (uniform allocation); "
+    round_to: int = Field(8, ge=1, le=2**16, description="MLP widths are multiples of this")
+    skip_first: int | None = Field(None, ge=0, le=MAX_LAYERS, description="leading layers left unpruned (uniform allocation); "
                                    "default: the first 10% of layers, at least one")
-    skip_last: int = Field(1, ge=0, description="trailing layers left unpruned (uniform allocation)")
-    adaptive_strength: float = Field(2.0, ge=0, description="A in Adapt-Pruner's per-step update "
+    skip_last: int = Field(1, ge=0, le=MAX_LAYERS, description="trailing layers left unpruned (uniform allocation)")
+    adaptive_strength: float = Field(2.0, ge=0, le=1000, description="A in Adapt-Pruner's per-step update "
                                      "s_l <- clip(s_l + ds - A * I_l, 0, 0.95) (adaptive allocation; 2 measured "
                                      "best on SmolLM2-135M, bench/README.md)")
     # At least 0.005: each step is a scoring pass, so a smaller step turns one job into hundreds of them.
     adaptive_step: float = Field(0.05, ge=0.005, le=1, description="ds: fraction of the prunable units removed "
                                  "per incremental step (adaptive); the number of steps follows from the budget")
-    rescore_every: int = Field(1, ge=1, description="adaptive: rescore units (gradients) every k incremental steps; "
+    rescore_every: int = Field(1, ge=1, le=1000, description="adaptive: rescore units (gradients) every k incremental steps; "
                                "layer importance is re-measured on the current model at every step")
     prune_attention: bool = Field(True, description="prune KV groups (with their query heads)")
     prune_mlp: bool = Field(True, description="prune MLP channels")
-    prune_layers: int | None = Field(None, ge=0, description="whole decoder layers removed, lowest block "
+    prune_layers: int | None = Field(None, ge=0, le=MAX_LAYERS, description="whole decoder layers removed, lowest block "
                                      "influence first; default: none while cutting widths alone would remove at "
                                      "most depth_above of the prunable layers' parameters, else as many as take "
                                      "depth_share of the cut (one-step cuts; none in staged or adaptive pruning)")
@@ -92,12 +99,12 @@ class PruningConfig(_Strict):
                                "the share of the parameters to remove that goes as whole layers (to the nearest "
                                "layer), the widths cutting the rest; 0: widths only (bench/README.md)")
     calibration: str | None = Field(None, description="text file for calibration; default: built-in text")
-    calibration_tokens: int | None = Field(None, ge=8, description="calibration budget in tokens, cut into "
+    calibration_tokens: int | None = Field(None, ge=8, le=MAX_TOKENS, description="calibration budget in tokens, cut into "
                                            f"windows of calibration_seq_len (default {DEFAULT_CALIBRATION_TOKENS})")
-    calibration_samples: int | None = Field(None, ge=1, description="number of calibration windows; when "
+    calibration_samples: int | None = Field(None, ge=1, le=MAX_RECORDS, description="number of calibration windows; when "
                                             "given, it replaces the token budget")
-    calibration_seq_len: int = Field(128, ge=8, description="tokens per calibration window")
-    calibration_batch_tokens: int = Field(512, ge=8, description="tokens per scoring micro-batch: peak memory "
+    calibration_seq_len: int = Field(128, ge=8, le=MAX_SEQ_LEN, description="tokens per calibration window")
+    calibration_batch_tokens: int = Field(512, ge=8, le=MAX_TOKENS, description="tokens per scoring micro-batch: peak memory "
                                           "depends on this, not on the calibration budget")
     calibration_precision: Precision = Field("auto", description="matmul precision of the calibration passes "
                                              "(scoring, reconstruction): auto = bf16 autocast for a float32 model "
@@ -106,11 +113,11 @@ class PruningConfig(_Strict):
     reconstruct: bool = Field(True, description="after cutting, refit each layer's o_proj and down_proj (ridge "
                               "least squares on the kept inputs) so the pruned layer reproduces the unpruned "
                               "layer's output on reconstruct_tokens calibration tokens")
-    reconstruct_tokens: int = Field(20480, ge=8, description="calibration tokens the reconstruction regresses on "
+    reconstruct_tokens: int = Field(20480, ge=8, le=MAX_TOKENS, description="calibration tokens the reconstruction regresses on "
                                     "(forward passes only; the Gram matrices need several times the projections' "
                                     "input width, far more than scoring does); a shorter calibration text gives "
                                     "what it has")
-    reconstruct_damp: float = Field(0.1, ge=0, description="ridge term of the reconstruction (towards the sliced "
+    reconstruct_damp: float = Field(0.1, ge=0, le=1e6, description="ridge term of the reconstruction (towards the sliced "
                                     "weights), as a fraction of the mean diagonal of the inputs' Gram matrix")
     reconstruct_correction: float = Field(0.35, ge=0, le=1, description="how much of the upstream error each "
                                           "refit is asked to undo: its target is the uncut layer's output on the "
@@ -235,13 +242,13 @@ PRUNING_DEFAULTS = {name: f.default for name, f in PruningConfig.model_fields.it
 class DataConfig(_Strict):
     pool: str | None = Field(None, description="recovery pool: JSON/JSONL/CSV/Parquet file or datasets directory")
     selection: Selection = Field("paser", description="how recovery data is chosen from the pool")
-    budget: float = Field(0.2, gt=0, description="fraction of the pool (<= 1) or a record count (> 1)")
-    token_budget: int | None = Field(None, gt=0, description="cap on selected prompt+response tokens, each "
+    budget: float = Field(0.2, gt=0, le=MAX_RECORDS, description="fraction of the pool (<= 1) or a record count (> 1)")
+    token_budget: int | None = Field(None, gt=0, le=MAX_TOKENS, description="cap on selected prompt+response tokens, each "
                                      "record counted as trained (at most cutoff_len)")
-    num_clusters: int | None = Field(None, ge=2, description="PASER clusters; default: eigengap")
+    num_clusters: int | None = Field(None, ge=2, le=MAX_RECORDS, description="PASER clusters; default: eigengap")
     embedding_model: str | None = Field(None, description="sentence-transformers dir or hub id for PASER's "
                                         "clustering; default: all-MiniLM-L6-v2")
-    sample_per_cluster: int | None = Field(None, ge=1, description="PASER: estimate each cluster's degradation "
+    sample_per_cluster: int | None = Field(None, ge=1, le=MAX_RECORDS, description="PASER: estimate each cluster's degradation "
                                            "from this many samples and score only ranking candidates")
     conflict_filter: bool = Field(True, description="PASER: reject samples that contradict ones already chosen")
 
@@ -328,10 +335,10 @@ def _check_target_modules(targets: list[str], model_config) -> None:
 
 class EvaluationConfig(_Strict):
     ppl: str | None = Field(None, description="text file for perplexity")
-    seq_len: int = Field(128, ge=8, description="perplexity window length")
-    max_windows: int | None = Field(None, ge=1, description="cap on perplexity windows")
+    seq_len: int = Field(128, ge=8, le=MAX_SEQ_LEN, description="perplexity window length")
+    max_windows: int | None = Field(None, ge=1, le=MAX_RECORDS, description="cap on perplexity windows")
     tasks: list[str] = Field(default_factory=list, description="zero-shot tasks (comma list on the CLI, or 'all')")
-    limit: int | None = Field(None, ge=1, description="items per task")
+    limit: int | None = Field(None, ge=1, le=MAX_RECORDS, description="items per task")
     speed: bool = Field(False, description="measure prefill/decode throughput and memory")
 
     def check_fits(self, model_config) -> None:

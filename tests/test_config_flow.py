@@ -164,6 +164,27 @@ def test_flag_errors_name_the_flag(tmp_path, capsys):
     assert "--recovery:" in capsys.readouterr().err
 
 
+def test_token_counts_past_any_real_job_are_refused_before_any_work(tmp_path, capsys):
+    """10**30 tokens per calibration batch passed validation, and prune, run and jobs submit crashed
+    in torch (`Overflow when unpacking long long`) after the model had loaded."""
+    from llm_prune.cli import main
+
+    huge = str(10**30)
+    for argv in (["run", "m", "-o", str(tmp_path / "j")], ["prune", "m", "-o", str(tmp_path / "p")],
+                 ["jobs", "submit", "--model", "m"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--ratio", "0.2", "--calibration-batch-tokens", huge])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.strip() == \
+            f"error: --calibration-batch-tokens must be <= {2**31}, got {huge}", err
+    for section, name in (("pruning", "calibration_tokens"), ("pruning", "reconstruct_tokens"),
+                          ("data", "token_budget"), ("evaluation", "seq_len")):
+        with pytest.raises(Exception, match="less than or equal to"):
+            Recipe.model_validate({"model": "m", "budget": {"ratio": 0.2}, section: {name: 10**30}})
+    with pytest.raises(Exception, match="less than or equal to"):
+        JobCreate.model_validate({"model": "m", "budget": {"ratio": 0.2}, "pruning": {"calibration_tokens": 10**30}})
+
+
 def test_colliding_flag_names_fail_at_once():
     with pytest.raises(RuntimeError, match="recovery.seed"):
         recipe_flags.recipe_flags(names={"recovery.seed": "--seed"})
