@@ -48,6 +48,8 @@ MAX_TOKENS = 2**31  # a token budget or count
 MAX_SEQ_LEN = 2**24  # tokens in one window or training sequence (longer than any model's context)
 MAX_LAYERS = 10_000  # a count of decoder layers
 MAX_RECORDS = 2**31  # a count of records or windows
+MAX_BATCH = 2**16  # sequences per forward pass, micro-batches per step, a LoRA rank
+MAX_EPOCHS = 1000  # max_steps stops at 10 million; epochs over a large pool would go on for ever
 
 
 class Budget(_Strict):
@@ -269,13 +271,13 @@ class DataConfig(_Strict):
 class RecoveryConfig(_Strict):
     method: RecoveryMethod = Field("lora", description="recovery training method")
     max_steps: int = Field(100, ge=0, le=10_000_000, description="optimizer steps (the total over all stages)")
-    epochs: float | None = Field(None, gt=0, description="train for this many epochs instead of max_steps")
+    epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS, description="train for this many epochs instead of max_steps")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="fraction of steps with linear warmup")
-    micro_batch_size: int = Field(4, ge=1, description="sequences per forward pass")
-    gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    cutoff_len: int = Field(256, ge=16, description="tokens per training sequence; PASER scores the same tokens")
-    lora_r: int = Field(8, ge=1, description="LoRA rank")
+    micro_batch_size: int = Field(4, ge=1, le=MAX_BATCH, description="sequences per forward pass")
+    gradient_accumulation: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batches per optimizer step")
+    cutoff_len: int = Field(256, ge=16, le=MAX_SEQ_LEN, description="tokens per training sequence; PASER scores the same tokens")
+    lora_r: int = Field(8, ge=1, le=MAX_BATCH, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
     target_modules: list[str] | None = Field(None, description="modules LoRA adapts (comma list on the CLI); "
@@ -284,7 +286,7 @@ class RecoveryConfig(_Strict):
     perp_train_embeddings: bool = Field(False, description="PERP: also train the embeddings")
     keep_adapter: bool = Field(False, description="keep the adapter (LoRA files, PERP tensors) in the final "
                                        "checkpoint's adapter/ folder, beside the merged weights")
-    distill_weight: float = Field(0.0, ge=0, description="weight of KL to the dense model's logits")
+    distill_weight: float = Field(0.0, ge=0, le=1000, description="weight of KL to the dense model's logits")
     eval_fraction: float = Field(0.05, ge=0, lt=0.5, description="held-out fraction of the selected data")
     force: bool = Field(False, description="allow QLoRA without CUDA")
     seed: int = Field(0, **SEED_RANGE, description="seed of data selection and training")

@@ -185,6 +185,25 @@ def test_token_counts_past_any_real_job_are_refused_before_any_work(tmp_path, ca
         JobCreate.model_validate({"model": "m", "budget": {"ratio": 0.2}, "pruning": {"calibration_tokens": 10**30}})
 
 
+# A learning rate has no ceiling: training that diverges at one is refused when it does (train.py).
+NO_UPPER_BOUND = {("recovery", "learning_rate"), ("recovery", "lora_alpha")}
+
+
+def test_every_number_a_recipe_takes_has_an_upper_bound(tmp_path, capsys):
+    """--micro-batch 10**30 crashed in the DataLoader after pruning, and --epochs 1e30 trained for
+    ever (max_steps stops at 10 million): every number field has a ceiling, refused up front."""
+    from llm_prune.cli import main
+
+    numbers = [(path, f) for path, f in _leaves() if recipe_flags._strip_optional(f.annotation) in (int, float)]
+    unbounded = {path for path, f in numbers if not any(hasattr(m, "le") or hasattr(m, "lt") for m in f.metadata)}
+    assert unbounded == NO_UPPER_BOUND, unbounded
+    for flag, value in (("--micro-batch", str(10**30)), ("--epochs", "1e30"), ("--gradient-accumulation", "1000000000")):
+        with pytest.raises(SystemExit) as exc:
+            main(["run", "m", "-o", str(tmp_path / "j"), "--ratio", "0.2", flag, value])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith(f"error: {flag} must be <= ") and len(err.splitlines()) == 1, err
+
+
 def test_colliding_flag_names_fail_at_once():
     with pytest.raises(RuntimeError, match="recovery.seed"):
         recipe_flags.recipe_flags(names={"recovery.seed": "--seed"})
