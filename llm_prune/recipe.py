@@ -278,7 +278,7 @@ class RecoveryConfig(_Strict):
     gradient_accumulation: int = Field(1, ge=1, le=MAX_BATCH, description="micro-batches per optimizer step")
     cutoff_len: int = Field(256, ge=16, le=MAX_SEQ_LEN, description="tokens per training sequence; PASER scores the same tokens")
     lora_r: int = Field(8, ge=1, le=MAX_BATCH, description="LoRA rank")
-    lora_alpha: int = Field(16, ge=1, description="LoRA alpha")
+    lora_alpha: int = Field(16, ge=1, le=10_000, description="LoRA alpha (LoRA scales its update by alpha / r)")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
     target_modules: list[str] | None = Field(None, description="modules LoRA adapts (comma list on the CLI); "
                                              "default: all linear layers of the decoder")

@@ -186,7 +186,7 @@ def test_token_counts_past_any_real_job_are_refused_before_any_work(tmp_path, ca
 
 
 # A learning rate has no ceiling: training that diverges at one is refused when it does (train.py).
-NO_UPPER_BOUND = {("recovery", "learning_rate"), ("recovery", "lora_alpha")}
+NO_UPPER_BOUND = {("recovery", "learning_rate")}
 
 
 def test_every_number_a_recipe_takes_has_an_upper_bound(tmp_path, capsys):
@@ -202,6 +202,18 @@ def test_every_number_a_recipe_takes_has_an_upper_bound(tmp_path, capsys):
             main(["run", "m", "-o", str(tmp_path / "j"), "--ratio", "0.2", flag, value])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.startswith(f"error: {flag} must be <= ") and len(err.splitlines()) == 1, err
+
+
+def test_a_lora_alpha_that_overflows_the_scaling_is_refused(tmp_path, capsys):
+    """--lora-alpha 10**30 overflowed LoRA's scaling: recovery changed nothing (final perplexity
+    exactly the pruned one) and reported success."""
+    from llm_prune.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "m", "-o", str(tmp_path / "j"), "--ratio", "0.2", "--lora-alpha", str(10**30)])
+    assert exc.value.code == 2 and capsys.readouterr().err.strip() == f"error: --lora-alpha must be <= 10000, got {10**30}"
+    with pytest.raises(Exception, match="less than or equal to 10000"):
+        JobCreate.model_validate({"model": "m", "budget": {"ratio": 0.2}, "recovery": {"lora_alpha": 10**5}})
 
 
 def test_colliding_flag_names_fail_at_once():
