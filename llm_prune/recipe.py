@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from llm_prune.errors import UserError
 
@@ -38,6 +39,49 @@ class _Strict(BaseModel):
                 if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
                     raise ValueError(f"{name} must be a number, not {str(value).lower()}")
         return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _utf8_text(cls, value: Any, info: ValidationInfo) -> Any:
+        # A command-line argument in another encoding than UTF-8 arrives as lone surrogates (so does a
+        # `\ud800` escape in JSON): no file, log or response can hold it, and recipe.json's writer
+        # raised once the job had started. A section validates its own fields (naming them).
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            return value
+        bad = _not_utf8(value)
+        if bad is not None:
+            raise ValueError(f"'{_shown(bad)}' is not UTF-8 text (bytes of another encoding?); give it in UTF-8")
+        return value
+
+
+def _not_utf8(value: Any) -> str | None:
+    """The first text in `value` (a string, or lists and mappings of them, keys included) that UTF-8
+    cannot encode. Iterative: a value may be nested as deep as its parser allowed."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return None
+
+
+def _shown(text: str) -> str:
+    """`text` as one printable line: the bytes an argument had (Python keeps each byte that is not
+    UTF-8 as a surrogate), escaped."""
+    try:
+        raw = text[:80].encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no byte stands for (a JSON `\ud800` escape)
+        raw = text[:80].encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace").replace("\n", "\\n").replace("\r", "\\r")
 
 
 SEED_RANGE = {"ge": 0, "le": 2**32 - 1}  # what numpy's and torch's generators all take

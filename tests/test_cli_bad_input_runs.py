@@ -23,6 +23,20 @@ def test_recipe_files_that_cannot_be_read(tmp_path, capsys):
                                                    "-o", str(tmp_path / "o"))
 
 
+def test_text_that_is_not_utf8_is_one_line_before_any_work(tmp_path, capsys):
+    """An argument in another encoding than UTF-8 (Python keeps its bytes as surrogates) passed
+    validation, and run crashed writing recipe.json (PydanticSerializationError) once the job had
+    started."""
+    bad = b"a\xffb".decode("utf-8", "surrogateescape")
+    for flag, value in (("--device", bad), ("--data", bad), ("--eval-ppl", bad), ("--embedding-model", bad),
+                        ("--calibration", bad), ("--target-modules", bad),
+                        ("--metadata", json.dumps({"k": [bad]}, ensure_ascii=False))):
+        line = _one_error(capsys, "run", "m", "-o", str(tmp_path / "o"), "--ratio", "0.2", flag, value)
+        assert line == f"error: {flag}: 'a\\xffb' is not UTF-8 text (bytes of another encoding?); give it in UTF-8"
+    assert "'\\xff' is not UTF-8 text" in _one_error(capsys, "prune", "m", "-o", str(tmp_path / "p"), "--ratio", "0.2",
+                                                    "--calibration", bad[1])
+
+
 def test_calibration_text_that_is_not_a_string(tiny_llama, tmp_path, capsys):
     calib = tmp_path / "c.jsonl"
     calib.write_text('{"text": "fine words here"}\n{"text": 5}\n')

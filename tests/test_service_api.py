@@ -165,6 +165,19 @@ def test_submit_validation_errors(env, body, param, code):
     _err(client.post("/v1/jobs", headers=alice, json=body), 400, param=param, code=code)
 
 
+@pytest.mark.parametrize("body, param", [
+    ({**MIN, "pruning": {"calibration": "\ud800"}}, "pruning.calibration"),
+    ({**MIN, "data": {"file_id": "file-x", "embedding_model": "e\udcff"}}, "data.embedding_model"),
+    ({**MIN, "recovery": {"target_modules": ["q_proj", "\ud800"]}}, "recovery.target_modules[1]"),
+])
+def test_recipe_text_that_is_no_unicode_is_a_400(env, body, param):
+    """A `\\ud800` escape is JSON but no text (the CLI's non-UTF-8 arguments arrive the same way):
+    refused naming the field, not a 500 when the job is written."""
+    client, _, _, (alice, _) = env
+    r = client.post("/v1/jobs", headers={**alice, "Content-Type": "application/json"}, content=json.dumps(body))
+    _err(r, 400, param=param)
+
+
 def test_a_pool_too_small_for_its_clusters_is_refused_at_submission(env):
     client, _, _, (alice, _) = env
     line = b'{"instruction": "a", "output": "b"}\n'
