@@ -84,6 +84,12 @@ def _shown(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace").replace("\n", "\\n").replace("\r", "\\r")
 
 
+# Nesting a job's data may have, counted from the top of the recipe (a `metadata` object is level 1):
+# `llm-prune run` writes it to recipe.json, the service stores it and answers it back, and each
+# writer has its own limit (pydantic's serialiser stops near 1000 levels). The service's bodies
+# keep the same limit (service.schemas).
+MAX_DEPTH = 64
+
 SEED_RANGE = {"ge": 0, "le": 2**32 - 1}  # what numpy's and torch's generators all take
 
 # Upper bounds far above any real job and below what overflows on the way: 10**30 calibration
@@ -427,12 +433,15 @@ class Recipe(_Strict):
     @field_validator("metadata")
     @classmethod
     def _metadata_is_json(cls, v: dict) -> dict:
-        def walk(value):
+        stack: list[tuple[Any, int]] = [(v, 1)]  # iterative: a value may be nested as deep as its parser allowed
+        while stack:
+            value, depth = stack.pop()
             if isinstance(value, float) and not math.isfinite(value):  # written bare, no JSON reader takes it
                 raise ValueError(f"{value} is not a JSON number")
+            if isinstance(value, (dict, list)) and depth >= MAX_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
             for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
-                walk(item)
-        walk(v)
+                stack.append((item, depth + 1))
         return v
 
     @field_validator("model")

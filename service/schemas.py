@@ -10,16 +10,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from llm_prune.errors import UserError
-from llm_prune.recipe import DataConfig, Recipe
+from llm_prune.recipe import MAX_DEPTH, DataConfig, Recipe
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-MAX_DEPTH = 64  # nesting a job body may have (metadata included); the response must serialise it back
 
 
 def storable_json(value: Any) -> None:

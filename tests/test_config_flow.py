@@ -288,6 +288,31 @@ def test_recipe_values_a_user_can_get_wrong(tmp_path):
         recipe.check_files()
 
 
+def test_metadata_nested_past_the_services_limit_is_refused_by_run_too(tmp_path, capsys):
+    """`run` took metadata of any depth: 900 levels crashed writing recipe.json once the job had
+    started, 3000 crashed parsing the flag (RecursionError), while the service refused past 64.
+    One limit now, the same for both, said in one line."""
+    from llm_prune.cli import main
+    from llm_prune.errors import UserError
+    from llm_prune.recipe import MAX_DEPTH, parse_recipe
+
+    nested = lambda levels: {"a": [] if levels == 1 else [nested(levels - 1)["a"]]}  # noqa: E731
+    for depth in (MAX_DEPTH, 900, 3000):
+        with pytest.raises(SystemExit) as exc:
+            main(["run", "m", "-o", str(tmp_path / "j"), "--ratio", "0.2", "--metadata",
+                  '{"a": ' + "[" * depth + "]" * depth + "}"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.strip() == f"error: --metadata: nested deeper than {MAX_DEPTH} levels", err
+    # The metadata object is level 1 of the recipe and of a job body alike.
+    body = {"model": "m", "budget": {"ratio": 0.2}}
+    parse_recipe({**body, "metadata": nested(MAX_DEPTH - 2)})
+    JobCreate.model_validate({**body, "metadata": nested(MAX_DEPTH - 2)})
+    with pytest.raises(UserError, match=f"metadata: nested deeper than {MAX_DEPTH} levels"):
+        parse_recipe({**body, "metadata": nested(MAX_DEPTH - 1)})
+    with pytest.raises(UserError, match=f"nested deeper than {MAX_DEPTH} levels"):
+        JobCreate.model_validate({**body, "metadata": nested(MAX_DEPTH - 1)})
+
+
 def test_a_key_given_twice_in_a_recipe_file_is_refused(tmp_path):
     """Both parsers kept the last value silently: a second `budget:` pruned at 0.3 without a word.
     A YAML merge (`<<:`) may still be overridden."""

@@ -20,7 +20,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from llm_prune.errors import UserError
-from llm_prune.recipe import CLI_NAMES, Recipe
+from llm_prune.recipe import CLI_NAMES, MAX_DEPTH, Recipe
 
 ALL = tuple(Recipe.model_fields)  # every section and top-level field, including ones added later
 
@@ -94,6 +94,8 @@ class Flag:
                 value = json.loads(raw)
             except json.JSONDecodeError as exc:
                 raise UserError(f"{self.name}: not valid JSON: {exc.msg}", param=self.dotted) from None
+            except RecursionError:  # nested past Python's parser; the recipe refuses far less (MAX_DEPTH)
+                raise UserError(f"{self.name}: nested deeper than {MAX_DEPTH} levels", param=self.dotted) from None
             return value
         return raw
 
