@@ -47,8 +47,9 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="device the worker pins its jobs to: cpu, cuda:N or auto")
     prestart_runner: bool = Field(True, description="keep a job process with the libraries imported, "
                                                     "ready for the next job")
-    worker_slots: int = Field(1, ge=0, description="jobs a worker runs at once; for serve, 0 runs no embedded worker "
-                             "(a standalone worker runs at least one)")
+    # At most 64: each slot is a thread and a job process (pre-started), all made at start-up.
+    worker_slots: int = Field(1, ge=0, le=64, description="jobs a worker runs at once; for serve, 0 runs no "
+                              "embedded worker (a standalone worker runs at least one)")
 
     @field_validator("data_dir", mode="before")
     @classmethod

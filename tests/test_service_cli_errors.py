@@ -132,6 +132,16 @@ def test_device_is_validated(tmp_path, command, device):
     assert f"'{device}'" in msg and "device" in msg
 
 
+def test_worker_slots_past_any_machine_are_refused_before_anything_starts(tmp_path, monkeypatch):
+    """`worker --slots 1000000000000` built a thread per slot up front (1 GB in 8 seconds), each
+    slot with a job process to start."""
+    for args in (["worker", "--slots", "65"], ["serve", "--worker-slots", "1000000000000"]):
+        msg = _fails(*args, "--data-dir", str(tmp_path))
+        assert "worker_slots" in msg and "less than or equal to 64" in msg, msg
+    monkeypatch.setenv("LLM_PRUNE_WORKER_SLOTS", "100")
+    assert "less than or equal to 64" in _fails("worker", "--data-dir", str(tmp_path))
+
+
 def test_good_flags_still_start(tmp_path, monkeypatch):
     """The checks above do not refuse what works: the worker gets to its loop."""
     from service.worker import Worker
