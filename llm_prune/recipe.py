@@ -52,7 +52,14 @@ class _Strict(BaseModel):
         bad = _not_utf8(value)
         if bad is not None:
             raise ValueError(f"'{_shown(bad)}' is not UTF-8 text (bytes of another encoding?); give it in UTF-8")
+        if info.field_name in _NAMES_OR_DEFAULT and isinstance(value, str) and not value.strip():
+            # `--calibration ''` (an unset shell variable) ran a whole job on the built-in text.
+            raise ValueError("is empty: give a file or name, or leave it out for the default")
         return value
+
+
+# Optional files and names whose absence means a default: an empty value is a mistake, not "unset".
+_NAMES_OR_DEFAULT = ("calibration", "pool", "embedding_model", "ppl")
 
 
 def _not_utf8(value: Any) -> str | None:

@@ -456,3 +456,12 @@ def test_outputs_that_are_nodes_links_or_names_the_work_cannot_keep(tiny_llama, 
     assert "--record" in _one_error(capsys, "eval", str(tiny_llama), "--ppl", str(tmp_path / "t.txt"),
                                     "--record", "x\udcff")
     assert "'pi\\nqa'" in _one_error(capsys, "eval", str(tiny_llama), "--tasks", "pi\nqa")
+
+
+def test_an_empty_file_or_name_is_refused_not_read_as_the_default(tiny_llama, tmp_path, capsys):
+    """`--calibration ''` (an unset shell variable) ran a whole job on the built-in text."""
+    for flag in ("--calibration", "--eval-ppl", "--data", "--embedding-model"):
+        line = _one_error(capsys, "run", str(tiny_llama), "--ratio", "0.2", "--recovery", "none", flag, " ",
+                          "-o", str(tmp_path / "job"))
+        assert f"{flag}: is empty" in line, line
+        assert not (tmp_path / "job").exists()
