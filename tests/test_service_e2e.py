@@ -256,3 +256,38 @@ def _hundred_concurrent_submissions(url, model, client):
         after = page["last_id"]
     recorded = [(i, m) for i, m in listed if i in ids]
     assert len(recorded) == 100 and sorted(m for _, m in recorded) == list(range(100))
+
+
+def test_sigterm_with_an_event_stream_open_stops_the_server_and_hands_the_job_back(env, tmp_path):
+    """uvicorn waited for every connection on SIGTERM, and an event-stream follower never closes:
+    `docker stop` or systemd then SIGKILLed the server, and its job lost an attempt. Now the server
+    closes connections after a bounded wait and its embedded worker releases the running job."""
+    import threading
+
+    data = tmp_path / "data"
+    server = Server(data, env=env["env"], extra_args=["--no-auth"], log=tmp_path / "server.log").start()
+    try:
+        client = Client(server.url, api_key="")
+        body = _body(env["model"], steps=100_000)
+        body["data"] = {"file_id": _pool(client), "selection": "random"}
+        job = client.submit(body)
+        _wait(lambda: (j := client.job(job["id"]))["stage"] == "recover" and j["status"] == "running", 90,
+              "recovery to start")
+
+        def follow():
+            try:
+                with httpx.stream("GET", f"{server.url}/v1/jobs/{job['id']}/events?stream=true", timeout=None) as r:
+                    for _ in r.iter_lines():
+                        pass
+            except httpx.HTTPError:
+                pass  # the server closed it
+
+        threading.Thread(target=follow, daemon=True).start()
+        time.sleep(1)
+        server.proc.send_signal(signal.SIGTERM)
+        server.proc.wait(timeout=20)  # 5 s for connections, then the worker's cancel grace
+    finally:
+        server.kill()
+    with Server(data, env=env["env"], extra_args=["--no-auth", "--worker-slots", "0"]) as again:
+        handed_back = Client(again.url, api_key="").job(job["id"])
+    assert handed_back["status"] == "queued" and handed_back["attempts"] == 0, handed_back
