@@ -7,7 +7,7 @@ import errno
 import os
 from pathlib import Path
 
-from llm_prune.errors import UserError
+from llm_prune.errors import NOT_UTF8, UserError, shown_text
 
 
 def check_utf8(path: str | Path, param: str, label: str) -> None:
@@ -16,9 +16,7 @@ def check_utf8(path: str | Path, param: str, label: str) -> None:
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
-        shown = str(path)[:80].encode("utf-8", "backslashreplace").decode("utf-8")
-        raise UserError(f"{label} {shown} is not UTF-8 text (bytes of another encoding?); give it in UTF-8",
-                        param=param) from None
+        raise UserError(f"{label} {shown_text(str(path))} {NOT_UTF8}", param=param) from None
 
 
 def check_output_dir(path: str | Path, param: str = "output", label: str = "output") -> Path:

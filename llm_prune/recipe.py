@@ -11,7 +11,7 @@ from typing import Any, Literal, get_args
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from llm_prune.errors import UserError
+from llm_prune.errors import NOT_UTF8, UserError, shown_text
 
 Importance = Literal["taylor", "vectorwise", "second_order", "obs", "l1", "l2", "random"]
 GRADIENT_IMPORTANCE = ("taylor", "vectorwise", "second_order")  # a backward pass per calibration batch
@@ -51,7 +51,7 @@ class _Strict(BaseModel):
             return value
         bad = _not_utf8(value)
         if bad is not None:
-            raise ValueError(f"'{_shown(bad)}' is not UTF-8 text (bytes of another encoding?); give it in UTF-8")
+            raise ValueError(f"'{shown_text(bad)}' {NOT_UTF8}")
         if info.field_name in _NAMES_OR_DEFAULT and isinstance(value, str) and not value.strip():
             # `--calibration ''` (an unset shell variable) ran a whole job on the built-in text.
             raise ValueError("is empty: give a file or name, or leave it out for the default")
@@ -79,16 +79,6 @@ def _not_utf8(value: Any) -> str | None:
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
     return None
-
-
-def _shown(text: str) -> str:
-    """`text` as one printable line: the bytes an argument had (Python keeps each byte that is not
-    UTF-8 as a surrogate), escaped."""
-    try:
-        raw = text[:80].encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate no byte stands for (a JSON `\ud800` escape)
-        raw = text[:80].encode("utf-8", "backslashreplace")
-    return raw.decode("utf-8", "backslashreplace").replace("\n", "\\n").replace("\r", "\\r")
 
 
 # Nesting a job's data may have, counted from the top of the recipe (a `metadata` object is level 1):

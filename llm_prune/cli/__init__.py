@@ -9,7 +9,7 @@ import sys
 
 import typer
 
-from llm_prune.errors import UserError
+from llm_prune.errors import NOT_UTF8, UserError, shown_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Structured pruning, recovery-data selection and retraining of LLMs.")
@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         if "surrogates not allowed" not in str(exc):
             raise
         # An argument in another encoding than UTF-8 (kept by Python as surrogates) sent where text goes.
-        shown = exc.object[:80].encode("utf-8", "backslashreplace").decode("utf-8")
-        print(f"error: '{shown}' is not UTF-8 text (bytes of another encoding?); give it in UTF-8",
-              file=sys.stderr)
+        print(f"error: '{shown_text(exc.object)}' {NOT_UTF8}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, typer.Abort):
         code = 130
