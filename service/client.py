@@ -26,11 +26,30 @@ STREAM_READ_TIMEOUT = 60.0  # the server sends a keep-alive every 15 s while a j
 RECONNECTS = 5  # a followed event stream that breaks is resumed from its last event this many times
 
 
+def _server_url(url: str) -> str:
+    """`host:port` as curl takes it (http:// assumed); anything but an http(s) URL with a host and a
+    port a socket can have is refused here, not reported later as an unreachable server."""
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        reason = first_line(exc, 200)
+    else:
+        port = parsed.port
+        reason = ("the scheme must be http or https" if parsed.scheme not in ("http", "https") else
+                  "it names no host" if not parsed.host else
+                  f"port {port} is out of range (1-65535)" if port is not None and not 0 < port < 65536 else "")
+        if not reason:
+            return url.rstrip("/")
+    raise UserError(f"invalid server URL '{url}': {reason}; expected e.g. {DEFAULT_SERVER}", param="server")
+
+
 class Client:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0):
         if base_url is not None and not base_url.strip():  # an unset variable expanded, not a choice of default
             raise UserError("the server URL is empty; check --server or LLM_PRUNE_SERVER", param="server")
-        self.base_url = (base_url or os.environ.get("LLM_PRUNE_SERVER") or DEFAULT_SERVER).strip().rstrip("/")
+        self.base_url = _server_url((base_url or os.environ.get("LLM_PRUNE_SERVER") or DEFAULT_SERVER).strip())
         key = api_key if api_key is not None else os.environ.get("LLM_PRUNE_API_KEY")
         key = key.strip() if key else key  # a key pasted with its line end is the same key
         if key and not (key.isascii() and key.isprintable()):

@@ -172,6 +172,12 @@ def test_client_answers_that_are_not_ours_are_one_line_errors():
 
     with pytest.raises(UserError, match="invalid server URL"):
         Client("http://[::1")
+    # A port no socket has, another scheme or no host is the URL's fault, not an unreachable server.
+    for url, reason in [("http://127.0.0.1:99999", "port 99999 is out of range"), ("ftp://h:8000", "http or https"),
+                        ("http://", "names no host")]:
+        with pytest.raises(UserError, match=reason):
+            Client(url)
+    assert Client("localhost:8000/").base_url == "http://localhost:8000"  # host:port as curl takes it
     seen = []
 
     def handler(request):
