@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import types
 from functools import lru_cache
@@ -123,6 +124,23 @@ def export_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, extra
     except OSError as exc:  # a full disk, a folder removed meanwhile: one line, and the caller's work stays
         raise UserError(f"could not write the checkpoint to {out}: {exc.strerror or first_line(exc, 200)}",
                         param="output") from None
+
+
+def publish_staged(staged: Path, out: Path) -> None:
+    """Move a checkpoint written in full under STAGED into OUT, over an earlier checkpoint there: a
+    write that fails before this (a full disk, Ctrl-C) leaves the earlier one as it was and no half
+    checkpoint that loads. Renames write no data, so this part does not fail for want of space."""
+    new = {p.name for p in staged.iterdir()}
+    for p in staged.iterdir():
+        os.replace(p, out / p.name)
+    staged.rmdir()
+    # What the earlier checkpoint had and this one lacks would be read with it: other weight shards,
+    # remote code for widths that are now equal, a GGUF or evaluation of the earlier model.
+    for old in out.iterdir():
+        if old.name not in new and old.is_file() and (
+                old.name.endswith((".safetensors", ".safetensors.index.json")) or old.name == MODELING_FILE
+                or (old.name.startswith("model-") and old.suffix == ".gguf") or old.name == "eval_results.json"):
+            old.unlink()
 
 
 def _write_checkpoint(model: nn.Module, tokenizer, out: Path, data: dict, remote: bool, extra_meta: dict | None,

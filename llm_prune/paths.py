@@ -9,6 +9,8 @@ from pathlib import Path
 
 from llm_prune.errors import NOT_UTF8, UserError, shown_text
 
+STAGING = ".partial"  # a checkpoint is written here inside its output folder, then renamed into place
+
 
 def check_utf8(path: str | Path, param: str, label: str) -> None:
     """A name in another encoding (kept by Python as surrogates) cannot be written into the JSON and

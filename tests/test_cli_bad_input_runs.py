@@ -465,3 +465,39 @@ def test_an_empty_file_or_name_is_refused_not_read_as_the_default(tiny_llama, tm
                           "-o", str(tmp_path / "job"))
         assert f"{flag}: is empty" in line, line
         assert not (tmp_path / "job").exists()
+
+
+def test_a_prune_that_fails_while_writing_leaves_the_earlier_checkpoint_whole(tiny_llama, tmp_path, capsys,
+                                                                              monkeypatch):
+    """The checkpoint is written in the output folder's `.partial` and renamed into place when it is
+    complete: a full disk after the weights were written left a folder whose config and weights
+    loaded (a 0-byte tokenizer.json, no model card) over the earlier checkpoint's files."""
+    import errno
+
+    import llm_prune.card
+
+    out = tmp_path / "out"
+    prune = ["prune", str(tiny_llama), "--ratio", "0.2", "--no-reconstruct", "--calibration-tokens", "128",
+             "-o", str(out)]
+    assert run_main(capsys, *prune)[0] == 0
+    (out / "model-q8_0.gguf").write_bytes(b"GGUF of the earlier model")
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"a shard of an earlier save")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:  # the card is written after the weights, the plan and the tokenizer
+        m.setattr(llm_prune.card, "model_card", full)
+        code, _, err = run_main(capsys, *prune[:3], "0.3", *prune[4:])
+        assert code == 1 and "no space left on the disk" in err and "Traceback" not in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing half-written, no .partial
+        code, _, err = run_main(capsys, *prune[:3], "0.3", *prune[4:-1], str(tmp_path / "first"))
+        assert code == 1 and not any((tmp_path / "first").iterdir())  # nothing that looks like a checkpoint
+    # An interrupted run's .partial is taken over; the earlier model's GGUF and extra shard go with it.
+    (out / ".partial").mkdir()
+    (out / ".partial" / "config.json").write_text("{")
+    assert run_main(capsys, *prune[:3], "0.3", *prune[4:])[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(n for n in before if n not in (
+        "model-q8_0.gguf", "model-00002-of-00002.safetensors"))
+    assert json.loads((out / "config.json").read_text())["llm_prune"]["recipe"]["budget"]["ratio"] == 0.3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,7 @@ import typer
 from llm_prune.cli.common import emit_json, human_bytes, human_count, table
 from llm_prune.cli.recipe_flags import recipe_flags, recipe_from_data, with_recipe_flags
 from llm_prune.errors import UserError
+from llm_prune.paths import STAGING
 
 FLAGS = recipe_flags(("budget", "pruning", "export", "device", "trust_remote_code"))
 
@@ -28,7 +30,7 @@ def register(app: typer.Typer) -> None:
         recipe_data: dict = None,
     ) -> None:
         """Prune MODEL structurally to a parameter budget and export a Hugging Face checkpoint."""
-        from llm_prune.export import weights_bytes
+        from llm_prune.export import publish_staged, weights_bytes
         from llm_prune.families import layer_shapes
         from llm_prune.paths import check_output_dir
         from llm_prune.progress import TqdmRenderer
@@ -59,13 +61,14 @@ def register(app: typer.Typer) -> None:
             source = resolve_source(model)
             check_exportable(load_config(source), None if source.gguf_file else source.path)  # before the work
         renderer = TqdmRenderer(disable=as_json)
+        staged = output / STAGING  # an earlier checkpoint here stays whole until this one is
+        shutil.rmtree(staged, ignore_errors=True)  # what an interrupted run left
         try:
-            ckpt = prune_to_checkpoint(recipe, output, on_event=renderer, plan=saved)
+            ckpt = prune_to_checkpoint(recipe, staged, on_event=renderer, plan=saved)
+            publish_staged(staged, output)
         finally:
             renderer.close()
-        # What described a model pruned here before would now seem to describe this one.
-        for stale in [*output.glob("model-*.gguf"), output / "eval_results.json"]:
-            stale.unlink(missing_ok=True)
+            shutil.rmtree(staged, ignore_errors=True)
         from llm_prune.models import source_dtype
 
         bytes_per_param = (source_dtype(model) or next(ckpt.model.parameters()).dtype).itemsize
@@ -117,7 +120,7 @@ def _check_output_is_ours(output: Path) -> None:
     """The checkpoint replaces config.json, README.md and plan.json, and saving it deletes weight
     shards of another model: an existing folder with files is taken only when it is an earlier
     llm-prune checkpoint (pruning again into the same place)."""
-    if not output.is_dir() or not any(output.iterdir()):
+    if not output.is_dir() or not any(p.name != STAGING for p in output.iterdir()):
         return
     try:
         ours = isinstance(data := json.loads((output / "config.json").read_text()), dict) and "llm_prune" in data
