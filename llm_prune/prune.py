@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
+import torch
 from torch import nn
 
 from llm_prune.allocation import AllocationConfig, allocate, allocate_portable, auto_layer_drops, prunable_layers
@@ -56,11 +57,22 @@ def allocation_config(cfg: PruningConfig) -> AllocationConfig:
                             prune_attention=cfg.prune_attention, prune_mlp=cfg.prune_mlp)
 
 
+def check_finite(model: nn.Module) -> None:
+    """A NaN or an infinity in any weight makes every score and refit NaN: the solver then fails with
+    an internal assertion that reads like a bug in torch, after minutes of passes."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise UserError(f"the model's weights are not finite: {name} holds {bad} NaN or infinite value"
+                            f"{'s' if bad > 1 else ''}; prune a model whose weights are numbers", param="model")
+
+
 def prune_model(model: nn.Module, tokenizer, budget: Budget, cfg: PruningConfig,
                 on_event: ProgressCallback = null_callback,
                 between_stages: Callable[[nn.Module, int], nn.Module | None] | None = None) -> PruneResult:
     family_for(model)  # unsupported families fail before any work
     cfg.check_fits(model.config)
+    check_finite(model)
     if cfg.reconstruct:
         check_projections(model)
     total = count_params(model)

@@ -380,3 +380,22 @@ def test_adaptive_steps_never_land_off_the_budget_silently(tmp_path, ratio):
         assert "--allocation uniform" in exc.message
     else:
         assert abs(result.params_after - result.params_target) <= 0.005 * result.params_target
+
+
+def test_weights_that_are_not_finite_are_one_line_before_any_pass(tiny_llama, tmp_path, capsys):
+    """One NaN in one projection made every score and refit NaN, and the solver then failed with
+    torch's 'INTERNAL ASSERT FAILED ... please report a bug' after the passes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    state = load_file(model / "model.safetensors")
+    name = next(k for k in state if k.endswith("self_attn.q_proj.weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, model / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_main(capsys, "prune", str(model), "--ratio", "0.2", "-o", str(tmp_path / "out"))
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code != 0 and "Traceback" not in err and len(lines) == 1, err
+    assert "not finite" in lines[0] and name in lines[0] and "1 NaN or infinite value;" in lines[0]
