@@ -7,8 +7,11 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import contextlib
 import math
 import os
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -315,9 +318,38 @@ def load_pool(path: str | Path, limit: int | None = None) -> PoolLoad:
     return load
 
 
+# A chat template is the model's own Jinja code: its sandbox stops it reaching out, not looping
+# (nested `range` loops rendered for ever, growing 150 MB/s). One conversation renders in
+# milliseconds; this is time enough for any real template on a long record.
+TEMPLATE_SECONDS = 5.0
+
+
+@contextlib.contextmanager
+def _template_deadline():
+    """The render is stopped by a timer signal, which only the main thread receives; encoding runs
+    there (CLI and job processes), elsewhere the render is left unbounded."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(*_):
+        raise UserError(f"the tokenizer's chat template took over {TEMPLATE_SECONDS:g} s to render one record; "
+                        "give the model a template that renders a conversation", param="data.pool")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _chat_texts(tokenizer, messages: list[dict], response: str) -> tuple[str, str]:
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}], tokenize=False)
+    with _template_deadline():
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                             tokenize=False)
     return prompt, full
 
 

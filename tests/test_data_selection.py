@@ -174,6 +174,26 @@ def test_format_example_alpaca_and_chat_template(tiny_llama):
     assert prompt == "<|user|>Say hi\n<|assistant|>" and response == "hi\n"
 
 
+def test_a_chat_template_that_never_ends_is_stopped(tiny_llama, monkeypatch):
+    """Nested loops in a model's chat template rendered for ever (150 MB/s) in the sandbox."""
+    import signal
+    import time
+
+    from transformers import AutoTokenizer
+
+    import data_selection.pool
+
+    monkeypatch.setattr(data_selection.pool, "TEMPLATE_SECONDS", 0.5)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+    t = time.perf_counter()
+    with pytest.raises(UserError, match="chat template took over 0.5 s to render one record"):
+        format_example(tok, Record("Say hi", "hi", "s"))
+    assert time.perf_counter() - t < 5
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) in (
+        signal.SIG_DFL, None)
+
+
 def test_budget_resolution():
     assert resolve_budget(0.2, 200) == 40
     assert resolve_budget(37, 200) == 37
