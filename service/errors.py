@@ -54,7 +54,9 @@ def storage_fault(exc: BaseException) -> tuple[int, str, str] | None:
             return full
         return 503, "the job database is busy or unreachable; try again shortly", "store_unavailable"
     if isinstance(exc, DBAPIError) and _missing_table(exc):  # the database was replaced behind the server
-        return 503, "the job database has lost its tables; the operator must restart the server", "store_unavailable"
+        # A restart alone is refused (`Store.check_data_dir`): the data directory knows another database.
+        return 503, "the job database has lost its tables; the operator must restore it and restart the server", \
+            "store_unavailable"
     return None
 
 

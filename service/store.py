@@ -9,9 +9,11 @@ per-key advisory lock on PostgreSQL, so the per-key limit holds under any concur
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
+import os
 import secrets
 import time
 from contextlib import contextmanager
@@ -169,7 +171,7 @@ class Store:
     """All queries the service needs. `schema` puts the tables in a PostgreSQL schema."""
 
     def __init__(self, url: str, schema: str | None = None):
-        self.url = url
+        self.url, self.schema = url, schema
         kwargs: dict[str, Any] = {"future": True}
         if url.startswith("sqlite") and _sqlite_in_memory(url):
             raise UserError(f"an in-memory SQLite database ({url}) cannot be shared by the API and the workers: "
@@ -217,36 +219,72 @@ class Store:
     def check_data_dir(self, data_dir: Path) -> None:
         """The store and the data directory belong together: a worker given another directory than
         its server's wrote the checkpoints where the API never looks, and its jobs ended
-        `succeeded` with nothing to download. The first start records a random id in both (a
-        deployment from before this check adopts its directory); every later start must find it."""
+        `succeeded` with nothing to download. The first start records a random id in the database,
+        then in the directory (`.store-id`); every later start must find the same id in both. A
+        directory without the file (a deployment from before this check) is adopted; one that has
+        it beside a database that records none (emptied, deleted or replaced: it would serve no
+        job and no key while the job folders are there) is refused."""
         marker = Path(data_dir) / DATA_DIR_MARKER
-        try:
-            mine = marker.read_text(encoding="ascii").strip() or None
-        except FileNotFoundError:
-            mine = None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"cannot read {marker}: {getattr(exc, 'strerror', None) or exc}", param="data_dir") \
-                from None
+        mine = self._read_marker(marker)  # before the database: the marker is written after it
         recorded = self._meta("data_dir_id")
-        if recorded is None:  # a new store: record this directory's id (another process may win the race)
+        url = _hide_password(self.url)
+        if recorded is None and mine is not None:
+            raise UserError(f"the database {url} does not know data directory {data_dir} (the database is new or "
+                            f"emptied; the directory's {DATA_DIR_MARKER} {mine} is that of the database it served): "
+                            f"restore that database, or point --data-dir (LLM_PRUNE_DATA_DIR) at a new directory",
+                            param="data_dir")
+        if recorded is None:  # a new store: record an id (another process may win the race), then the directory's
+            ours = secrets.token_hex(16)
             try:
                 with self.session.begin() as s:
-                    s.add(MetaRow(key="data_dir_id", value=mine or secrets.token_hex(16)))
+                    s.add(MetaRow(key="data_dir_id", value=ours))
             except IntegrityError:
                 pass
             recorded = self._meta("data_dir_id")
-            if mine is None:
-                try:
-                    with open(marker, "x", encoding="ascii") as fh:
-                        fh.write(recorded + "\n")
-                    mine = recorded
-                except FileExistsError:  # written by a process starting beside this one
-                    mine = marker.read_text(encoding="ascii").strip()
+            try:
+                self._write_marker(marker, recorded)
+            except UserError:  # forget the id again: recorded without its marker, the next start would be refused
+                with self.session.begin() as s:
+                    s.execute(delete(MetaRow).where(MetaRow.key == "data_dir_id", MetaRow.value == ours))
+                raise
+            mine = self._read_marker(marker)
         if mine != recorded:
-            url = _hide_password(self.url)
             raise UserError(f"data directory {data_dir} is not the one the database {url} serves "
                             f"({DATA_DIR_MARKER} {'differs' if mine else 'is missing'}): a worker must use its "
                             f"server's --data-dir (shared storage) and --db", param="data_dir")
+
+    @staticmethod
+    def _read_marker(marker: Path) -> str | None:
+        try:
+            return marker.read_text(encoding="ascii").strip() or None
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read {marker}: {getattr(exc, 'strerror', None) or exc}", param="data_dir") \
+                from None
+
+    @staticmethod
+    def _write_marker(marker: Path, value: str) -> None:
+        """Writes the marker unless one is there, whole or not at all (linked into place once
+        written): a process starting beside this one never reads it half-written, and a failed
+        write (a full disk) leaves none behind."""
+        tmp = marker.with_name(f"{DATA_DIR_MARKER}.{secrets.token_hex(4)}.tmp")
+        try:
+            with open(tmp, "x", encoding="ascii") as fh:
+                fh.write(value + "\n")
+            try:
+                os.link(tmp, marker)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+                    raise
+                with open(marker, "x", encoding="ascii") as fh:  # a file system without hard links
+                    fh.write(value + "\n")
+        except FileExistsError:  # written by a process starting beside this one: the caller compares it
+            pass
+        except OSError as exc:
+            raise UserError(f"cannot write {marker}: {exc.strerror or exc}", param="data_dir") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # --- API keys -------------------------------------------------------------------------
     def create_key(self, name: str = "") -> tuple[str, str]:

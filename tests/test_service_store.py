@@ -4,9 +4,11 @@ import os
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
+from llm_prune.errors import UserError
 from service.store import LimitExceeded, Store
 
 PG_URL = os.environ.get("LLM_PRUNE_TEST_POSTGRES_URL")
@@ -296,3 +298,48 @@ def test_leases_follow_the_database_clock_not_the_workers(store, monkeypatch):
     assert store.requeue_expired() == []
     assert store.heartbeat(job.id, "w1", 30) == (True, False)
     assert store.get_job(job.id).lease_expires < real() + 60
+
+
+def _emptied(store):
+    """The store's database as an operator left it: deleted (SQLite: `rm jobs.db*`) or its tables
+    dropped (PostgreSQL), then opened again (the tables come back empty)."""
+    from service.store import Base
+
+    store.close()
+    if store.engine.dialect.name == "sqlite":
+        db = Path(store.engine.url.database)
+        for suffix in ("", "-wal", "-shm"):
+            db.with_name(db.name + suffix).unlink(missing_ok=True)
+    else:
+        Base.metadata.drop_all(store.engine)
+    return Store(store.url, schema=store.schema)
+
+
+def test_an_emptied_database_is_refused_beside_a_data_dir_it_served(store, tmp_path):
+    """It was adopted: the data directory's id went into the empty database, and the server said
+    "ok" while every key was unknown and GET /v1/jobs was [] beside the job folders."""
+    from service.store import DATA_DIR_MARKER
+
+    data = tmp_path / "data"
+    data.mkdir()
+    store.check_data_dir(data)
+    store.create_key("ci")
+    _job(store)
+    fresh = _emptied(store)
+    try:
+        with pytest.raises(UserError) as exc:
+            fresh.check_data_dir(data)
+        marker = (data / DATA_DIR_MARKER).read_text().strip()
+        assert exc.value.message.startswith(f"the database {fresh.url} does not know data directory {data}") and \
+            marker in exc.value.message and "restore that database" in exc.value.message, exc.value.message
+        assert fresh._meta("data_dir_id") is None  # nothing adopted: the next start is refused as well
+        with pytest.raises(UserError):
+            fresh.check_data_dir(data)
+        # A directory that never had the marker (a deployment from before it) is adopted, as before.
+        (data / DATA_DIR_MARKER).unlink()
+        fresh.create_key("old")
+        fresh.check_data_dir(data)
+        assert (data / DATA_DIR_MARKER).read_text().strip() == fresh._meta("data_dir_id")
+        assert [k.name for k in fresh.list_keys()] == ["old"]
+    finally:
+        fresh.close()
