@@ -21,6 +21,11 @@ class RangeError(UserError):
         self.size = size
 
 
+class DatabaseReplaced(Exception):
+    """The job database's file is not the one the server opened: removed (its connections would go
+    on writing to a file no one will read) or replaced (another database under the same name)."""
+
+
 RETRY_AFTER = "10"  # seconds a client is asked to wait when storage is unavailable
 
 
@@ -34,7 +39,7 @@ def shown(value: str, limit: int = 80) -> str:
 def _storage_errors() -> tuple[type[BaseException], ...]:
     from sqlalchemy.exc import DBAPIError, DisconnectionError
 
-    return OSError, DBAPIError, DisconnectionError
+    return OSError, DBAPIError, DisconnectionError, DatabaseReplaced
 
 
 STORAGE_ERRORS = _storage_errors()  # the exception types `storage_fault` may recognise
@@ -42,10 +47,14 @@ STORAGE_ERRORS = _storage_errors()  # the exception types `storage_fault` may re
 
 def storage_fault(exc: BaseException) -> tuple[int, str, str] | None:
     """(status, message, code) when `exc` is the server's storage failing rather than a bug: 507
-    while its disk is full, 503 while the job database is locked or unreachable. None otherwise."""
+    while its disk is full, 503 while the job database is locked or unreachable, or its file was
+    removed or replaced. None otherwise."""
     from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
     full = (507, "the server's disk is full; try again later", "insufficient_storage")
+    if isinstance(exc, DatabaseReplaced):
+        return 503, ("the job database file was removed or replaced; the operator must restore it and restart "
+                     "the server"), "store_unavailable"
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return full
     if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError)) or (

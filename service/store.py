@@ -27,7 +27,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from llm_prune.errors import UserError, first_line
-from service.errors import ConflictError
+from service.errors import ConflictError, DatabaseReplaced
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -206,6 +206,8 @@ class Store:
             base.dispose()
             raise UserError(f"cannot open database {_hide_password(url)}: {first_line(exc.orig or exc, 300)}",
                             param="database_url") from None
+        if url.startswith("sqlite"):
+            _watch_sqlite_file(base)
         self.engine = engine
         self.session = sessionmaker(engine, expire_on_commit=False)
 
@@ -647,6 +649,32 @@ def storable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [storable(v) for v in value]
     return value
+
+
+def _watch_sqlite_file(engine) -> None:
+    """Refuses every connection once the database file is not the one opened here: removed, pooled
+    connections went on writing to the unlinked file (200s for work that was gone) and a new one
+    made an empty database in its place; replaced, they would serve another database. Checked
+    before a connection is made and each time one is taken from the pool (a stat: microseconds)."""
+    database = engine.url.database
+    if not database or database.startswith("file:") or engine.url.query.get("uri"):
+        return  # a URI filename: not a plain path to watch
+    path = os.path.abspath(database)
+    st = os.stat(path)
+    opened = (st.st_dev, st.st_ino)
+
+    def check(*_args) -> None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise DatabaseReplaced(f"the job database file {path} was removed") from None
+        except OSError:
+            return  # cannot tell (e.g. no search permission on its directory): SQLite says what is wrong
+        if (st.st_dev, st.st_ino) != opened:
+            raise DatabaseReplaced(f"the job database file {path} was replaced by another file")
+
+    event.listen(engine, "do_connect", check)  # before SQLite would create an empty file in its place
+    event.listen(engine, "checkout", check)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -179,3 +179,23 @@ def test_a_store_outage_is_logged_once_not_every_poll(caplog):
     assert [r.levelname for r in caplog.records] == ["ERROR", "WARNING"]
     assert caplog.records[0].exc_info is not None and "available again after 50" in caplog.records[1].message
     assert outage.backoff(0.3) == 0.3
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_database_file_removed_or_replaced_under_the_server_is_a_503_not_lost_writes(env, how):
+    """Pooled connections went on writing to the unlinked file: 200s for jobs that were gone (and a
+    new connection made an empty database in its place); a replaced file would serve another one."""
+    import shutil
+
+    client, _, settings, alice = env
+    assert client.post("/v1/jobs", headers=alice, json=MIN).status_code == 200
+    db = settings.data_dir / "jobs.db"
+    if how == "replaced":  # a backup moved into place: the same contents, another file
+        shutil.copy(db, settings.data_dir / "copy.db")
+        (settings.data_dir / "copy.db").replace(db)
+    else:
+        db.unlink()
+    for r in (client.post("/v1/jobs", headers=alice, json=MIN), client.get("/healthz")):
+        err = _err(r, 503, code="store_unavailable")
+        assert "database file was removed or replaced" in err["message"] and "restore" in err["message"], err
+    assert db.exists() == (how == "replaced")  # no empty database made in its place
