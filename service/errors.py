@@ -47,8 +47,8 @@ STORAGE_ERRORS = _storage_errors()  # the exception types `storage_fault` may re
 
 def storage_fault(exc: BaseException) -> tuple[int, str, str] | None:
     """(status, message, code) when `exc` is the server's storage failing rather than a bug: 507
-    while its disk is full, 503 while the job database is locked or unreachable, or its file was
-    removed or replaced. None otherwise."""
+    while its disk is full, 503 while the job database is locked, unreachable or read-only, or its
+    file was removed or replaced. None otherwise."""
     from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 
     full = (507, "the server's disk is full; try again later", "insufficient_storage")
@@ -57,6 +57,9 @@ def storage_fault(exc: BaseException) -> tuple[int, str, str] | None:
                      "the server"), "store_unavailable"
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return full
+    if isinstance(exc, DBAPIError) and read_only(exc.orig):
+        return 503, ("the job database is read-only (the permissions of its file or directory, or a read-only "
+                     "file system); the operator must make it writable"), "store_unavailable"
     if isinstance(exc, (OperationalError, InterfaceError, DisconnectionError)) or (
             isinstance(exc, DBAPIError) and exc.connection_invalidated):
         if "full" in str(getattr(exc, "orig", None) or exc).lower():  # SQLite's "database or disk is full"
@@ -67,6 +70,14 @@ def storage_fault(exc: BaseException) -> tuple[int, str, str] | None:
         return 503, "the job database has lost its tables; the operator must restore it and restart the server", \
             "store_unavailable"
     return None
+
+
+def read_only(orig: BaseException | None) -> bool:
+    """A driver's error saying the database refuses writes: SQLite's "attempt to write a readonly
+    database" (its file, directory or file system read-only when the connection opened it: the
+    connection stays read-only after that is fixed), PostgreSQL's read_only_sql_transaction (a
+    standby, e.g. after a failover)."""
+    return getattr(orig, "sqlstate", None) == "25006" or "readonly database" in str(orig).lower()
 
 
 def _missing_table(exc) -> bool:

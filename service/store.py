@@ -27,7 +27,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from llm_prune.errors import UserError, first_line
-from service.errors import ConflictError, DatabaseReplaced
+from service.errors import ConflictError, DatabaseReplaced, read_only
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -194,6 +194,7 @@ class Store:
                             f"sqlite:///path/to/jobs.db or postgresql+psycopg://user:password@host/dbname",
                             param="database_url") from None
         base = engine
+        event.listen(engine, "handle_error", _discard_read_only)
         try:
             if url.startswith("sqlite"):
                 event.listen(engine, "connect", _sqlite_pragmas)
@@ -649,6 +650,15 @@ def storable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [storable(v) for v in value]
     return value
+
+
+def _discard_read_only(ctx) -> None:
+    """A connection that refuses writes is discarded, with every pooled one opened before it: a
+    SQLite connection opened while its file was read-only stays read-only, and every write failed
+    long after the permissions were restored; a PostgreSQL connection to a standby after a failover
+    gets the new primary."""
+    if read_only(ctx.original_exception):
+        ctx.is_disconnect = True
 
 
 def _watch_sqlite_file(engine) -> None:

@@ -199,3 +199,27 @@ def test_a_database_file_removed_or_replaced_under_the_server_is_a_503_not_lost_
         err = _err(r, 503, code="store_unavailable")
         assert "database file was removed or replaced" in err["message"] and "restore" in err["message"], err
     assert db.exists() == (how == "replaced")  # no empty database made in its place
+
+
+def test_a_briefly_read_only_database_names_the_cause_and_heals_once_writable(env):
+    """A SQLite connection opened while the file was read-only stays read-only: every write was a
+    503 "busy... try again shortly" long after the permissions were restored, until a restart."""
+    from sqlalchemy import event
+
+    client, store, settings, alice = env
+    read_only = True
+
+    def opened(_dialect, _record, cargs, cparams):  # as SQLite opens a file it may not write
+        if read_only:
+            cargs[0], cparams["uri"] = f"file:{cargs[0]}?mode=ro", True
+
+    event.listen(store.engine, "do_connect", opened)
+    store.engine.dispose()
+    held = [store.engine.connect() for _ in range(3)]  # the pool fills with read-only connections
+    for conn in held:
+        conn.close()
+    err = _err(client.post("/v1/jobs", headers=alice, json=MIN), 503, code="store_unavailable")
+    assert "read-only" in err["message"] and "try again shortly" not in err["message"], err
+    read_only = False  # the permissions restored: the next writes succeed, none is left to a stale connection
+    for _ in range(4):
+        assert client.post("/v1/jobs", headers=alice, json=MIN).status_code == 200

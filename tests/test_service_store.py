@@ -343,3 +343,36 @@ def test_an_emptied_database_is_refused_beside_a_data_dir_it_served(store, tmp_p
         assert [k.name for k in fresh.list_keys()] == ["old"]
     finally:
         fresh.close()
+
+
+def test_a_read_only_connection_is_discarded_once_it_refuses_a_write(store):
+    """SQLite: a connection opened while the file was read-only; PostgreSQL: one to a standby (a
+    read-only transaction). Either kept refusing writes after the database was writable again."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import DBAPIError
+
+    from service.errors import storage_fault
+
+    read_only = True
+    if store.engine.dialect.name == "sqlite":
+        @event.listens_for(store.engine, "do_connect")
+        def opened(_dialect, _record, cargs, cparams):
+            if read_only:
+                cargs[0], cparams["uri"] = f"file:{cargs[0]}?mode=ro", True
+    else:
+        @event.listens_for(store.engine, "connect")
+        def opened(dbapi_conn, _record):
+            if read_only:
+                with dbapi_conn.cursor() as cur:
+                    cur.execute("SET default_transaction_read_only = on")
+            dbapi_conn.commit()
+    store.engine.dispose()
+    held = [store.engine.connect() for _ in range(3)]
+    for conn in held:
+        conn.close()
+    with pytest.raises(DBAPIError) as exc:
+        store.create_key("ci")
+    assert "read-only" in storage_fault(exc.value)[1]
+    read_only = False
+    for _ in range(4):
+        store.create_key("ci")
