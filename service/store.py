@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Float, Integer, String, Text, case, create_engine, delete,
-                        event, func, select, update)
+                        event, func, inspect, select, update)
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -121,11 +121,16 @@ class EventRow(Base):
 
 
 class MetaRow(Base):
-    """Facts about the deployment: `data_dir_id`, the id of the data directory the store serves."""
+    """Facts about the deployment: `data_dir_id`, the id of the data directory the store serves;
+    `schema_version`, the `SCHEMA_VERSION` of the code that made the tables."""
     __tablename__ = "service_meta"
     key: Mapped[str] = mapped_column(String(40), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
 
+
+# The tables this code reads and writes, recorded in `service_meta` as "schema_version": bump it with
+# any change to them that an older version could not read or write.
+SCHEMA_VERSION = 1
 
 DATA_DIR_MARKER = ".store-id"  # in the data directory: the id the store has recorded for it
 
@@ -203,17 +208,67 @@ class Store:
             if schema:
                 engine = engine.execution_options(schema_translate_map={None: schema})
             Base.metadata.create_all(engine)
+            self.engine = engine
+            self.session = sessionmaker(engine, expire_on_commit=False)
+            self._check_schema()
         except DatabaseError as exc:  # only here, at start-up: cannot connect, not a database, ...
             base.dispose()
             raise UserError(f"cannot open database {_hide_password(url)}: {first_line(exc.orig or exc, 300)}",
                             param="database_url") from None
+        except UserError:
+            base.dispose()
+            raise
         if url.startswith("sqlite"):
             _watch_sqlite_file(base)
-        self.engine = engine
-        self.session = sessionmaker(engine, expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def _check_schema(self) -> None:
+        """The tables are the ones this code reads and writes. A database made by another version
+        gave a 503 on every request that touched a column it lacks, and a 500 on every insert into a
+        table with a required column this code does not fill: refused here, in one line. Extra
+        tables and extra columns that may be left empty (nullable or with a default) are accepted.
+        A database without a recorded version (new, or from before versions were recorded) gets
+        this code's once its tables match."""
+        made_by = f"the database {_hide_password(self.url)} was made by another llm-prune version"
+        fix = "run the version that made it, or give another database (--db)"
+        inspector = inspect(self.engine)
+        problem = None
+        for table in Base.metadata.sorted_tables:
+            found = {c["name"]: c for c in inspector.get_columns(table.name, schema=self.schema)}
+            missing = [c.name for c in table.columns if c.name not in found]
+            required = [name for name, c in found.items() if name not in table.columns and not c["nullable"]
+                        and c.get("default") is None and not c.get("identity") and not c.get("computed")]
+            if missing:
+                problem = f"column {table.name}.{missing[0]} is missing"
+            elif required:
+                problem = f"column {table.name}.{required[0]} must be set and has no default, and this version " \
+                          f"does not know it"
+            if problem:
+                break
+        try:
+            recorded = self._meta("schema_version")
+        except DatabaseError:  # service_meta itself does not match: `problem` says how
+            recorded = None
+        if recorded is not None:
+            try:
+                version = int(recorded)
+            except ValueError:
+                raise UserError(f"{made_by}: its schema version {recorded[:40]!r} is not a number; {fix}",
+                                param="database_url") from None
+            if version > SCHEMA_VERSION:
+                raise UserError(f"{made_by}: its schema version is {version}, this one reads up to "
+                                f"{SCHEMA_VERSION}; {fix}", param="database_url")
+        if problem:
+            raise UserError(f"{made_by}: {problem} (this version reads schema {SCHEMA_VERSION}); {fix}",
+                            param="database_url")
+        if recorded is None:
+            try:
+                with self.session.begin() as s:
+                    s.add(MetaRow(key="schema_version", value=str(SCHEMA_VERSION)))
+            except IntegrityError:  # recorded by a process starting beside this one
+                pass
 
     def _meta(self, key: str) -> str | None:
         with self.session() as s:

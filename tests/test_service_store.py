@@ -376,3 +376,56 @@ def test_a_read_only_connection_is_discarded_once_it_refuses_a_write(store):
     read_only = False
     for _ in range(4):
         store.create_key("ci")
+
+
+def _alter(store, *statements):
+    from sqlalchemy import text
+
+    with store.engine.begin() as conn:
+        if store.schema:
+            conn.execute(text(f'SET LOCAL search_path TO "{store.schema}"'))
+        for sql in statements:
+            conn.execute(text(sql))
+
+
+def _reopened(store):
+    with pytest.raises(UserError) as exc:
+        Store(store.url, schema=store.schema).close()
+    return exc.value.message
+
+
+def test_a_database_made_by_another_version_is_refused_at_start_up(store):
+    """A column the code expects missing gave a 503 on every request that touched it (forever),
+    an extra required column a 500 on every insert; a newer schema version is refused outright."""
+    from sqlalchemy import Column, MetaData, Text
+
+    from service.store import SCHEMA_VERSION, Base
+
+    assert store._meta("schema_version") == str(SCHEMA_VERSION) == "1"
+    _alter(store, "DELETE FROM service_meta")  # as a database from before versions were recorded
+    _alter(store, "ALTER TABLE jobs ADD COLUMN note TEXT", "CREATE TABLE extra (x INTEGER NOT NULL)")
+    again = Store(store.url, schema=store.schema)  # extra tables and nullable columns are fine
+    assert again._meta("schema_version") == "1"
+    again.close()
+
+    _alter(store, "UPDATE service_meta SET value = '2' WHERE key = 'schema_version'")
+    msg = _reopened(store)
+    assert "was made by another llm-prune version: its schema version is 2, this one reads up to 1" in msg, msg
+    _alter(store, "UPDATE service_meta SET value = '1' WHERE key = 'schema_version'")
+
+    # A newer version's table with a column it requires and this one cannot fill.
+    newer = MetaData(schema=store.schema)
+    table = Base.metadata.tables["idempotency_keys"].to_metadata(newer, schema=store.schema)
+    table.append_column(Column("scope", Text, nullable=False))
+    _alter(store, "DROP TABLE idempotency_keys")
+    newer.create_all(store.engine)
+    msg = _reopened(store)
+    assert "made by another llm-prune version: column idempotency_keys.scope must be set and has no default" in msg
+    assert msg.count("\n") == 0
+    _alter(store, "DROP TABLE idempotency_keys")
+    Store(store.url, schema=store.schema).close()  # made again as this version reads it
+
+    _alter(store, "ALTER TABLE files DROP COLUMN malformed")
+    msg = _reopened(store)
+    assert msg.startswith(f"the database {store.url} was made by another llm-prune version: column "
+                          f"files.malformed is missing (this version reads schema 1)"), msg
