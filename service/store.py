@@ -213,8 +213,10 @@ class Store:
             self._check_schema()
         except DatabaseError as exc:  # only here, at start-up: cannot connect, not a database, ...
             base.dispose()
-            raise UserError(f"cannot open database {_hide_password(url)}: {first_line(exc.orig or exc, 300)}",
-                            param="database_url") from None
+            cause = first_line(exc.orig or exc, 300)
+            if url.startswith("sqlite") and (full := _full_disk(base.url.database)):
+                cause = f"{full} (SQLite said: {cause})"  # it says "disk I/O error" of a full one
+            raise UserError(f"cannot open database {_hide_password(url)}: {cause}", param="database_url") from None
         except UserError:
             base.dispose()
             raise
@@ -705,6 +707,27 @@ def storable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [storable(v) for v in value]
     return value
+
+
+FULL_DISK_BYTES = 1 << 20  # less free space than this on a database's file system is a full disk
+
+
+def _full_disk(database: str | None) -> str | None:
+    """What is full on the file system holding a SQLite database file, or None."""
+    if not database or database.startswith("file:"):
+        return None
+    folder = Path(os.path.abspath(database)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize < FULL_DISK_BYTES:
+        return f"the disk holding {folder} is full ({st.f_bavail * st.f_frsize // 1024} KiB free)"
+    if st.f_files and not st.f_favail:
+        return f"the disk holding {folder} is full (no free inodes)"
+    return None
 
 
 def _discard_read_only(ctx) -> None:

@@ -223,3 +223,58 @@ def test_a_briefly_read_only_database_names_the_cause_and_heals_once_writable(en
     read_only = False  # the permissions restored: the next writes succeed, none is left to a stale connection
     for _ in range(4):
         assert client.post("/v1/jobs", headers=alice, json=MIN).status_code == 200
+
+
+def test_a_full_disk_at_start_up_is_named_not_a_disk_io_error(tmp_path, monkeypatch):
+    """SQLite says "disk I/O error" when it cannot make its WAL files on a full disk."""
+    import os
+
+    def no_room(*_a):  # as SQLite fails on a full disk: at the first statement of a connection
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store_mod, "_sqlite_pragmas", no_room)
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    with pytest.raises(UserError) as exc:
+        store_mod.Store(url)
+    assert exc.value.message == f"cannot open database {url}: disk I/O error"  # a disk with room: as it was
+    monkeypatch.setattr(os, "statvfs", lambda _p: os.statvfs_result((4096, 4096, 1000, 0, 0, 100, 50, 50, 0, 255)))
+    with pytest.raises(UserError) as exc:
+        store_mod.Store(url)
+    assert exc.value.message == (f"cannot open database {url}: the disk holding {tmp_path} is full (0 KiB free) "
+                                 f"(SQLite said: disk I/O error)")
+
+
+def test_a_data_dir_marker_that_cannot_be_written_leaves_nothing_that_refuses_the_next_start(tmp_path,
+                                                                                            monkeypatch):
+    """On a full disk the marker was left empty beside the id recorded in the database, and every
+    later start was refused (".store-id is missing"), the disk freed or not."""
+    import builtins
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, _text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def open_on_a_full_disk(path, mode="r", *a, **k):
+        fh = builtins.open(path, mode, *a, **k)
+        return Full(fh) if "x" in mode or "w" in mode else fh
+
+    store = store_mod.Store(f"sqlite:///{tmp_path / 'jobs.db'}")
+    data = tmp_path / "data"
+    data.mkdir()
+    monkeypatch.setattr(store_mod, "open", open_on_a_full_disk, raising=False)
+    with pytest.raises(UserError, match=r"cannot write .*\.store-id: No space left on device"):
+        store.check_data_dir(data)
+    assert list(data.iterdir()) == [] and store._meta("data_dir_id") is None
+    monkeypatch.undo()  # the disk freed: the next start pairs them
+    store.check_data_dir(data)
+    assert (data / store_mod.DATA_DIR_MARKER).read_text().strip() == store._meta("data_dir_id")
+    store.close()
