@@ -19,6 +19,7 @@ from typing import Any, Iterator
 from llm_prune.errors import UserError
 
 FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
+PARQUET_BATCH_ROWS = 64
 USER_ROLES = {"human", "user", "prompter"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model", "bot"}
 SYSTEM_ROLES = {"system"}
@@ -213,12 +214,16 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
+        # Batches of rows: a few hundred bytes of Parquet (one long string, dictionary-encoded,
+        # repeated) decode to gigabytes, which a whole-table read held at once.
+        i = 0
         try:
-            table = pq.read_table(path)
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                for row in batch.to_pylist():
+                    yield f"{name}[{i}]", row
+                    i += 1
         except Exception as exc:  # noqa: BLE001 - a broken file is the user's input
             raise UserError(f"cannot read Parquet file {path}: {str(exc).splitlines()[0]}", param="pool") from None
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{name}[{i}]", row
 
 
 def _iter_json_lines(path: Path) -> Iterator[tuple[str, Any]]:
@@ -299,22 +304,36 @@ def iter_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
     yield from _iter_file(path)
 
 
+def iter_records(path: str | Path) -> Iterator[tuple[str, Record | str]]:
+    """(location, Record) for each usable row of a pool, (location, reason) for each malformed one,
+    one row in memory at a time."""
+    for location, row in iter_rows(path):
+        if isinstance(row, MalformedRecord):
+            yield location, str(row)
+            continue
+        try:
+            yield location, normalise(row, location)
+        except MalformedRecord as exc:
+            yield location, str(exc)
+
+
+def no_usable_records(path: str | Path, malformed: int, first: tuple[str, str] | None) -> UserError:
+    problem = f"; first problem: {first[0]}: {first[1]}" if first else ""
+    return UserError(f"pool {path} holds no usable records ({malformed} malformed){problem}", param="pool")
+
+
 def load_pool(path: str | Path, limit: int | None = None) -> PoolLoad:
     """Load and normalise a recovery pool. `limit` stops after that many good records."""
     load = PoolLoad()
-    for location, row in iter_rows(path):
-        if isinstance(row, MalformedRecord):
-            load.errors.append((location, str(row)))
+    for location, record in iter_records(path):
+        if isinstance(record, str):
+            load.errors.append((location, record))
             continue
-        try:
-            load.records.append(normalise(row, location))
-        except MalformedRecord as exc:
-            load.errors.append((location, str(exc)))
+        load.records.append(record)
         if limit is not None and len(load.records) >= limit:
             return load
     if not load.records:
-        first = f"; first problem: {load.errors[0][0]}: {load.errors[0][1]}" if load.errors else ""
-        raise UserError(f"pool {path} holds no usable records ({len(load.errors)} malformed){first}", param="pool")
+        raise no_usable_records(path, len(load.errors), load.errors[0] if load.errors else None)
     return load
 
 

@@ -12,18 +12,39 @@ from service.errors import shown
 PURPOSES = ("recovery", "eval")
 
 
-def validate_pool(path: Path, filename: str) -> tuple[int, int]:
-    """Reads the pool the way a job will (`data_selection.pool.load_pool`); returns (usable records,
-    malformed records). A file with no usable record is refused, naming its first problem."""
-    from data_selection.pool import FILE_SUFFIXES, load_pool
+# A pool's records may hold this many characters per byte uploaded: text files hold one or less,
+# compressed Parquet a few; a Parquet file of a few hundred bytes can decode to gigabytes.
+TEXT_PER_UPLOADED_BYTE = 16
+
+
+def validate_pool(path: Path, filename: str, uploaded: int) -> tuple[int, int]:
+    """Reads the pool the way a job will (`data_selection.pool.iter_records`), one record at a time;
+    returns (usable records, malformed records). A file with no usable record is refused, naming its
+    first problem, and so is one whose records decode to more text than TEXT_PER_UPLOADED_BYTE allows."""
+    from data_selection.pool import FILE_SUFFIXES, iter_records, no_usable_records
 
     if Path(filename).suffix.lower() not in FILE_SUFFIXES:
         raise UserError(f"recovery pool '{filename}' must be one of {', '.join(FILE_SUFFIXES)}", param="file")
+    good = bad = chars = 0
+    first = None
+    limit = TEXT_PER_UPLOADED_BYTE * uploaded
     try:
-        load = load_pool(path)
+        for location, record in iter_records(path):
+            if isinstance(record, str):
+                bad += 1
+                first = first or (location, record)
+                continue
+            good += 1
+            chars += len(record.prompt) + len(record.response) + len(record.system)
+            if chars > limit:
+                raise UserError(f"{filename}: its records decode to more than {TEXT_PER_UPLOADED_BYTE} characters "
+                                f"per byte uploaded ({uploaded:,} bytes); upload the text less compressed",
+                                param="file")
+        if not good:
+            raise no_usable_records(path, bad, first)
     except UserError as exc:  # the loader names the server-side path; the user knows the upload's name
         raise UserError(exc.message.replace(str(path), filename), param="file") from None
-    return len(load.records), len(load.errors)
+    return good, bad
 
 
 def validate_text(path: Path, filename: str) -> None:
@@ -36,11 +57,11 @@ def validate_text(path: Path, filename: str) -> None:
         raise UserError(f"{filename}: evaluation text is empty", param="file")
 
 
-def validate_upload(path: Path, filename: str, purpose: str) -> tuple[int | None, int]:
+def validate_upload(path: Path, filename: str, purpose: str, uploaded: int) -> tuple[int | None, int]:
     """Returns (records, malformed records) for a pool, (None, 0) for a text."""
     if purpose not in PURPOSES:
         raise UserError(f"purpose must be one of {', '.join(PURPOSES)}, got '{shown(purpose)}'", param="purpose")
     if purpose == "recovery":
-        return validate_pool(path, filename)
+        return validate_pool(path, filename, uploaded)
     validate_text(path, filename)
     return None, 0

@@ -107,6 +107,30 @@ def test_upload_format_errors(env, name, content, purpose, fragment):
     assert not any(settings.uploads_dir.iterdir())  # nothing kept of a rejected upload
 
 
+def test_a_pool_that_decodes_to_far_more_than_was_uploaded_is_refused_row_by_row(env, tmp_path):
+    """Under 1 KB of Parquet (one long string, dictionary-encoded and compressed, in many rows)
+    decoded to 800 MB, all of it held at once in the API server by the upload's check."""
+    import resource
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    client, _, settings, (alice, _) = env
+    rows = 20_000
+    pq.write_table(pa.table({"instruction": ["q" * 10_000] * rows, "output": ["a"] * rows}),
+                   tmp_path / "bomb.parquet", compression="zstd")
+    content = (tmp_path / "bomb.parquet").read_bytes()
+    assert len(content) < 4096  # under the upload limit, 200 MB once decoded
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    err = _err(_upload(client, alice, "bomb.parquet", content), 400)
+    assert "decode to more than 16 characters per byte uploaded" in err["message"], err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: no whole-table read
+    assert not any(settings.uploads_dir.iterdir())
+    small = tmp_path / "ok.parquet"  # the same shape at a size that decodes within the limit
+    pq.write_table(pa.table({"instruction": ["q" * 10] * 20, "output": ["a"] * 20}), small)
+    assert _upload(client, alice, "ok.parquet", small.read_bytes()).json()["records"] == 20
+
+
 def test_upload_size_limit(env):
     client, _, _, (alice, _) = env
     _err(_upload(client, alice, "big.txt", b"x" * 5000, "eval"), 413, code="file_too_large")

@@ -67,7 +67,7 @@ async def upload_file(request: Request, file: UploadFile = File(...), purpose: s
         size, digest = await run_in_threadpool(_save, file, target, settings.max_upload_bytes)
         if size == 0:
             raise UserError(f"{filename}: the file is empty", param="file")
-        records, malformed = await run_in_threadpool(validate_upload, target, filename, purpose)
+        records, malformed = await run_in_threadpool(validate_upload, target, filename, purpose, size)
         # In a thread: a database busy for seconds must not hold up every other request.
         row = await run_in_threadpool(store.add_file, id=file_id, owner=owner, filename=filename, purpose=purpose,
                                       bytes=size, sha256=digest, records=records, malformed=malformed,
