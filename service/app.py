@@ -126,7 +126,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _bug(_request: Request, exc: Exception):
         log.exception("unhandled error")
-        return error_response(500, "internal server error", None, "internal_error")
+        # Starlette raises the exception again once this answer is sent, and uvicorn then drops the
+        # connection: said in the answer, a keep-alive client opens a new connection for its next
+        # request (that request was reset instead).
+        return error_response(500, "internal server error", None, "internal_error", headers={"Connection": "close"})
 
 
 def _document_errors(app: FastAPI) -> None:
