@@ -23,6 +23,7 @@ from torch import nn
 
 from llm_prune.errors import UserError, first_line
 from llm_prune.families import base_model_type, head_dim, layer_shapes
+from llm_prune.paths import full_disk
 
 TEMPLATE = Path(__file__).parent / "export_templates" / "modeling_pruned.py"
 
@@ -122,6 +123,9 @@ def export_checkpoint(model: nn.Module, tokenizer, out_dir: str | Path, *, extra
     try:
         return _write_checkpoint(model, tokenizer, out, data, remote, extra_meta, dtype)
     except OSError as exc:  # a full disk, a folder removed meanwhile: one line, and the caller's work stays
+        full = full_disk(exc, out)
+        if full is not None:  # the machine's disk, not the output named (the CLI says so, exit status 1)
+            raise full
         raise UserError(f"could not write the checkpoint to {out}: {exc.strerror or first_line(exc, 200)}",
                         param="output") from None
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from llm_prune.errors import UserError
-from llm_prune.paths import check_replaceable_file
+from llm_prune.paths import check_replaceable_file, full_disk
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 EXPORTABLE_TYPES = ("llama", "mistral")  # the families llama.cpp runs as `llama` / `deci`
@@ -353,6 +353,9 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16", for
             info = _write(model, tokenizer, src, tmp, dtype)
         os.replace(tmp, out)
     except OSError as exc:  # the disk filled up, the folder went away meanwhile
+        full = full_disk(exc, out)
+        if full is not None:  # the machine's disk, not the output named: said as `prune` says it
+            raise full
         raise UserError(f"could not write {out}: {exc.strerror or exc}", param="output") from None
     finally:
         tmp.unlink(missing_ok=True)

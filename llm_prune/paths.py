@@ -93,6 +93,32 @@ def make_dir(path: str | Path, param: str = "output", label: str = "output") -> 
     return path
 
 
+DISK_NEARLY_FULL = 64 * 2**20  # bytes free below which a failed write without a reason is the disk
+
+
+def nearly_full(path: str | Path) -> bool:
+    """Whether the file system holding `path` has (nearly) no space left for its user."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < DISK_NEARLY_FULL
+
+
+def full_disk(exc: OSError, path: str | Path) -> OSError | None:
+    """`exc` as the full disk it is (ENOSPC, which the CLI reports in one line, exit status 1), or
+    None when it is something else. Writers in C report a short write without the OS's errno (numpy's
+    `tofile`, under gguf-py: "8192 requested and 8096 written"): that one is the disk when the disk
+    holding `path` is indeed (nearly) full."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    if exc.errno is None and nearly_full(Path(path).parent if not Path(path).is_dir() else path):
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        full.__cause__ = exc
+        return full
+    return None
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` so that a reader (or a rerun after a crash or a full disk) finds the old
     content or the new, never a cut-off file: a temporary file beside it, flushed, then renamed over."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from llm_prune.errors import UserError
+from llm_prune.paths import nearly_full
 from llm_prune.progress import ProgressCallback, ProgressEvent, null_callback
 from recovery.data import IGNORE_INDEX, ResponseOnlyCollator, TokenizedSplit
 from recovery.merge import TRAINABLE_FILE, load_trainable, save_trainable
@@ -180,7 +180,7 @@ def train(model: nn.Module, split: TokenizedSplit, pad_token_id: int, settings: 
         except RuntimeError as exc:
             # torch.save reports a full disk as a failed stream ("file write failed", "unexpected
             # pos"), without the OS's errno: say it is the disk when the disk is indeed full.
-            if _nearly_full(checkpoint_dir):
+            if nearly_full(checkpoint_dir):
                 raise OSError(errno.ENOSPC, "No space left on device", str(checkpoint_dir)) from exc
             raise
     wall = time.time() - start
@@ -227,11 +227,6 @@ def last_complete_checkpoint(checkpoint_dir: Path, on_event: ProgressCallback = 
                                    "stopped while saving it): removed, resuming from the one before"))
             shutil.rmtree(path, ignore_errors=True)
     return None
-
-
-def _nearly_full(path: Path) -> bool:
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize < 64 * 2**20
 
 
 def _finished_state(checkpoint: str | None):

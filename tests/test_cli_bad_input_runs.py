@@ -384,21 +384,56 @@ def test_an_evaluation_window_past_the_context_is_refused_before_any_stage(tiny_
 
 def test_a_full_disk_under_a_writer_that_is_not_pythons_is_one_line(tiny_llama, tmp_path, capsys, monkeypatch):
     """safetensors reports a full disk in its own exception, with the OS's words; torch's writers in
-    a RuntimeError: the CLI says it as it says ENOSPC, in one line, without a traceback."""
+    a RuntimeError: the CLI says it as it says ENOSPC, in one line, without a traceback. Python's
+    own ENOSPC (the config or tokenizer files) is said the same way: it was "could not write the
+    checkpoint", exit status 2, the status of a user's mistake."""
+    import errno
+
     from safetensors import SafetensorError
 
     import llm_prune.export
 
-    def full(*_a, **_k):
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    for fault in (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                  OSError(errno.ENOSPC, "No space left on device", "config.json")):
+        def full(*_a, fault=fault, **_k):
+            raise fault
 
-    monkeypatch.setattr(llm_prune.export, "_write_checkpoint", full)
-    code, _, err = run_main(capsys, "prune", str(tiny_llama), "--ratio", "0.2", "--no-reconstruct",
-                            "--calibration-tokens", "128", "-o", str(tmp_path / "out"))
-    shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", err).replace("\r", "\n")
-    lines = [ln.strip() for ln in shown.splitlines() if ln.strip().startswith("error:")]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: no space left on the disk"), err
-    assert "Traceback" not in err
+        monkeypatch.setattr(llm_prune.export, "_write_checkpoint", full)
+        code, _, err = run_main(capsys, "prune", str(tiny_llama), "--ratio", "0.2", "--no-reconstruct",
+                                "--calibration-tokens", "128", "-o", str(tmp_path / type(fault).__name__))
+        shown = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", err).replace("\r", "\n")
+        lines = [ln.strip() for ln in shown.splitlines() if ln.strip().startswith("error:")]
+        assert code == 1 and len(lines) == 1 and lines[0].startswith("error: no space left on the disk"), err
+        assert "Traceback" not in err
+
+
+def test_export_says_a_full_disk_as_prune_does(tiny_llama, tmp_path, capsys, monkeypatch):
+    """numpy's `tofile` (under gguf-py) reports a short write without the OS's errno: export said
+    "could not write ...: 8192 requested and 8096 written" and exited 2, the status of a user's
+    mistake. On a (nearly) full disk it is the disk, in prune's words and exit status 1; the same
+    failure with space to spare stays a one-line refusal naming the output."""
+    import os
+    from types import SimpleNamespace
+
+    import llm_prune.gguf_export
+
+    def short_write(*_a, **_k):
+        raise OSError("8192 requested and 8096 written")
+
+    monkeypatch.setattr(llm_prune.gguf_export, "_write", short_write)
+    real = os.statvfs
+    for free, expected in ((1 << 20, 1), (1 << 40, 2)):
+        monkeypatch.setattr(os, "statvfs", lambda p, free=free: SimpleNamespace(
+            **{k: getattr(real(p), k) for k in ("f_frsize", "f_blocks")}, f_bavail=free // real(p).f_frsize))
+        out = tmp_path / "m.gguf"
+        code, _, err = run_main(capsys, "export", str(tiny_llama), "-o", str(out))
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert code == expected and len(lines) == 1 and "Traceback" not in err, err
+        if expected == 1:
+            assert lines[0] == f"error: no space left on the disk ({out}); free some and run the command again"
+        else:
+            assert lines[0].startswith(f"error: could not write {out}: 8192 requested")
+        assert list(tmp_path.iterdir()) == []  # no partial file left behind
 
 
 def test_more_layer_drops_than_uniform_may_cut_are_refused_before_any_stage(tiny_llama, tmp_path, capsys):
