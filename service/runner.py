@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lease_seconds:
         _hold_lease(args.lease_seconds)
 
-    from llm_prune.errors import UserError
+    from llm_prune.errors import UserError, disk_full
 
     try:
         from llm_prune.recipe import parse_recipe
@@ -142,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     # stops a job with SIGTERM/SIGKILL, which no handler here turns into an exception.)
     except BaseException as exc:  # noqa: BLE001 - reported to the job, traceback kept in the log
         traceback.print_exc()
+        full = disk_full(exc) if isinstance(exc, Exception) else None
+        if full is not None:  # the server's disk, not the job: said so (the worker shows the path as a name)
+            message = f"no space left on the server's disk ({full}); the job can be retried once space is freed"
+            send("error", message=message[:MAX_MESSAGE], param=None, code="insufficient_storage", user=False)
+            return 1
         send("error", message=describe(exc), param=None, code="pipeline_error", user=False)
         return 1
 

@@ -65,3 +65,19 @@ def validate_upload(path: Path, filename: str, purpose: str, uploaded: int) -> t
         return validate_pool(path, filename, uploaded)
     validate_text(path, filename)
     return None, 0
+
+
+# Recipe fields that hold the server path of an upload, and where the job's request named its file id.
+FILE_FIELDS = ((("data", "pool"), ("data", "file_id")), (("evaluation", "ppl"), ("evaluation", "ppl")),
+               (("pruning", "calibration"), ("pruning", "calibration")))
+
+
+def missing_uploads(recipe: dict, request: dict) -> list[tuple[str, str | None]]:
+    """(request parameter, file id) of each upload a job's recipe uses whose content is no longer on
+    the server (removed there, behind the API, which refuses to delete a file an active job uses)."""
+    missing = []
+    for (section, key), (req_section, req_key) in FILE_FIELDS:
+        path = ((recipe or {}).get(section) or {}).get(key)
+        if path and not Path(path).is_file():
+            missing.append((f"{req_section}.{req_key}", ((request or {}).get(req_section) or {}).get(req_key)))
+    return missing

@@ -18,8 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from llm_prune.errors import first_line
-from service import artifacts
+from llm_prune.errors import disk_full, first_line
+from service import artifacts, uploads
 from service.settings import Settings
 from service.store import JobRow, Store
 
@@ -126,6 +126,8 @@ class Worker:
         self._stop = threading.Event()
         self.outage = StoreOutage(self.id)
         self._children: dict[str, subprocess.Popen] = {}
+        self._unsettled: dict[str, tuple] = {}  # job id: `_finish`'s arguments, for a write the store refused
+        self._lock = threading.Lock()
 
     # --- loop -----------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -144,6 +146,7 @@ class Worker:
             if self.settings.prestart_runner and (spare is None or spare.poll() is not None):
                 spare = self._spawn(None)
             try:
+                self._settle_pending()
                 self.store.requeue_expired()
                 job = self.store.claim(self.id, self.settings.device, self.settings.lease_seconds)
                 self.outage.ok()
@@ -170,6 +173,10 @@ class Worker:
         for job_id, proc in list(self._children.items()):
             self._terminate(proc)
             self._release(job_id)
+        try:  # a last try: left unwritten, those jobs are requeued once their leases lapse
+            self._settle_pending()
+        except Exception:  # noqa: BLE001
+            self.outage.failed("recording the outcomes of finished jobs")
 
     def _release(self, job_id: str, reason: str | None = None) -> None:
         """Hand a job back: released (the attempt does not count), or requeued for `reason`."""
@@ -197,19 +204,25 @@ class Worker:
     # --- one job --------------------------------------------------------------------------
     def run_job(self, job: JobRow, spare: subprocess.Popen | None = None) -> str | None:
         job_dir = self.settings.job_dir(job.id)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        recipe = dict(job.recipe, device=self.settings.device)
-        (job_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
         tracker = JobProgress(job.metrics)
         proc = None
-        if spare is not None and spare.poll() is None:
-            try:
-                spare.stdin.write(f"{job_dir}\n".encode())
-                spare.stdin.flush()
-                proc = spare
-            except OSError:  # it died meanwhile
+        try:
+            job_dir.mkdir(parents=True, exist_ok=True)
+            recipe = dict(job.recipe, device=self.settings.device)
+            (job_dir / "recipe.json").write_text(json.dumps(recipe, indent=2))
+            if spare is not None and spare.poll() is None:
+                try:
+                    spare.stdin.write(f"{job_dir}\n".encode())
+                    spare.stdin.flush()
+                    proc = spare
+                except OSError:  # it died meanwhile
+                    self._terminate(spare)
+            proc = proc or self._spawn(job_dir)
+        except OSError as exc:  # a full disk: no job process starts; the job goes back, with the reason
+            if spare is not None:
                 self._terminate(spare)
-        proc = proc or self._spawn(job_dir)
+            self._release(job.id, f"the worker could not start the job's process: {self._reason(exc)}")
+            return None
         self._children[job.id] = proc
         outcome: dict = {}
         try:
@@ -228,17 +241,65 @@ class Worker:
             # Unsupervised, the job process would run on (blocked on its unread stdout, holding the
             # job's folder) beside the attempt that runs once the lease expires: stop it first.
             self._terminate(proc)
-            self._release(job.id, f"the worker failed supervising its job process: {first_line(exc, 200)}")
+            self._release(job.id, f"the worker failed supervising its job process: {self._reason(exc)}")
             raise
         finally:
             self._children.pop(job.id, None)
             with contextlib.suppress(OSError):
                 proc.stdin.close()
         reader.join(timeout=5)
-        self._drain(job.id, lines, tracker, outcome)
+        try:
+            self._drain(job.id, lines, tracker, outcome)
+        except Exception:  # noqa: BLE001 - its last events lost (a full disk, a busy store); the outcome is kept
+            self.outage.failed(f"recording events of {job.id}")
         if lost or self._stop.is_set():
             return None
-        return self._finish(job, job_dir, proc.returncode, outcome)
+        return self._settle(job, job_dir, proc.returncode, outcome)
+
+    def _reason(self, exc: BaseException) -> str:
+        """An exception as a job's events show it: one line, a full disk said as such, without the
+        data directory's path."""
+        full = disk_full(exc)
+        text = f"no space left on the server's disk ({full})" if full else first_line(exc, 300)
+        return artifacts.scrub(text, self.settings.data_dir)
+
+    def _settle(self, job: JobRow, job_dir: Path, code: int, outcome: dict) -> str | None:
+        """`_finish`. When the store refuses the write (a full disk may refuse every write until space
+        is freed), the outcome is kept and written as soon as the store takes writes again
+        (`_settle_pending`, each turn of the claim loop, before expired leases are requeued): the
+        job ends with its own reason, not as the job of a worker that stopped responding."""
+        from service.errors import storage_fault
+
+        try:
+            return self._finish(job, job_dir, code, outcome)
+        except Exception as exc:  # noqa: BLE001
+            if storage_fault(exc) is None:
+                raise  # a bug: its traceback, from the slot
+            self.outage.failed(f"recording the outcome of {job.id}")
+        with self._lock:
+            self._unsettled[job.id] = (job, job_dir, code, outcome)
+        return None
+
+    def _settle_pending(self) -> None:
+        """Write the outcomes the store refused before; raises while it still refuses them. A write
+        that comes after another worker requeued the job for its lapsed lease does nothing."""
+        from service.errors import storage_fault
+
+        with self._lock:
+            pending, self._unsettled = self._unsettled, {}
+        try:
+            while pending:
+                job_id, args = next(iter(pending.items()))
+                try:
+                    self._finish(*args)
+                except Exception as exc:  # noqa: BLE001
+                    if storage_fault(exc) is not None:
+                        raise
+                    log.exception("worker %s: recording the outcome of %s", self.id, job_id)  # a bug: dropped
+                pending.pop(job_id)
+        finally:
+            with self._lock:
+                self._unsettled.update(pending)
 
     def _supervise(self, job_id: str, proc: subprocess.Popen, lines: queue.Queue, tracker: JobProgress,
                    outcome: dict) -> bool:
@@ -308,7 +369,13 @@ class Worker:
         else:
             status = "failed"
             err = outcome.get("error")
-            if err:
+            missing = uploads.missing_uploads(job.recipe, job.request)
+            if missing:  # removed on the server under the job: said by its id, never by its path
+                param, file_id = missing[0]
+                fields["error"] = {"message": f"upload {file_id} ({param}) is missing on the server: its content was "
+                                              "removed there; upload the file again and submit a new job",
+                                   "param": param, "type": "server_error", "code": "file_not_found"}
+            elif err:
                 fields["error"] = {"message": err["message"], "param": err.get("param"),
                                    "type": "invalid_request_error" if err.get("user") else "server_error",
                                    "code": err.get("code")}

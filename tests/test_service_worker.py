@@ -250,3 +250,120 @@ def test_a_job_process_ends_when_its_worker_cannot_renew_the_lease(tmp_path, mon
     assert seen == {"alive_while_renewed": True, "alive_after_lease": False}
     assert "lease on this job ran out" in (settings.job_dir(job.id) / "job.log").read_text()
     store.close()
+
+
+def _full_database(statement="INSERT INTO job_events"):
+    """What SQLite raises when the disk under the job database is full."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError(statement, {}, sqlite3.OperationalError("database or disk is full"))
+
+
+def test_a_job_that_fills_the_disk_fails_saying_so_even_when_the_store_refuses_writes(tmp_path, monkeypatch):
+    """The last events' write after the job process exits, refused on a full disk, escaped run_job:
+    the job stayed `running` until requeued as "worker stopped responding", its cause never said.
+    Now the job fails as the server's full disk (no path), and an outcome the store refuses too is
+    written once the store takes writes again (the slot's next turn)."""
+    import errno
+
+    from service.settings import Settings
+    from service.store import Store
+    from service.worker import Worker
+
+    hook = tmp_path / "hook"  # the job process's pipeline: a stage that fills the disk
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, llm_prune.pipeline as p\n"
+        "from llm_prune.progress import ProgressEvent\n"
+        "def run(recipe, out, on_event):\n"
+        "    on_event(ProgressEvent(stage='prune', kind='stage_start'))\n"
+        "    raise OSError(errno.ENOSPC, 'No space left on device', str(out / 'pruned' / 'config.json'))\n"
+        "p.run_recipe = run\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    settings = Settings(data_dir=tmp_path / "data", prestart_runner=False)
+    settings.prepare()
+    store = Store(settings.db_url)
+    store.create_job("k", "m", {}, {"model": "m", "budget": {"ratio": 0.2}}, max_attempts=3)
+    worker = Worker(settings, store)
+    job = store.claim(worker.id, "cpu", settings.lease_seconds)
+    real_drain, real_finish, refused = worker._drain, store.finish, []
+
+    def drain(job_id, *args):
+        real_drain(job_id, *args)
+        if job_id not in worker._children:  # the last drain, once the job process has exited
+            raise _full_database()
+
+    def finish(*args, **kwargs):
+        if not refused:
+            refused.append(True)
+            raise _full_database("UPDATE jobs")
+        return real_finish(*args, **kwargs)
+
+    worker._drain, store.finish = drain, finish
+    assert worker.run_job(job) is None and store.get_job(job.id).status == "running"  # nothing could be written
+    worker._settle_pending()  # the store takes writes again
+    row = store.get_job(job.id)
+    message = "no space left on the server's disk (pruned/config.json); the job can be retried once space is freed"
+    assert row.status == "failed" and row.error == {"message": message, "param": None, "type": "server_error",
+                                                    "code": "insufficient_storage"}
+    assert store.list_events(job.id)[0][-1].message == message and worker._unsettled == {}
+    store.close()
+
+
+def test_a_full_disk_before_the_job_process_starts_hands_the_job_back_with_the_reason(tmp_path, monkeypatch):
+    """Writing the job's recipe into its folder on a full disk escaped run_job (the job stayed
+    `running` until its lease lapsed, the reason unsaid) and left the prestarted runner waiting."""
+    import errno
+    import subprocess
+    from pathlib import Path
+
+    from service.settings import Settings
+    from service.store import Store
+    from service.worker import Worker
+
+    settings = Settings(data_dir=tmp_path / "data", prestart_runner=False)
+    settings.prepare()
+    store = Store(settings.db_url)
+    store.create_job("k", "m", {}, {"model": "m"}, max_attempts=3)
+    worker = Worker(settings, store)
+    job = store.claim(worker.id, "cpu", 30)
+    spare = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                             start_new_session=True)
+
+    def full(path, *_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert worker.run_job(job, spare) is None
+    assert spare.poll() is not None  # stopped, not left waiting for a job
+    row = store.get_job(job.id)
+    assert (row.status, row.attempts, row.lease_owner) == ("queued", 1, None)
+    message = store.list_events(job.id)[0][-1].message
+    assert "no space left on the server's disk" in message and "retrying" in message
+    assert str(settings.data_dir) not in message
+    store.close()
+
+
+def test_an_upload_removed_on_the_server_under_a_queued_job_is_named_by_its_id(tmp_path):
+    """The job failed as the user's mistake, quoting the upload's server path ("data.pool: file not
+    found: <data>/files/file-.../pool.jsonl"); the README promises the upload's id."""
+    from service.settings import Settings
+    from service.store import Store
+    from service.worker import Worker
+
+    settings = Settings(data_dir=tmp_path / "data", prestart_runner=False)
+    settings.prepare()
+    store = Store(settings.db_url)
+    pool = settings.uploads_dir / "file-abc" / "pool.jsonl"  # removed: its folder is not there
+    store.create_job("k", "m", {"data": {"file_id": "file-abc"}},
+                     {"model": "m", "budget": {"ratio": 0.2}, "data": {"pool": str(pool)}}, max_attempts=3)
+    worker = Worker(settings, store)
+    job = store.claim(worker.id, "cpu", 30)
+    assert worker.run_job(job) == "failed"
+    error = store.get_job(job.id).error
+    assert error["type"] == "server_error" and error["code"] == "file_not_found" and error["param"] == "data.file_id"
+    assert "upload file-abc (data.file_id) is missing on the server" in error["message"]
+    assert "pool.jsonl" not in error["message"] and "<data>" not in error["message"]
+    store.close()

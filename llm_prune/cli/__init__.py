@@ -3,13 +3,12 @@ errors a user can cause print one line and exit with status 2."""
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 
 import typer
 
-from llm_prune.errors import NOT_UTF8, UserError, shown_text
+from llm_prune.errors import NOT_UTF8, UserError, disk_full, shown_text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Structured pruning, recovery-data selection and retraining of LLMs.")
@@ -35,24 +34,6 @@ def _click_exceptions():
     except ImportError:
         from click import exceptions
     return exceptions
-
-
-# How writers that are not Python's own file objects report a full disk: safetensors (Rust's
-# io::Error text) and C libraries' strerror.
-_FULL_DISK = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
-
-
-def _disk_full(exc: BaseException) -> str | None:
-    """Where the disk filled up, if that is what `exc` (or an error it was raised from) says."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return str(exc.filename or "while writing")
-        if any(text in str(exc) for text in _FULL_DISK):
-            return "while writing"
-        exc = exc.__cause__ or exc.__context__
-    return None
 
 
 def _one_line(text: str) -> str:
@@ -90,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     except (KeyboardInterrupt, typer.Abort):
         code = 130
     except Exception as exc:
-        full = _disk_full(exc)
+        full = disk_full(exc)
         if full is None:
             raise  # anything else is a bug to see in full
         # The machine's disk, not the input: one line, and what was written before stays whole.

@@ -23,6 +23,7 @@ from service.schemas import (API_ERRORS, Checkpoint, CheckpointFile, CheckpointL
                              EventObject, JobCreate, JobList, JobObject, error_responses)
 from service.store import TERMINAL, EventRow, JobRow
 from service.submission import build_recipe
+from service.uploads import FILE_FIELDS, missing_uploads
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=API_ERRORS)
 
@@ -46,11 +47,6 @@ def eta_seconds(row: JobRow) -> float | None:
     if row.status != "running" or snap.get("eta_s") is None:
         return None
     return round(max(0.0, snap["eta_s"] - (time.time() - snap.get("at", time.time()))), 1)
-
-
-# Recipe fields that hold a server path of an upload, and where the request named its file id.
-FILE_FIELDS = ((("data", "pool"), ("data", "file_id")), (("evaluation", "ppl"), ("evaluation", "ppl")),
-               (("pruning", "calibration"), ("pruning", "calibration")))
 
 
 def public_recipe(recipe: dict, request: dict) -> dict:
@@ -134,13 +130,11 @@ def retry_job(job_id: str, request: Request, owner: str = Depends(current_owner)
     if row.status != "failed":
         raise ConflictError(f"job {job_id} is {row.status}; only a failed job can be retried", param="job_id",
                             code="job_not_retryable")
-    for (section, key), (req_section, req_key) in FILE_FIELDS:  # an upload deleted since would fail it again
-        path = (row.recipe.get(section) or {}).get(key)
-        if path and not Path(path).is_file():
-            file_id = ((row.request or {}).get(req_section) or {}).get(req_key)
-            raise ConflictError(f"job {job_id} cannot run again: its upload '{file_id}' ({req_section}.{req_key}) "
-                                "was deleted; submit a new job with a new upload", param=f"{req_section}.{req_key}",
-                                code="file_not_found")
+    missing = missing_uploads(row.recipe, row.request)
+    if missing:  # an upload deleted since would fail it again
+        param, file_id = missing[0]
+        raise ConflictError(f"job {job_id} cannot run again: its upload '{file_id}' ({param}) was deleted; submit a "
+                            "new job with a new upload", param=param, code="file_not_found")
     retried = store.retry_job(owner, job_id, settings.max_active_jobs_per_key)
     if retried is None:
         raise ConflictError(f"job {job_id} is no longer failed", param="job_id", code="job_not_retryable")
