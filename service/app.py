@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from llm_prune.errors import NotFoundError, UserError, first_line
-from service.errors import RETRY_AFTER, STORAGE_ERRORS, ConflictError, PayloadTooLarge, RangeError, storage_fault
+from service.errors import (RETRY_AFTER, STORAGE_ERRORS, ConflictError, GoneError, PayloadTooLarge, RangeError,
+                            storage_fault)
 from service.guard import RequestGuard
 from service.settings import Settings
 from service.store import LimitExceeded, Store
@@ -22,7 +23,7 @@ from service.store import LimitExceeded, Store
 log = logging.getLogger("llm_prune.service")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+               405: "invalid_request_error", 409: "conflict_error", 410: "server_error", 413: "invalid_request_error",
                416: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
                503: "service_unavailable_error", 507: "service_unavailable_error"}
 
@@ -73,7 +74,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(UserError)
     async def _user_error(_request: Request, exc: UserError):
         status = (404 if isinstance(exc, NotFoundError) else 409 if isinstance(exc, ConflictError)
-                  else 413 if isinstance(exc, PayloadTooLarge) else 416 if isinstance(exc, RangeError) else 400)
+                  else 410 if isinstance(exc, GoneError) else 413 if isinstance(exc, PayloadTooLarge)
+                  else 416 if isinstance(exc, RangeError) else 400)
         headers = {"Content-Range": f"bytes */{exc.size}"} if isinstance(exc, RangeError) and exc.size is not None \
             else None
         return error_response(status, exc.message, exc.param, exc.code, headers=headers)

@@ -9,6 +9,11 @@ class ConflictError(UserError):
     """The request is valid but the resource's state forbids it (HTTP 409)."""
 
 
+class GoneError(UserError):
+    """What the request names existed but was removed on the server, for good (HTTP 410): the
+    client did nothing wrong, and asking again will not bring it back."""
+
+
 class PayloadTooLarge(UserError):
     """An upload over the size limit (HTTP 413)."""
 

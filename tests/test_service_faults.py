@@ -114,6 +114,44 @@ def test_checkpoint_files_removed_on_the_server_are_not_announced(env):
     assert client.get(ckpt["archive_url"], headers=alice).status_code == 200
 
 
+def test_checkpoints_of_a_succeeded_job_removed_on_the_server_are_410_not_missing(env):
+    """A succeeded job whose folder was removed on the server listed no checkpoints (200 []) and
+    its archive said "has no checkpoint 'final' (yet)" (404), while its result named both. What
+    the job published and the server lost is 410 Gone, the same on every checkpoint route."""
+    import shutil
+
+    client, store, settings, alice = env
+    job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+    for name in ("pruned", "final"):
+        root = settings.job_dir(job_id) / "run" / name
+        root.mkdir(parents=True)
+        (root / "config.json").write_text('{"model_type": "llama"}')
+        (root / ".done").write_text("")
+    store.claim("w", "cpu", 60)
+    store.finish(job_id, "w", "succeeded", result={"checkpoints": {"pruned": "pruned", "final": "final"}})
+    base = f"/v1/jobs/{job_id}/checkpoints"
+    assert [c["name"] for c in client.get(base, headers=alice).json()["data"]] == ["pruned", "final"]
+
+    shutil.rmtree(settings.job_dir(job_id) / "run" / "final")  # one checkpoint gone
+    err = _err(client.get(base, headers=alice), 410, param="job_id", code="checkpoint_removed")
+    assert err["type"] == "server_error" and "checkpoint 'final' was removed on the server" in err["message"]
+    _err(client.get(f"{base}/final/archive", headers=alice), 410, param="checkpoint", code="checkpoint_removed")
+    assert client.get(f"{base}/pruned/archive", headers=alice).status_code == 200
+
+    shutil.rmtree(settings.job_dir(job_id))  # the job's whole folder
+    for r in (client.get(base, headers=alice), client.get(f"{base}/final/archive", headers=alice),
+              client.get(f"{base}/pruned/files/config.json", headers=alice),
+              client.head(f"{base}/final/archive", headers=alice)):
+        assert r.status_code == 410 and r.headers["content-type"].startswith("application/json"), r.request.url
+    err = client.get(base, headers=alice).json()["error"]
+    assert "checkpoints 'pruned', 'final' were removed with all of the job's files" in err["message"]
+    assert str(settings.data_dir) not in err["message"]
+    _err(client.get(f"{base}/other/archive", headers=alice), 404)  # never a checkpoint: not found
+    queued = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]  # nothing published yet: as before
+    assert client.get(f"/v1/jobs/{queued}/checkpoints", headers=alice).json()["data"] == []
+    _err(client.get(f"/v1/jobs/{queued}/checkpoints/final/archive", headers=alice), 404)
+
+
 def test_a_corrupt_manifest_cache_is_rebuilt_not_a_500(env):
     client, store, settings, alice = env
     job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from llm_prune.errors import NotFoundError, UserError
 from service import artifacts
 from service.auth import current_owner
-from service.errors import ConflictError, shown
+from service.errors import ConflictError, GoneError, shown
 from service.ranges import file_chunks, ranged_response
 from service.schemas import (API_ERRORS, Checkpoint, CheckpointFile, CheckpointList, Deleted, ErrorResponse, EventList,
                              EventObject, JobCreate, JobList, JobObject, error_responses)
@@ -210,12 +210,26 @@ async def _sse(request: Request, job_id: str, cursor: int | None):
 
 
 def _checkpoint(request: Request, job_id: str, owner: str, name: str) -> dict:
-    _job(request, job_id, owner)
-    manifest = artifacts.build_manifest(request.app.state.settings.job_dir(job_id), name) \
-        if name in artifacts.CHECKPOINTS else None
+    row = _job(request, job_id, owner)
+    job_dir = request.app.state.settings.job_dir(job_id)
+    manifest = artifacts.build_manifest(job_dir, name) if name in artifacts.CHECKPOINTS else None
     if manifest is None:
+        _check_not_removed(row, job_dir, [name], param="checkpoint")
         raise NotFoundError(f"job {shown(job_id)} has no checkpoint '{shown(name)}' (yet)", param="checkpoint")
     return manifest
+
+
+def _check_not_removed(row: JobRow, job_dir: Path, missing: list[str], param: str) -> None:
+    """410 Gone when a checkpoint the job published (its result names it) is no longer on the
+    server: its files were removed there. Said as such, not as a checkpoint that does not exist
+    (yet), nor as an empty list."""
+    removed = [name for name in missing if name in ((row.result or {}).get("checkpoints") or {})]
+    if not removed:
+        return
+    names = ", ".join(f"'{name}'" for name in removed)
+    what = f"checkpoint {names} was" if len(removed) == 1 else f"checkpoints {names} were"
+    where = "with all of the job's files" if not job_dir.is_dir() else "on the server"
+    raise GoneError(f"job {row.id}'s {what} removed {where}", param=param, code="checkpoint_removed")
 
 
 def checkpoint_object(job_id: str, m: dict) -> Checkpoint:
@@ -225,17 +239,20 @@ def checkpoint_object(job_id: str, m: dict) -> Checkpoint:
                       files=[CheckpointFile(url=f"{base}/files/{f['name']}", **f) for f in m["files"]])
 
 
-@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, responses=error_responses(410))
 def list_checkpoints(job_id: str, request: Request, owner: str = Depends(current_owner)) -> CheckpointList:
     """Checkpoints of the stages finished so far: `pruned` is published while recovery still runs."""
-    _job(request, job_id, owner)
-    found = artifacts.manifests(request.app.state.settings.job_dir(job_id))
+    row = _job(request, job_id, owner)
+    job_dir = request.app.state.settings.job_dir(job_id)
+    found = artifacts.manifests(job_dir)
+    _check_not_removed(row, job_dir, [n for n in artifacts.CHECKPOINTS if n not in {m["name"] for m in found}],
+                       param="job_id")
     return CheckpointList(data=[checkpoint_object(job_id, m) for m in found])
 
 
 @router.get("/{job_id}/checkpoints/{name}/files/{path:path}", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "the range"},
-                       416: {"model": ErrorResponse}})
+                       410: {"model": ErrorResponse}, 416: {"model": ErrorResponse}})
 def download_file(job_id: str, name: str, path: str, request: Request, owner: str = Depends(current_owner)):
     """One checkpoint file; honours `Range: bytes=a-b` (206 Partial Content) and `If-Range`."""
     manifest = _checkpoint(request, job_id, owner, name)
@@ -252,7 +269,7 @@ def download_file(job_id: str, name: str, path: str, request: Request, owner: st
 
 @router.get("/{job_id}/checkpoints/{name}/archive", response_class=StreamingResponse,
             responses={200: {"content": {"application/x-tar": {}}}, 206: {"description": "the range"},
-                       416: {"model": ErrorResponse}})
+                       410: {"model": ErrorResponse}, 416: {"model": ErrorResponse}})
 def download_archive(job_id: str, name: str, request: Request, owner: str = Depends(current_owner)):
     """The whole checkpoint as one uncompressed, byte-reproducible tar, streamed; sha256 in
     `X-Content-SHA256` (and the ETag). `Range` resumes a broken download."""
@@ -273,4 +290,5 @@ for _path, _handler in (("/{job_id}/checkpoints/{name}/files/{path:path}", downl
     router.add_api_route(_path, _handler, methods=["HEAD"], name=f"{_handler.__name__}_head",
                          summary=f"{_handler.__name__.replace('_', ' ').capitalize()}: headers only",
                          responses={200: {"description": "the headers a GET would send, no body"},
-                                    206: {"description": "the range's headers"}, 416: {"model": ErrorResponse}})
+                                    206: {"description": "the range's headers"}, 410: {"model": ErrorResponse},
+                                    416: {"model": ErrorResponse}})
