@@ -18,7 +18,7 @@ import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Boolean, Float, Integer, String, Text, case, create_engine, delete,
                         event, func, inspect, select, update)
@@ -383,9 +383,11 @@ class Store:
         with self.session() as s:
             return list(s.scalars(select(FileRow).where(FileRow.owner == owner).order_by(FileRow.seq.desc())))
 
-    def delete_file(self, owner: str, file_id: str) -> bool:
+    def delete_file(self, owner: str, file_id: str, before: Callable[[FileRow], None] | None = None) -> bool:
         """Delete an upload no active job of its owner uses. Under the owner's admission lock, so a
-        job submitted meanwhile either sees the file gone or holds it (see `create_job`)."""
+        job submitted meanwhile either sees the file gone or holds it (see `create_job`). `before`
+        (removing its content) runs under that lock before the row goes: on a full disk the delete's
+        own write needs the space it frees."""
         with self._admission(owner) as s:
             row = s.scalar(select(FileRow).where(FileRow.id == file_id, FileRow.owner == owner))
             if row is None:
@@ -396,6 +398,8 @@ class Store:
                                 (r.get("pruning") or {}).get("calibration")):
                     raise ConflictError(f"file {file_id} is used by {job.status} job {job.id}; delete it once the "
                                         "job ends", param="file_id", code="file_in_use")
+            if before is not None:
+                before(row)
             s.delete(row)
         return True
 
@@ -514,11 +518,16 @@ class Store:
         row = self.get_job(job_id, owner)
         return row, bool(hit) or (row is not None and row.status == "cancelled")
 
-    def delete_job(self, owner: str, job_id: str) -> bool:
+    def delete_job(self, owner: str, job_id: str, before: Callable[[], None] | None = None) -> bool:
+        """Delete a job that is not running. `before` (removing its files) runs once the row is
+        deleted but not yet committed (no worker can claim it meanwhile): on a full disk the commit
+        needs the space it frees."""
         with self.session.begin() as s:
             gone = s.execute(delete(JobRow).where(JobRow.id == job_id, JobRow.owner == owner,
                                                   JobRow.status.not_in(("running",)))).rowcount > 0
             if gone:
+                if before is not None:
+                    before()
                 s.execute(delete(EventRow).where(EventRow.job_id == job_id))
                 s.execute(delete(IdempotencyRow).where(IdempotencyRow.job_id == job_id))
         return gone

@@ -63,6 +63,66 @@ def test_a_full_disk_is_a_507(env, monkeypatch):
     assert list(settings.uploads_dir.iterdir()) == []
 
 
+def test_a_full_disk_can_be_cleared_through_the_api(env, monkeypatch):
+    """On a full disk SQLite cannot write the delete of a file's or a job's row: DELETE answered 507
+    and nothing could be freed through the API. The folder now goes first (once nothing active uses
+    it), which frees the space the row's delete needs; a delete refused all the same leaves a row
+    whose content is refused as gone, and the DELETE sent again succeeds."""
+    client, store, settings, alice = env
+    pool = b'{"instruction": "a", "output": "b"}\n'
+    dialect, real_commit, full_while = store.engine.dialect, store.engine.dialect.do_commit, []
+
+    def commit(dbapi_conn):  # SQLite on the full disk: no write while these folders hold the space
+        if any(path.exists() for path in full_while):
+            raise sqlite3.OperationalError("database or disk is full")
+        real_commit(dbapi_conn)
+
+    def succeeded_job():
+        job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]
+        root = settings.job_dir(job_id) / "run" / "final"
+        root.mkdir(parents=True)
+        (root / "config.json").write_text('{"model_type": "llama"}')
+        (root / ".done").write_text("")
+        store.claim("w", "cpu", 60)
+        store.finish(job_id, "w", "succeeded", result={"checkpoints": {"final": "final"}})
+        return job_id
+
+    monkeypatch.setattr(dialect, "do_commit", commit)
+    file_id, job_id = _upload(client, alice, "pool.jsonl", pool).json()["id"], succeeded_job()
+    full_while[:] = [settings.uploads_dir / file_id]
+    assert client.delete(f"/v1/files/{file_id}", headers=alice).status_code == 200
+    full_while[:] = [settings.job_dir(job_id)]
+    assert client.delete(f"/v1/jobs/{job_id}", headers=alice).status_code == 200
+    assert not (settings.uploads_dir / file_id).exists() and not settings.job_dir(job_id).exists()
+    _err(client.get(f"/v1/files/{file_id}", headers=alice), 404)
+    _err(client.get(f"/v1/jobs/{job_id}", headers=alice), 404)
+
+    # The row's delete refused all the same (the disk stays full): its content is gone for good, said so.
+    file_id, job_id = _upload(client, alice, "pool.jsonl", pool).json()["id"], succeeded_job()
+    full_while[:] = [settings.data_dir]
+    r = client.delete(f"/v1/files/{file_id}", headers=alice)
+    _err(r, 507, code="insufficient_storage")
+    assert r.headers["retry-after"] and not (settings.uploads_dir / file_id).exists()
+    err = _err(client.post("/v1/jobs", headers=alice, json={**MIN, "data": {"file_id": file_id}}), 400,
+               param="data.file_id", code="file_not_found")
+    assert str(settings.data_dir) not in err["message"]
+    _err(client.delete(f"/v1/jobs/{job_id}", headers=alice), 507, code="insufficient_storage")
+    assert not settings.job_dir(job_id).exists()
+    _err(client.get(f"/v1/jobs/{job_id}/checkpoints", headers=alice), 410, code="checkpoint_removed")
+    full_while.clear()  # the DELETE again
+    assert client.delete(f"/v1/files/{file_id}", headers=alice).status_code == 200
+    assert client.delete(f"/v1/jobs/{job_id}", headers=alice).status_code == 200
+    _err(client.get(f"/v1/files/{file_id}", headers=alice), 404)
+    _err(client.get(f"/v1/jobs/{job_id}", headers=alice), 404)
+
+    # An upload a queued job uses is refused (409) before anything of it is removed.
+    file_id = _upload(client, alice, "pool.jsonl", pool * 8).json()["id"]
+    r = client.post("/v1/jobs", headers=alice, json={**MIN, "data": {"file_id": file_id}})
+    assert r.status_code == 200, r.text
+    _err(client.delete(f"/v1/files/{file_id}", headers=alice), 409, code="file_in_use")
+    assert any((settings.uploads_dir / file_id).iterdir())
+
+
 def test_a_full_temp_dir_under_an_upload_is_a_507_not_bad_json(env, monkeypatch):
     """The form parser spools uploads in the system temp dir before any route runs; a full one was
     answered 400 "not valid JSON"."""

@@ -97,8 +97,10 @@ def delete_file(file_id: str, request: Request, owner: str = Depends(current_own
     row = store.get_file(owner, file_id)
     if row is None:
         raise NotFoundError(f"no file with id '{shown(file_id)}'", param="file_id")
-    if not store.delete_file(owner, file_id):  # refuses a file an active job uses (409)
+    # Jobs already submitted hold the resolved path; deleting the upload removes it for good. Its
+    # folder goes first, once no active job uses it (else 409): on a full disk the row's delete needs
+    # the space. Should that delete still fail (507), the row names content that is gone, which a
+    # submission or a retry refuses (file_not_found), and the DELETE may be sent again.
+    if not store.delete_file(owner, file_id, before=lambda r: shutil.rmtree(Path(r.path).parent, ignore_errors=True)):
         raise NotFoundError(f"no file with id '{shown(file_id)}'", param="file_id")
-    # Jobs already submitted hold the resolved path; deleting the upload removes it for good.
-    shutil.rmtree(Path(row.path).parent, ignore_errors=True)
     return Deleted(id=file_id, object="file")

@@ -145,12 +145,15 @@ def retry_job(job_id: str, request: Request, owner: str = Depends(current_owner)
 def delete_job(job_id: str, request: Request, owner: str = Depends(current_owner)) -> Deleted:
     settings, store = request.app.state.settings, request.app.state.store
     row = _job(request, job_id, owner)
-    if row.status == "running" or not store.delete_job(owner, job_id):
+    # The job's folder goes before its row is committed: on a full disk that write needs the space.
+    # Should it still fail (507), a checkpoint the job published answers 410 (removed on the server),
+    # and the DELETE may be sent again.
+    if row.status == "running" or not store.delete_job(
+            owner, job_id, before=lambda: shutil.rmtree(settings.job_dir(job_id), ignore_errors=True)):
         current = store.get_job(job_id, owner) or row
         hint = "it is stopping (cancel accepted); delete it once it ends" if current.cancel_requested \
             else "cancel it first"
         raise ConflictError(f"job {job_id} is running; {hint}", param="job_id", code="job_running")
-    shutil.rmtree(settings.job_dir(job_id), ignore_errors=True)
     return Deleted(id=job_id, object="job")
 
 
