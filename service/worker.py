@@ -20,6 +20,7 @@ from pathlib import Path
 
 from llm_prune.errors import disk_full, first_line
 from service import artifacts, uploads
+from service.errors import storage_fault
 from service.settings import Settings
 from service.store import JobRow, Store
 
@@ -268,8 +269,6 @@ class Worker:
         is freed), the outcome is kept and written as soon as the store takes writes again
         (`_settle_pending`, each turn of the claim loop, before expired leases are requeued): the
         job ends with its own reason, not as the job of a worker that stopped responding."""
-        from service.errors import storage_fault
-
         try:
             return self._finish(job, job_dir, code, outcome)
         except Exception as exc:  # noqa: BLE001
@@ -283,8 +282,6 @@ class Worker:
     def _settle_pending(self) -> None:
         """Write the outcomes the store refused before; raises while it still refuses them. A write
         that comes after another worker requeued the job for its lapsed lease does nothing."""
-        from service.errors import storage_fault
-
         with self._lock:
             pending, self._unsettled = self._unsettled, {}
         try:
