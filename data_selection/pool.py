@@ -20,6 +20,9 @@ from llm_prune.errors import UserError
 
 FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet")
 PARQUET_BATCH_ROWS = 64
+# A record longer than this is not read into memory to be decoded: a book is a few MB, and a
+# 2 GB line or array element held the reader (and the API server checking an upload) at 5-10x that.
+MAX_RECORD_CHARS = 64 << 20
 USER_ROLES = {"human", "user", "prompter"}
 ASSISTANT_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model", "bot"}
 SYSTEM_ROLES = {"system"}
@@ -156,6 +159,9 @@ def _iter_json_array(fh, name: str, chunk_chars: int = 8 << 20) -> Iterator[tupl
             if not isinstance(exc, json.JSONDecodeError):  # valid JSON the decoder refuses: nothing to resync on
                 yield f"{name}[{n}]", MalformedRecord(f"element {n}: {_undecodable(exc)}")
                 return
+            if not eof and len(text) - pos > MAX_RECORD_CHARS:  # no element end to resync on: stop here
+                yield f"{name}[{n}]", MalformedRecord(f"element {n} is longer than {MAX_RECORD_CHARS >> 20} MiB")
+                return
             if not eof:  # the buffer ends inside (or just before) this element: read on and retry
                 more = fh.read(chunk_chars)
                 text, pos, eof = text[pos:] + more, 0, not more
@@ -189,6 +195,9 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
                 yield from _iter_json_array(fh, name)
                 return
         if head == "{":
+            if path.stat().st_size > MAX_RECORD_CHARS:  # one object, read and decoded whole
+                raise UserError(f"{path} is one JSON object of over {MAX_RECORD_CHARS >> 20} MiB; give a pool this "
+                                "large as JSON lines or a JSON array, which are read record by record", param="pool")
             text = path.read_text(encoding=ENCODING, errors=UNDECODABLE)
             try:
                 obj = json.loads(text)
@@ -218,17 +227,30 @@ def _iter_file(path: Path) -> Iterator[tuple[str, Any]]:
         # repeated) decode to gigabytes, which a whole-table read held at once.
         i = 0
         try:
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            parquet = pq.ParquetFile(path)
+            for g in range(parquet.metadata.num_row_groups):
+                group = parquet.metadata.row_group(g)
+                if group.total_byte_size > MAX_RECORD_CHARS * max(group.num_rows, 1):
+                    raise UserError(f"{path}: row group {g} holds more than {MAX_RECORD_CHARS >> 20} MiB per row",
+                                    param="pool")
+            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
                 for row in batch.to_pylist():
                     yield f"{name}[{i}]", row
                     i += 1
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a broken file is the user's input
             raise UserError(f"cannot read Parquet file {path}: {str(exc).splitlines()[0]}", param="pool") from None
 
 
 def _iter_json_lines(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open(encoding=ENCODING, errors=UNDECODABLE) as fh:
-        for i, line in enumerate(fh, 1):
+        for i, line in enumerate(iter(lambda: fh.readline(MAX_RECORD_CHARS + 1), ""), 1):
+            if len(line) > MAX_RECORD_CHARS:
+                while line and not line.endswith("\n"):  # the rest of the line, piece by piece
+                    line = fh.readline(MAX_RECORD_CHARS)
+                yield f"{path.name}:{i}", MalformedRecord(f"longer than {MAX_RECORD_CHARS >> 20} MiB")
+                continue
             if line.strip():
                 try:
                     obj = json.loads(line)

@@ -99,6 +99,32 @@ def test_csv_parquet_and_datasets_folder(tmp_path):
     assert [r.prompt for r in load.records] == ["x", "z", "q"] and not load.errors
 
 
+def test_a_record_longer_than_the_reader_holds_is_not_read_whole(tmp_path, monkeypatch):
+    """A 2 GB JSON line, array element or object was read into memory whole to be decoded (5-10x
+    its size, in the API server checking an upload); so was a Parquet row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import data_selection.pool
+
+    monkeypatch.setattr(data_selection.pool, "MAX_RECORD_CHARS", 1000)
+    monkeypatch.setattr(data_selection.pool, "PARQUET_BATCH_ROWS", 1)
+    good = '{"instruction": "a", "output": "b"}'
+    long = '{"instruction": "' + "x" * 3000 + '", "output": "b"}'
+    (tmp_path / "p.jsonl").write_text("\n".join([good, long, good, long]))  # the last line has no end
+    load = load_pool(tmp_path / "p.jsonl")
+    assert len(load.records) == 2 and load.errors == [(f"p.jsonl:{i}", "longer than 0 MiB") for i in (2, 4)]
+    (tmp_path / "a.json").write_text(f"[{good}, {long}, {good}]")
+    rows = list(data_selection.pool._iter_json_array(open(tmp_path / "a.json"), "a.json", chunk_chars=100))
+    assert [str(r) for _, r in rows[1:]] == ["element 1 is longer than 0 MiB"] and rows[0][1]["output"] == "b"
+    (tmp_path / "o.json").write_text('{"data": [' + ", ".join([good] * 40) + "]}")
+    with pytest.raises(UserError, match="one JSON object of over 0 MiB; give a pool this large as JSON lines"):
+        load_pool(tmp_path / "o.json")
+    pq.write_table(pa.table({"instruction": ["x" * 3000], "output": ["b"]}), tmp_path / "p.parquet")
+    with pytest.raises(UserError, match="row group 0 holds more than 0 MiB per row"):
+        load_pool(tmp_path / "p.parquet")
+
+
 def test_json_python_refuses_is_a_malformed_record_or_a_user_error(tmp_path):
     good = '{"instruction": "a", "output": "b"}'
     big = '{"instruction": ' + "9" * 5000 + ', "output": "b"}'  # over int()'s 4,300 digits
