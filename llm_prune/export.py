@@ -23,6 +23,7 @@ from torch import nn
 
 from llm_prune.errors import UserError, first_line
 from llm_prune.families import base_model_type, head_dim, layer_shapes
+from llm_prune.model_files import BUILD_ERRORS, build_error, built, check_config, read_config
 from llm_prune.paths import full_disk
 
 TEMPLATE = Path(__file__).parent / "export_templates" / "modeling_pruned.py"
@@ -191,9 +192,10 @@ def weights_bytes(path: str | Path) -> int:
 def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", **load_kwargs):
     """Load a heterogeneous llm-prune checkpoint with our own classes (no remote code executed).
     `load_kwargs` go to from_pretrained (`output_loading_info`)."""
-    data = json.loads((Path(path) / "config.json").read_text())
+    data = read_config(Path(path) / "config.json")
+    check_config(data, str(Path(path) / "config.json"))  # per_layer_config's shape too
     base = data.get("base_model_type")
-    if base not in _CLASSES:
+    if not isinstance(base, str) or base not in _CLASSES:
         raise UserError(f"{Path(path) / 'config.json'}: base_model_type {base!r} is not a family llm-prune builds "
                         f"({', '.join(sorted(_CLASSES))}); was the file edited?", param="model")
     cfg_cls, model_cls = pruned_classes(base)
@@ -202,9 +204,11 @@ def load_pruned(path: str | Path, dtype: torch.dtype = torch.float32, device: st
     except ValueError as exc:  # e.g. per_layer_config naming layers num_hidden_layers does not have
         raise UserError(f"{Path(path) / 'config.json'} is inconsistent: {first_line(exc, 300)}", param="model") \
             from None
+    except BUILD_ERRORS as exc:
+        raise build_error(str(path), exc) from None
     kwargs = {"dtype": dtype, **load_kwargs}
     if device == "auto":
         kwargs["device_map"] = "auto"
     elif device != "cpu":
         kwargs["device_map"] = {"": device}
-    return model_cls.from_pretrained(path, config=config, **kwargs)
+    return built(str(path), lambda: model_cls.from_pretrained(path, config=config, **kwargs))

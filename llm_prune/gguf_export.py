@@ -9,7 +9,6 @@ the final name.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from hashlib import sha256
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from llm_prune.errors import UserError
+from llm_prune.model_files import TOKENIZER_BYTES, read_config, read_json
 from llm_prune.paths import check_replaceable_file, full_disk
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
@@ -99,9 +99,10 @@ def _tokenizer_json(path: Path) -> dict:
         raise UserError(f"{path} has no tokenizer.json: GGUF export needs the fast (byte-level BPE) tokenizer",
                         param="checkpoint")
     try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise UserError(f"{f} is not a tokenizer file: {str(exc).splitlines()[0][:200]}", param="checkpoint") from None
+        data = read_json(f, TOKENIZER_BYTES)
+    except UserError as exc:  # not a regular file, too large, not UTF-8 or not JSON
+        raise UserError(f"{f} is not a tokenizer file: {exc.message.replace(str(f), 'it')}",
+                        param="checkpoint") from None
     if not isinstance(data, dict) or not isinstance(data.get("model") or {}, dict) or \
             not isinstance(data.get("decoder") or {}, dict):
         raise UserError(f"{f} is not a tokenizer file: expected an object with \"model\" and \"decoder\" objects",
@@ -214,7 +215,7 @@ def _write(model, tokenizer, src: Path, tmp: Path, dtype: str) -> dict:
     rope_type = _rope_type(config)
 
     w = gguf.GGUFWriter(str(tmp), arch)
-    w.add_name(str((json.loads((src / "config.json").read_text()).get("llm_prune") or {}).get("base_model")
+    w.add_name(str((read_config(src / "config.json").get("llm_prune") or {}).get("base_model")
                    or src.name) + " (llm-prune)")
     from llm_prune.card import card_license
 
@@ -342,8 +343,8 @@ def export_gguf(checkpoint: str | Path, out: str | Path, dtype: str = "f16", for
         raise UserError(f"cannot write {out}: {exc.strerror or exc}", param="output") from None
     _tokenizer_json(src)
     try:  # refuse what llama.cpp cannot run before loading the weights (load_model reports a bad file)
-        raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        raw = read_config(src / "config.json")
+    except UserError:
         raw = None
     if isinstance(raw, dict) and isinstance(raw.get("model_type"), str):
         check_exportable(SimpleNamespace(**{k: v for k, v in raw.items() if isinstance(k, str)}))

