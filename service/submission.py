@@ -27,7 +27,8 @@ def looks_like_path(spec: str) -> bool:
 def check_model(spec: str, settings: Settings) -> ModelSource:
     """Aliases and hub ids pass (a hub id must be in the local cache when the server is offline);
     a local path must resolve (symlinks and `..` included) inside one of the allowed model roots
-    and hold a model. Every refusal of a path reads the same, so answers do not tell which
+    and hold a model, and so must every file in its folder (a link there to a file elsewhere would
+    be read too). Every refusal of a path reads the same, so answers do not tell which
     folders exist on the server."""
     spec = spec.strip()
     if spec.lower() in ALIASES or not looks_like_path(spec):
@@ -39,9 +40,11 @@ def check_model(spec: str, settings: Settings) -> ModelSource:
                         "model roots", param="model", code="model_not_allowed")
     real = _inside_roots(spec, settings, refused)
     try:
-        return resolve_source(str(real))
+        source = resolve_source(str(real))
     except UserError:
         raise refused from None
+    _folder_inside_roots(real, settings, refused)
+    return source
 
 
 def check_embedding_model(spec: str, settings: Settings) -> None:
@@ -63,6 +66,7 @@ def check_embedding_model(spec: str, settings: Settings) -> None:
     real = _inside_roots(spec, settings, refused)
     if not any((real / name).is_file() for name in ("config.json", "modules.json")):  # an empty or other folder
         raise refused
+    _folder_inside_roots(real, settings, refused)
 
 
 def _inside_roots(spec: str, settings: Settings, refused: UserError) -> Path:
@@ -73,9 +77,40 @@ def _inside_roots(spec: str, settings: Settings, refused: UserError) -> Path:
         real = Path(spec).expanduser().resolve()
     except (OSError, ValueError):  # a NUL byte, a name longer than the file system allows
         raise refused from None
-    if not any(real == root or real.is_relative_to(root) for root in settings.model_roots):
+    if not _in_roots(real, settings):
         raise refused
     return real
+
+
+def _in_roots(real: Path, settings: Settings) -> bool:
+    return any(real == root or real.is_relative_to(root) for root in settings.model_roots)
+
+
+# A model folder holds tens of files; one with more than this is no model folder to walk in a request.
+MAX_MODEL_FOLDER_ENTRIES = 10_000
+
+
+def _folder_inside_roots(folder: Path, settings: Settings, refused: UserError) -> None:
+    """`refused` unless every link in the model folder `folder` (its subfolders included) resolves
+    inside the model roots: the folder itself was checked, but transformers reads the files in it,
+    and a link to /etc or another user's files would be read as the model's."""
+    if not folder.is_dir():
+        return
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(folder):  # links to folders are checked, not followed
+        for name in dirnames + filenames:
+            seen += 1
+            if seen > MAX_MODEL_FOLDER_ENTRIES:
+                raise refused
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                continue
+            try:
+                target = path.resolve()
+            except (OSError, RuntimeError, ValueError):  # a loop of links
+                raise refused from None
+            if not _in_roots(target, settings):
+                raise refused
 
 
 def _hub_offline() -> bool:
@@ -96,7 +131,7 @@ def _model_config(source: ModelSource):
         return None
     try:
         return _config(source.path, source.gguf_file, source.is_local)
-    except UserError:
+    except (UserError, MemoryError):
         raise
     except Exception:  # noqa: BLE001 - a config only the job can read (remote code): it checks then
         return None

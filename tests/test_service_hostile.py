@@ -623,3 +623,99 @@ def test_error_messages_do_not_send_back_a_huge_value(env):
                     data={"purpose": "p" * 60_000})
     err = _err(r, 400, param="purpose")
     assert len(err["message"]) < 300 and "(60,000 characters)" in err["message"]
+
+
+# --- hostile model files: refused at submission, before any module is built --------------------
+def _model_in_root(tiny_llama, name, edit=None):
+    import shutil
+
+    dst = tiny_llama.parent / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(tiny_llama, dst)
+    if edit is not None:
+        config = json.loads((dst / "config.json").read_text())
+        edit(config)
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_a_config_with_millions_of_layers_is_refused_before_anything_is_built(env, tiny_llama, monkeypatch):
+    """budget.target_params built the model on the meta device in the request thread: 10 million
+    layers grew the server without bound and the request never returned."""
+    from transformers.models.llama import modeling_llama
+
+    init = modeling_llama.LlamaDecoderLayer.__init__
+    built = []
+
+    def counted(self, *args, **kwargs):
+        built.append(1)
+        if len(built) > 64:
+            pytest.fail("decoder layers built for an absurd config")
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "__init__", counted)
+    client, _, _, (alice, _) = env
+    model = _model_in_root(tiny_llama, "layers_huge", lambda c: c.update(num_hidden_layers=10**7))
+    for budget in ({"target_params": 1000}, {"ratio": 0.2}):
+        err = _err(client.post("/v1/jobs", headers=alice, json={"model": str(model), "budget": budget}), 400,
+                   param="model")
+        assert "num_hidden_layers must be a positive integer" in err["message"], err
+    assert not built
+
+
+@pytest.mark.parametrize("case", ["kv heads zero", "null", "5000 digits", "device", "fifo", "eos past vocab"])
+def test_broken_configs_are_400_at_submission(case, env, tiny_llama):
+    """Accepted before, then failed on the worker as server_error (MemoryError, TypeError, ...)."""
+    client, _, _, (alice, _) = env
+    model = _model_in_root(tiny_llama, "broken_" + case.replace(" ", "_"))
+    cfg = model / "config.json"
+    needle = {"kv heads zero": "num_key_value_heads must be a positive integer", "null": "expected a JSON object",
+              "5000 digits": "thousands of digits", "device": "inside the server's allowed model roots",
+              "fifo": "not a regular file", "eos past vocab": "eos_token_id must be a token id"}[case]
+    if case == "kv heads zero":
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "num_key_value_heads": 0}))
+    elif case == "eos past vocab":
+        cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "eos_token_id": 10**6}))
+    elif case == "null":
+        cfg.write_text("null")
+    elif case == "5000 digits":
+        cfg.write_text('{"model_type": "llama", "vocab_size": ' + "9" * 5000 + "}")
+    elif case == "device":  # /dev/zero read until MemoryError, which was swallowed: the job was accepted
+        cfg.unlink()
+        cfg.symlink_to("/dev/null")
+    else:  # a FIFO blocked the request thread for ever; a writer stands by should it be opened
+        cfg.unlink()
+        os.mkfifo(cfg)
+
+        def write():
+            with open(cfg, "w") as fh:
+                fh.write("{bad")
+
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+    for budget in ({"ratio": 0.2}, {"target_params": 1000}):
+        err = _err(client.post("/v1/jobs", headers=alice, json={"model": str(model), "budget": budget}), 400,
+                   param="model")
+        assert needle in err["message"] and "Exceeds the limit" not in err["message"], err
+    assert client.get("/v1/jobs", headers=alice).json()["data"] == []  # no job made
+    if case == "fifo":  # release the writer, which nothing opened the FIFO for
+        fd = os.open(cfg, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join(timeout=5)
+        os.close(fd)
+
+
+def test_a_link_in_an_allowed_model_folder_to_a_file_outside_the_roots_is_refused(env, tiny_llama):
+    client, _, _, (alice, _) = env
+    model = _model_in_root(tiny_llama, "linked_out")
+    (model / "tokenizer_config.json").unlink()
+    (model / "tokenizer_config.json").symlink_to("/etc/passwd")
+    outside = _err(client.post("/v1/jobs", headers=alice, json={**MIN, "model": "/etc"}), 400, "model",
+                   "model_not_allowed")
+    err = _err(client.post("/v1/jobs", headers=alice, json={**MIN, "model": str(model)}), 400, "model",
+               "model_not_allowed")
+    assert err["message"].replace(str(model), "<model>") == outside["message"].replace("/etc", "<model>")
+    # A link that stays inside the roots is a model's own business (the Hub cache links every file).
+    (model / "tokenizer_config.json").unlink()
+    (model / "tokenizer_config.json").symlink_to(tiny_llama / "tokenizer_config.json")
+    ok = client.post("/v1/jobs", headers=alice, json={**MIN, "model": str(model)})
+    assert ok.status_code == 200, ok.text
