@@ -2,7 +2,8 @@
 
 SQLite file by default (zero set-up), PostgreSQL by URL. Every state change is one short
 transaction; a job is claimed with a conditional UPDATE (status still `queued`), so several
-workers can share one database without row locks that SQLite lacks. Admission (count a key's
+workers can share one database without row locks that SQLite lacks; the job claimed is the oldest
+of the owner with the fewest running jobs, so keys share the workers. Admission (count a key's
 active jobs, then insert) holds the database's write lock on SQLite (`BEGIN IMMEDIATE`) and a
 per-key advisory lock on PostgreSQL, so the per-key limit holds under any concurrency.
 """
@@ -534,11 +535,17 @@ class Store:
 
     # --- worker side ----------------------------------------------------------------------
     def claim(self, worker_id: str, device: str, lease_s: float) -> JobRow | None:
-        """Take the oldest queued job; the conditional UPDATE makes racing workers safe."""
+        """Take the next queued job, fairly between keys: the oldest queued job of the owner with
+        the fewest running jobs (ties by age), so one key's long jobs cannot hold every worker slot
+        while another key's job waits. The conditional UPDATE makes racing workers safe."""
+        running = (select(JobRow.owner, func.count().label("n")).where(JobRow.status == "running")
+                   .group_by(JobRow.owner).subquery())
+        pick = (select(JobRow.id).outerjoin(running, running.c.owner == JobRow.owner)
+                .where(JobRow.status == "queued")
+                .order_by(func.coalesce(running.c.n, 0), JobRow.seq).limit(1))
         for _ in range(5):
             with self.session() as s:
-                job_id = s.scalar(select(JobRow.id).where(JobRow.status == "queued")
-                                  .order_by(JobRow.seq).limit(1))
+                job_id = s.scalar(pick)
             if job_id is None:
                 return None
             with self.session.begin() as s:

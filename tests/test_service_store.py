@@ -90,6 +90,26 @@ def test_racing_workers_claim_each_job_once(store):
     assert sorted(claimed) == sorted(ids)
 
 
+def test_claims_are_fair_between_keys(store):
+    """Claimed oldest-first, a key with long jobs held every worker slot while another key's job
+    stayed queued: the next claim is the oldest job of the owner with the fewest running jobs."""
+    a = [_job(store, owner="alice").id for _ in range(3)]
+    b = [_job(store, owner="bob").id for _ in range(2)]
+    c = _job(store, owner="carol").id
+    # Slot by slot: alice (oldest, nobody runs), then bob and carol (none running), then the
+    # owners with one running each, by age.
+    order = [store.claim(f"w{n}", "cpu", 30).id for n in range(6)]
+    assert order == [a[0], b[0], c, a[1], b[1], a[2]]
+    assert store.claim("w9", "cpu", 30) is None
+    # Bob's jobs end: his younger job goes before alice's older one (she runs 3, he none).
+    late_a, late_b = _job(store, owner="alice").id, _job(store, owner="bob").id
+    assert store.finish(b[0], "w1", "succeeded", result={})
+    assert store.finish(b[1], "w4", "succeeded", result={})
+    assert store.claim("w10", "cpu", 30).id == late_b
+    assert store.get_job(late_a).status == "queued"
+    assert store.claim("w11", "cpu", 30).id == late_a
+
+
 def test_events_and_progress_only_from_lease_holder(store):
     job = _job(store)
     assert store.claim("w1", "cpu", 30).id == job.id
