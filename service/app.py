@@ -22,7 +22,7 @@ from service.store import LimitExceeded, Store
 
 log = logging.getLogger("llm_prune.service")
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                405: "invalid_request_error", 409: "conflict_error", 410: "server_error", 413: "invalid_request_error",
                416: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
                503: "service_unavailable_error", 507: "service_unavailable_error"}

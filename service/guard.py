@@ -1,7 +1,9 @@
 """The request guard, a pure ASGI middleware in front of every route: the API key is checked
 before a single byte of the body is read, and the body is counted as it streams in (chunked or
 not), so neither an anonymous client nor a keyed one can make the server read or spool more than
-the limit. Streamed responses pass through untouched."""
+the limit. Streamed responses pass through untouched. Without API keys (`no_auth`, loopback only) it also
+refuses a Host that is not a loopback name and an Origin that is not a loopback origin (DNS
+rebinding, cross-site requests from a web page)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,40 @@ from service.settings import Settings
 
 UPLOAD_PATH = "/v1/files"
 MULTIPART_FRAMING = 64 * 1024  # boundaries and part headers around the file
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _loopback_authority(authority: str) -> bool:
+    """Whether `host[:port]` names this machine by a loopback name or address, with any port."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        host, _, rest = authority.partition("]")
+        host, port = host + "]", rest.removeprefix(":") if rest.startswith(":") else (None if rest else "")
+    else:
+        host, _, port = authority.partition(":")
+    return host in LOOPBACK_HOSTS and port is not None and (port == "" or port.isdigit())
+
+
+def loopback_refusal(headers: Headers) -> tuple[int, str, str, str] | None:
+    """The no-auth mode trusts whoever can reach the loopback port; a web page can too, through its
+    browser: by DNS rebinding (its own name, resolved to 127.0.0.1, so the request's Host is that
+    name) or a cross-site "simple" request (a form POST, which carries the page's Origin). Refused
+    here unless the Host is a loopback name and any Origin a loopback origin: (status, message,
+    param, code), or None."""
+    host = headers.get("host")
+    if host is not None and not _loopback_authority(host):
+        return (400, f"Host {host[:100]!r} is not this machine: without API keys (--no-auth) the server answers "
+                     "only requests for localhost, 127.0.0.1 or [::1]", "Host", "invalid_host")
+    origin = headers.get("origin")
+    if origin is not None:
+        scheme, sep, authority = origin.partition("://")
+        if not (sep and scheme.lower() in ("http", "https") and "/" not in authority
+                and _loopback_authority(authority)):
+            return (403, f"cross-origin request from {origin[:100]!r} refused: without API keys (--no-auth) only "
+                         "pages served from localhost may call this server", "Origin", "cross_origin_refused")
+    return None
 
 
 class BodyTooLarge(HTTPException):
@@ -46,6 +82,12 @@ class RequestGuard:
             response = self.error_response(400, "the request's path or query has a NUL character (%00)", None,
                                            "invalid_characters", headers=close)
             return await response(scope, receive, send)
+        if self.settings.no_auth:
+            refused = loopback_refusal(headers)
+            if refused is not None:
+                status, message, param, code = refused
+                response = self.error_response(status, message, param, code, headers=close)
+                return await response(scope, receive, send)
         if scope["path"].startswith("/v1/"):
             client = scope.get("client") or ("", 0)
             try:

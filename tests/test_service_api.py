@@ -69,8 +69,32 @@ def test_authentication(env, tmp_path):
     _err(client.get("/v1/jobs", headers={"Authorization": "Bearer lp-nope"}), 401)
     assert client.get("/v1/jobs", headers=alice).status_code == 200
     open_app = create_app(Settings(data_dir=tmp_path / "open", worker_slots=0, no_auth=True))
-    with TestClient(open_app) as open_client:
+    with TestClient(open_app, base_url="http://localhost:8000") as open_client:
         assert open_client.post("/v1/jobs", json=MIN).json()["status"] == "queued"
+
+
+def test_no_auth_answers_loopback_hosts_and_origins_only(tmp_path):
+    """Without keys, a web page could drive the server through its visitor's browser: DNS
+    rebinding (the page's own name resolved to 127.0.0.1: Host is that name) and cross-site
+    'simple' requests (a form's multipart POST carries the page's Origin)."""
+    open_app = create_app(Settings(data_dir=tmp_path / "open", worker_slots=0, no_auth=True))
+    with TestClient(open_app, base_url="http://127.0.0.1:8000") as c:
+        for host in ("localhost", "localhost:18765", "127.0.0.1:8000", "[::1]:8000", "LocalHost"):
+            assert c.get("/v1/jobs", headers={"Host": host}).status_code == 200, host
+        for origin in ("http://localhost:3000", "http://127.0.0.1:8000", "https://[::1]"):
+            assert c.get("/v1/jobs", headers={"Origin": origin}).status_code == 200, origin
+        for host in ("attacker.example:18765", "localhost.attacker.example", "127.0.0.1.nip.io:8000", "[::2]:80"):
+            _err(c.get("/v1/jobs", headers={"Host": host}), 400, param="Host", code="invalid_host")
+            _err(c.delete("/v1/jobs/job-x", headers={"Host": host}), 400, code="invalid_host")
+        for origin in ("https://evil.example", "null", "http://localhost.evil.example", "file://"):
+            _err(c.get("/v1/jobs", headers={"Origin": origin}), 403, param="Origin", code="cross_origin_refused")
+        r = c.post("/v1/files", files={"file": ("x.txt", b"held-out text\n")}, data={"purpose": "eval"},
+                   headers={"Origin": "https://evil.example"})
+        assert _err(r, 403, code="cross_origin_refused")["type"] == "permission_error"
+        r = c.post("/v1/jobs", content=json.dumps(MIN), headers={"Content-Type": "text/plain",
+                                                                 "Origin": "https://evil.example"})
+        _err(r, 403, code="cross_origin_refused")
+        assert c.get("/v1/files").json()["data"] == [] and c.get("/v1/jobs").json()["data"] == []
 
 
 def test_files_upload_list_get_delete(env):
