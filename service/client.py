@@ -169,6 +169,10 @@ class Client:
                             if name == "end":
                                 yield {"end": data.get("status")}
                                 return
+                            if name == "error":  # the stream's key was revoked: said as its 401 would be
+                                err = data.get("error") or {}
+                                raise UserError(str(err.get("message") or "the server ended the event stream"),
+                                                param=err.get("param"), code=err.get("code") or "api_error")
                             after, failures = data.get("id", after), 0
                             yield data
                 reason = "the server closed the stream"

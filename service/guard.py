@@ -7,13 +7,17 @@ rebinding, cross-site requests from a web page)."""
 
 from __future__ import annotations
 
+import logging
+
 from anyio import to_thread
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from service.auth import AuthError, authenticate
+from service.auth import AuthError, KeyRevoked, authenticate
 from service.errors import RETRY_AFTER, storage_fault
 from service.settings import Settings
+
+log = logging.getLogger("llm_prune.service")
 
 UPLOAD_PATH = "/v1/files"
 MULTIPART_FRAMING = 64 * 1024  # boundaries and part headers around the file
@@ -135,6 +139,14 @@ class RequestGuard:
 
         try:
             await self.app(scope, counted, watched_send)
+        except KeyRevoked:
+            # Mid-download, the body already started: the connection is closed short of its length
+            # (a client sees it cut off; resuming with Range gets the 401).
+            log.info("%s %s: the API key was revoked; response ended", scope["method"], scope["path"])
+            if not started:
+                response = self.error_response(401, "the API key was revoked", None, "invalid_api_key",
+                                               headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
+                await response(scope, receive, send)
         except BodyTooLarge as exc:
             if started:
                 raise

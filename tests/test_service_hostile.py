@@ -476,6 +476,67 @@ def test_revoked_key_is_refused_at_once(env):
     _err(client.get("/v1/jobs", headers=alice), 401)
 
 
+def _live_job(settings, key):
+    """A queued job of the live server's key, made through the store the server uses."""
+    store = Store(settings.db_url)
+    owner = store.key_owner(key)
+    job = store.create_job(owner, "m", {"model": "m"}, {"model": "m"}, max_attempts=1)
+    return store, owner, job.id
+
+
+def test_an_open_event_stream_ends_when_its_key_is_revoked(live, monkeypatch):
+    """The key was checked once per request: a follower kept receiving a job's events for as long as
+    the job ran after its key was revoked."""
+    import httpx
+
+    import service.auth
+
+    monkeypatch.setattr(service.auth, "RECHECK_SECONDS", 0.2, raising=False)
+    port, key, settings = live
+    store, owner, job_id = _live_job(settings, key)
+    lines, url = [], f"http://127.0.0.1:{port}/v1/jobs/{job_id}/events?stream=true"
+    with httpx.stream("GET", url, headers={"Authorization": f"Bearer {key}"}, timeout=10) as r:
+        assert r.status_code == 200
+        time.sleep(0.5)
+        assert store.revoke_key(owner)
+        revoked = time.monotonic()
+        lines = list(r.iter_lines())  # ends by itself: no job end comes (the job stays queued)
+    assert time.monotonic() - revoked < 3, "the stream went on after its key was revoked"
+    assert "event: error" in lines
+    err = json.loads(next(x for x in lines if x.startswith("data:")).split(":", 1)[1])["error"]
+    assert err["code"] == "invalid_api_key" and "revoked" in err["message"]
+    assert httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 401
+    store.close()
+
+
+def test_a_download_in_progress_ends_when_its_key_is_revoked(live, monkeypatch):
+    import httpx
+
+    import service.auth
+
+    monkeypatch.setattr(service.auth, "RECHECK_SECONDS", 0.2, raising=False)
+    port, key, settings = live
+    store, owner, job_id = _live_job(settings, key)
+    size = 32 * 1024 * 1024  # past what the socket buffers hold
+    _publish(settings, job_id, "pruned", {"config.json": b"{}", "model.safetensors": os.urandom(size)})
+    auth = {"Authorization": f"Bearer {key}"}
+    url = f"http://127.0.0.1:{port}/v1/jobs/{job_id}/checkpoints/pruned/archive"
+    got = 0
+    with pytest.raises(httpx.RemoteProtocolError):  # cut off short of its Content-Length
+        with httpx.stream("GET", url, headers=auth, timeout=10) as r:
+            assert r.status_code == 200 and int(r.headers["content-length"]) > size
+            chunks = r.iter_bytes(64 * 1024)
+            got += len(next(chunks))
+            assert store.revoke_key(owner)
+            time.sleep(0.5)
+            for chunk in chunks:
+                got += len(chunk)
+    assert got < size // 2
+    r = httpx.get(url, headers={**auth, "Range": f"bytes={got}-"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    store.close()
+
+
 # --- 9: what JSON carries but a job cannot keep; names past the file system; odd headers -------
 def _raw(client, headers, body: str):
     return client.post("/v1/jobs", headers={**headers, "Content-Type": "application/json"}, content=body.encode())

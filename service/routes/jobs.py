@@ -8,6 +8,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Header, Query, Request
@@ -16,7 +17,7 @@ from fastapi.responses import StreamingResponse
 
 from llm_prune.errors import NotFoundError, UserError
 from service import artifacts
-from service.auth import current_owner
+from service.auth import KeyWatch, current_owner
 from service.errors import ConflictError, GoneError, shown
 from service.ranges import file_chunks, ranged_response
 from service.schemas import (API_ERRORS, Checkpoint, CheckpointFile, CheckpointList, Deleted, ErrorResponse, EventList,
@@ -175,6 +176,10 @@ async def job_events(job_id: str, request: Request,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+REVOKED = {"error": {"message": "the API key was revoked; this stream has ended", "type": "authentication_error",
+                     "param": None, "code": "invalid_api_key"}}
+
+
 def _event_cursor(value: str) -> int:
     """`Last-Event-ID` (a reconnecting SSE client sends it): an event id, checked like `after`."""
     value = value.strip()
@@ -185,10 +190,15 @@ def _event_cursor(value: str) -> int:
 
 
 async def _sse(request: Request, job_id: str, cursor: int | None):
-    """Events as they are recorded; ends with an `end` event once the job is finished."""
+    """Events as they are recorded; ends with an `end` event once the job is finished, or with an
+    `error` event (the 401's error object) within seconds of its key being revoked."""
     store = request.app.state.store
+    key = KeyWatch(request)
     idle = 0.0
     while not await request.is_disconnected():
+        if key.due() and not await run_in_threadpool(key.still_valid):
+            yield f"event: error\ndata: {json.dumps(REVOKED)}\n\n"
+            return
         rows, _ = await run_in_threadpool(store.list_events, job_id, cursor, 500)
         for row in rows:
             cursor = row.id
@@ -253,6 +263,19 @@ def list_checkpoints(job_id: str, request: Request, owner: str = Depends(current
     return CheckpointList(data=[checkpoint_object(job_id, m) for m in found])
 
 
+def _watched(request: Request, chunks: Callable[[int, int], Iterator[bytes]]) -> Callable[[int, int], Iterator[bytes]]:
+    """A download's chunks with its key checked again between them (at most every few seconds): a
+    key revoked mid-download ends the response there (`KeyRevoked`, which the guard turns into a
+    closed connection); resuming it with `Range` gets the 401."""
+    key = KeyWatch(request)
+
+    def read(first: int, last: int) -> Iterator[bytes]:
+        for chunk in chunks(first, last):
+            key.check()
+            yield chunk
+    return read
+
+
 @router.get("/{job_id}/checkpoints/{name}/files/{path:path}", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "the range"},
                        410: {"model": ErrorResponse}, 416: {"model": ErrorResponse}})
@@ -264,7 +287,7 @@ def download_file(job_id: str, name: str, path: str, request: Request, owner: st
         raise NotFoundError(f"checkpoint '{name}' has no file '{shown(path)}'", param="path")
     root = artifacts.checkpoint_dir(request.app.state.settings.job_dir(job_id), name)
     disposition = f'attachment; filename="{quote(Path(path).name)}"'
-    return ranged_response(request.headers, entry["bytes"], entry["sha256"], file_chunks(root / path),
+    return ranged_response(request.headers, entry["bytes"], entry["sha256"], _watched(request, file_chunks(root / path)),
                            "application/octet-stream",
                            {"X-Content-SHA256": entry["sha256"], "Content-Disposition": disposition},
                            head=request.method == "HEAD")
@@ -280,7 +303,7 @@ def download_archive(job_id: str, name: str, request: Request, owner: str = Depe
     root = artifacts.checkpoint_dir(request.app.state.settings.job_dir(job_id), name)
     files = [f["name"] for f in manifest["files"]]
     return ranged_response(request.headers, manifest["archive_bytes"], manifest["archive_sha256"],
-                           lambda first, last: artifacts.stream_tar(root, name, files, first, last),
+                           _watched(request, lambda first, last: artifacts.stream_tar(root, name, files, first, last)),
                            "application/x-tar", {"X-Content-SHA256": manifest["archive_sha256"],
                                                  "Content-Disposition": f'attachment; filename="{job_id}-{name}.tar"'},
                            head=request.method == "HEAD")
