@@ -26,7 +26,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 # Every server setting is a flag of `serve` (and the relevant ones of `worker` and `keys`), generated
 # from the one Settings model; pydantic-settings reads the same fields from LLM_PRUNE_* variables.
 _API_ONLY = ("host", "port", "no_auth", "allow_remote_code", "allowed_model_roots", "max_upload_bytes",
-                "max_active_jobs_per_key")
+                "max_stored_bytes_per_key", "max_active_jobs_per_key")
 SERVE_FLAGS = settings_flags(Settings, names={"database_url": "--db"})
 WORKER_FLAGS = settings_flags(Settings, exclude=_API_ONLY, names={"database_url": "--db", "worker_slots": "--slots"})
 STORE_FLAGS = settings_flags(Settings, include=("data_dir", "database_url"), names={"database_url": "--db"})

@@ -18,6 +18,17 @@ class PayloadTooLarge(UserError):
     """An upload over the size limit (HTTP 413)."""
 
 
+class StorageQuotaExceeded(PayloadTooLarge):
+    """An upload that would take a key's uploads past `max_stored_bytes_per_key` (HTTP 413)."""
+
+    def __init__(self, used: int, size: int, limit: int, declared: bool = False):
+        what = f"a request body of {size:,} bytes" if declared else f"{size:,} more bytes"
+        super().__init__(f"storage quota exceeded: this key's uploads take {used:,} bytes, and {what} would pass its "
+                         f"limit of {limit:,} bytes (max_stored_bytes_per_key); delete files it no longer needs "
+                         "(DELETE /v1/files/{id})", param="file", code="storage_quota_exceeded")
+        self.used, self.limit = used, limit
+
+
 class RangeError(UserError):
     """A `Range` the resource cannot satisfy (HTTP 416, with `Content-Range: bytes */size`)."""
 

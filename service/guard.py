@@ -14,7 +14,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from service.auth import AuthError, KeyRevoked, authenticate
-from service.errors import RETRY_AFTER, storage_fault
+from service.errors import RETRY_AFTER, StorageQuotaExceeded, storage_fault
 from service.settings import Settings
 
 log = logging.getLogger("llm_prune.service")
@@ -118,6 +118,19 @@ class RequestGuard:
             response = self.error_response(413, f"request body is {int(declared)} bytes; the limit is {limit} bytes",
                                            param, code, headers=close)
             return await response(scope, receive, send)
+        if upload and declared.isdigit() and "owner" in scope.get("state", {}):
+            # The key's storage quota, before a byte is read: the file is at least the body less its framing.
+            quota, owner = self.settings.max_stored_bytes_per_key, scope["state"]["owner"]
+            try:
+                used = await to_thread.run_sync(self.store.stored_bytes, owner)
+            except Exception as exc:  # noqa: BLE001 - the store failing: the route answers for it
+                if storage_fault(exc) is None:
+                    raise
+                used = 0
+            if used + int(declared) - MULTIPART_FRAMING > quota:
+                exc = StorageQuotaExceeded(used, int(declared), quota, declared=True)
+                response = self.error_response(413, exc.message, exc.param, exc.code, headers=close)
+                return await response(scope, receive, send)
 
         seen = 0
 

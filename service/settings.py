@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="largest accepted upload")
+    max_stored_bytes_per_key: int = Field(20 * 1024**3, gt=0, le=2**60, description="total bytes of uploads one key "
+                                          "may keep; deleting files frees them")
     max_json_bytes: int = Field(1024**2, gt=0, description="largest JSON request body; counted as it streams in")
     max_metadata_bytes: int = Field(16 * 1024, ge=0, description="largest job `metadata`, as compact JSON")
     max_active_jobs_per_key: int = Field(4, ge=1, le=1_000_000, description="queued or running jobs one key may have")

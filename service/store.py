@@ -28,7 +28,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from llm_prune.errors import UserError, first_line
-from service.errors import ConflictError, DatabaseReplaced, read_only
+from service.errors import ConflictError, DatabaseReplaced, StorageQuotaExceeded, read_only
 
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -370,11 +370,26 @@ class Store:
             return s.execute(delete(ApiKey).where(ApiKey.id == key_id)).rowcount > 0
 
     # --- files ----------------------------------------------------------------------------
-    def add_file(self, **fields: Any) -> FileRow:
+    def add_file(self, *, quota: int | None = None, **fields: Any) -> FileRow:
+        """Record an upload; with `quota`, only if the owner's uploads stay within it (counted and
+        added under the owner's admission lock, so concurrent uploads cannot pass it together)."""
         row = FileRow(created_at=time.time(), **fields)
-        with self.session.begin() as s:
+        with self._admission(fields["owner"]) as s:
+            if quota is not None:
+                used = self._stored_bytes(s, fields["owner"])
+                if used + fields["bytes"] > quota:
+                    raise StorageQuotaExceeded(used, fields["bytes"], quota)
             s.add(row)
         return row
+
+    def stored_bytes(self, owner: str) -> int:
+        """The bytes of the owner's uploads (what `max_stored_bytes_per_key` limits)."""
+        with self.session() as s:
+            return self._stored_bytes(s, owner)
+
+    @staticmethod
+    def _stored_bytes(s: Session, owner: str) -> int:
+        return int(s.scalar(select(func.coalesce(func.sum(FileRow.bytes), 0)).where(FileRow.owner == owner)))
 
     def get_file(self, owner: str, file_id: str) -> FileRow | None:
         with self.session() as s:

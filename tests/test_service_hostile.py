@@ -306,6 +306,31 @@ def test_archive_range_resume_and_range_errors(env, tmp_path):
     assert (model_dir / "model.safetensors").read_bytes() == weights
 
 
+def test_a_keys_uploads_are_limited_by_its_storage_quota(env):
+    """Nothing limited what one key kept: a hundred uploads under the per-upload limit were all
+    accepted until the disk was full for every key."""
+    client, store, settings, (alice, bob) = env
+    settings.max_stored_bytes_per_key = 600
+
+    def upload(headers, name, data=b"x" * 249 + b"\n", **kw):
+        return client.post("/v1/files", headers=headers, files={"file": (name, data)}, data={"purpose": "eval"}, **kw)
+
+    first, second = (upload(alice, f"t{i}.txt").json() for i in range(2))
+    err = _err(upload(alice, "t2.txt"), 413, param="file", code="storage_quota_exceeded")
+    assert "500 bytes" in err["message"] and "limit of 600 bytes" in err["message"], err
+    assert err["type"] == "invalid_request_error"
+    # Refused with its declared length, before the body is read: no file is that small.
+    padded = client.post("/v1/files", headers=alice, files={"file": ("t3.txt", b"y" * 4000)},
+                         data={"purpose": "eval", "pad": "p" * 62_000})
+    assert "a request body of" in _err(padded, 413, code="storage_quota_exceeded")["message"]
+    assert padded.headers["connection"] == "close"
+    assert len(list(settings.uploads_dir.iterdir())) == 2  # nothing of the refused uploads is left
+    assert upload(bob, "b.txt").status_code == 200  # another key's quota is its own
+    assert client.delete(f"/v1/files/{first['id']}", headers=alice).status_code == 200  # deleting frees it
+    assert upload(alice, "t4.txt").status_code == 200
+    assert [f["id"] for f in client.get("/v1/files", headers=alice).json()["data"]][1] == second["id"]
+
+
 def test_unfinished_stage_is_not_published(env):
     client, store, settings, (alice, _) = env
     job_id = client.post("/v1/jobs", headers=alice, json=MIN).json()["id"]

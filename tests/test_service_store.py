@@ -247,6 +247,23 @@ def test_progress_never_goes_back(store):
     assert store.get_job(job.id).progress == pytest.approx(0.9)
 
 
+def test_uploads_are_recorded_within_the_owners_quota(store):
+    from service.errors import StorageQuotaExceeded
+
+    def add(n, owner="k1", size=400):
+        store.add_file(id=f"file-{owner}-{n}", owner=owner, filename="p.jsonl", purpose="recovery", bytes=size,
+                       sha256="0" * 64, records=1, path=f"/srv/files/{n}/p.jsonl", quota=1000)
+
+    add(1), add(2)
+    with pytest.raises(StorageQuotaExceeded) as refused:
+        add(3)
+    assert (refused.value.used, refused.value.limit) == (800, 1000) and store.stored_bytes("k1") == 800
+    add(3, owner="k2")
+    assert store.delete_file("k1", "file-k1-1")
+    add(4)
+    assert store.stored_bytes("k1") == 800 and store.stored_bytes("nobody") == 0
+
+
 def test_a_file_deleted_before_admission_is_refused_and_a_used_one_is_kept(store):
     from llm_prune.errors import UserError
     from service.errors import ConflictError

@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from llm_prune.errors import NotFoundError, UserError
 from service.auth import current_owner
-from service.errors import PayloadTooLarge, shown
+from service.errors import PayloadTooLarge, StorageQuotaExceeded, shown
 from service.schemas import API_ERRORS, Deleted, FileList, FileObject, error_responses
 from service.store import FileRow, new_id
 from service.uploads import validate_upload
@@ -41,7 +41,9 @@ def upload_name(name: str | None) -> str:
     return stem + suffix
 
 
-def _save(upload: UploadFile, target: Path, limit: int) -> tuple[int, str]:
+def _save(upload: UploadFile, target: Path, limit: int, used: int, quota: int) -> tuple[int, str]:
+    """Copies the upload to `target`; stops as soon as it passes the upload limit or the room left
+    in the key's storage quota (`used` of `quota`)."""
     h, size = hashlib.sha256(), 0
     with open(target, "wb") as out:
         while block := upload.file.read(1024 * 1024):
@@ -49,6 +51,8 @@ def _save(upload: UploadFile, target: Path, limit: int) -> tuple[int, str]:
             if size > limit:
                 raise PayloadTooLarge(f"upload exceeds the limit of {limit} bytes", param="file",
                                       code="file_too_large")
+            if used + size > quota:
+                raise StorageQuotaExceeded(used, size, quota)
             h.update(block)
             out.write(block)
     return size, h.hexdigest()
@@ -64,14 +68,16 @@ async def upload_file(request: Request, file: UploadFile = File(...), purpose: s
     target = folder / filename
     try:
         folder.mkdir(parents=True)
-        size, digest = await run_in_threadpool(_save, file, target, settings.max_upload_bytes)
+        used = await run_in_threadpool(store.stored_bytes, owner)
+        size, digest = await run_in_threadpool(_save, file, target, settings.max_upload_bytes, used,
+                                               settings.max_stored_bytes_per_key)
         if size == 0:
             raise UserError(f"{filename}: the file is empty", param="file")
         records, malformed = await run_in_threadpool(validate_upload, target, filename, purpose, size)
         # In a thread: a database busy for seconds must not hold up every other request.
         row = await run_in_threadpool(store.add_file, id=file_id, owner=owner, filename=filename, purpose=purpose,
                                       bytes=size, sha256=digest, records=records, malformed=malformed,
-                                      path=str(target))
+                                      path=str(target), quota=settings.max_stored_bytes_per_key)
     except BaseException:  # refused, broken or not recorded: no folder is left that no file id names
         shutil.rmtree(folder, ignore_errors=True)
         raise
