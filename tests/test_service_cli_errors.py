@@ -229,6 +229,16 @@ def test_a_followed_event_stream_resumes_after_a_break(monkeypatch):
     with pytest.raises(UserError, match=r"lost the event stream .* run `llm-prune jobs events job-1 -f` to continue"):
         list(broken.stream_events("job-1"))
     assert len(afters) == client_module.RECONNECTS + 1
+    # A stream the server ends for a revoked key is its 401, said once, not an event nor a reconnect.
+    afters.clear()
+    revoked = _client_on(lambda request: afters.append(1) or httpx.Response(
+        200, headers={"content-type": "text/event-stream"},
+        text='id: 3\nevent: progress\ndata: {"id": 3, "kind": "progress"}\n\nevent: error\ndata: {"error": '
+             '{"message": "invalid or revoked API key", "code": "invalid_api_key"}}\n\n' if len(afters) == 1 else
+             'event: end\ndata: {"status": "succeeded"}\n\n'))
+    with pytest.raises(UserError, match="invalid or revoked API key") as caught:
+        list(revoked.stream_events("job-1"))
+    assert caught.value.code == "invalid_api_key" and afters == [1]
 
 
 def test_submit_retries_a_lost_answer_with_the_same_idempotency_key(monkeypatch):
