@@ -96,13 +96,23 @@ def make_dir(path: str | Path, param: str = "output", label: str = "output") -> 
 DISK_NEARLY_FULL = 64 * 2**20  # bytes free below which a failed write without a reason is the disk
 
 
-def nearly_full(path: str | Path) -> bool:
-    """Whether the file system holding `path` has (nearly) no space left for its user."""
+def no_room(path: str | Path) -> str | None:
+    """How the file system holding `path` is (nearly) full for its user ("12 KiB free", "no free
+    inodes"), or None when it has room or cannot be asked."""
     try:
         st = os.statvfs(path)
     except OSError:
-        return False
-    return st.f_bavail * st.f_frsize < DISK_NEARLY_FULL
+        return None
+    if st.f_bavail * st.f_frsize < DISK_NEARLY_FULL:
+        return f"{st.f_bavail * st.f_frsize // 1024} KiB free"
+    if st.f_files and not st.f_favail:
+        return "no free inodes"
+    return None
+
+
+def nearly_full(path: str | Path) -> bool:
+    """Whether the file system holding `path` has (nearly) no space left for its user."""
+    return no_room(path) is not None
 
 
 def full_disk(exc: OSError, path: str | Path) -> OSError | None:

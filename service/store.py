@@ -28,6 +28,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from llm_prune.errors import UserError, first_line
+from llm_prune.paths import no_room
 from service.errors import ConflictError, DatabaseReplaced, StorageQuotaExceeded, read_only
 
 ACTIVE = ("queued", "running")
@@ -740,9 +741,6 @@ def storable(value: Any) -> Any:
     return value
 
 
-FULL_DISK_BYTES = 1 << 20  # less free space than this on a database's file system is a full disk
-
-
 def _full_disk(database: str | None) -> str | None:
     """What is full on the file system holding a SQLite database file, or None."""
     if not database or database.startswith("file:"):
@@ -750,15 +748,8 @@ def _full_disk(database: str | None) -> str | None:
     folder = Path(os.path.abspath(database)).parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return None
-    if st.f_bavail * st.f_frsize < FULL_DISK_BYTES:
-        return f"the disk holding {folder} is full ({st.f_bavail * st.f_frsize // 1024} KiB free)"
-    if st.f_files and not st.f_favail:
-        return f"the disk holding {folder} is full (no free inodes)"
-    return None
+    room = no_room(folder)
+    return f"the disk holding {folder} is full ({room})" if room else None
 
 
 def _discard_read_only(ctx) -> None:

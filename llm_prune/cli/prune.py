@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -122,9 +121,11 @@ def _check_output_is_ours(output: Path) -> None:
     llm-prune checkpoint (pruning again into the same place)."""
     if not output.is_dir() or not any(p.name != STAGING for p in output.iterdir()):
         return
-    try:
-        ours = isinstance(data := json.loads((output / "config.json").read_text()), dict) and "llm_prune" in data
-    except (OSError, ValueError):
+    from llm_prune.model_files import read_config
+
+    try:  # a config.json that is a FIFO or a link to a device is not ours, and is not waited on
+        ours = "llm_prune" in read_config(output / "config.json")
+    except UserError:
         ours = False
     if not ours:
         raise UserError(f"output {output} holds other files (it is not an llm-prune checkpoint), which the checkpoint "
