@@ -39,3 +39,50 @@ def boolq_only(tmp_path, monkeypatch):
     shutil.copytree(tasks._data_root() / boolq, tmp_path / boolq)
     monkeypatch.setattr(tasks, "_data_root", lambda: tmp_path)
     return tmp_path
+
+
+@pytest.fixture
+def fifo_writer():
+    """Makes PATH a FIFO; a thread writes `{bad` to it should anything open it (the old code did,
+    and would have blocked forever without a writer). The thread is released at the end."""
+    import os
+    import threading
+
+    made = []
+
+    def make(path):
+        os.mkfifo(path)
+
+        def write():
+            with open(path, "w") as fh:
+                fh.write("{bad")
+
+        thread = threading.Thread(target=write, daemon=True)
+        thread.start()
+        made.append((path, thread))
+
+    yield make
+    for path, thread in made:
+        if thread.is_alive():  # nobody read it: open the read end so the writer ends
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            thread.join(timeout=5)
+            os.close(fd)
+
+
+@pytest.fixture
+def few_layers_built(monkeypatch):
+    """Fails the test when more than a real model's number of decoder layers is built: the old
+    code built a config's 10 million layers (without bound, even on the meta device)."""
+    from transformers.models.llama import modeling_llama
+
+    built = []
+    init = modeling_llama.LlamaDecoderLayer.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(1)
+        if len(built) > 64:
+            pytest.fail("decoder layers built for an absurd config")
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "__init__", counted)
+    return built

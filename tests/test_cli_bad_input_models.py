@@ -212,25 +212,6 @@ def _edit_config(folder, edit):
     (folder / "config.json").write_text(json.dumps(config))
 
 
-@pytest.fixture
-def few_layers_built(monkeypatch):
-    """Fails the test when more than a real model's number of decoder layers is built: the old
-    code built a config's 10 million layers (without bound, even on the meta device)."""
-    from transformers.models.llama import modeling_llama
-
-    built = []
-    init = modeling_llama.LlamaDecoderLayer.__init__
-
-    def counted(self, *args, **kwargs):
-        built.append(1)
-        if len(built) > 64:
-            pytest.fail("decoder layers built for an absurd config")
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "__init__", counted)
-    return built
-
-
 CONFIG_EDITS = {
     "layers huge": (dict(num_hidden_layers=10**7), "num_hidden_layers must be a positive integer"),
     "layers zero": (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
@@ -304,34 +285,6 @@ def test_config_json_that_is_a_device_or_directory(model_copy, tmp_path, capsys)
     (model_copy / "config.json").mkdir()
     line = one_error(capsys, "prune", model_copy, "--ratio", "0.2", "-o", tmp_path / "out", *FAST)
     assert "config.json is a directory" in line and "unsupported architecture" not in line, line
-
-
-@pytest.fixture
-def fifo_writer():
-    """Makes PATH a FIFO; a thread writes `{bad` to it should anything open it (the old code did,
-    and would have blocked forever without a writer). The thread is released at the end."""
-    import os
-    import threading
-
-    made = []
-
-    def make(path):
-        os.mkfifo(path)
-
-        def write():
-            with open(path, "w") as fh:
-                fh.write("{bad")
-
-        thread = threading.Thread(target=write, daemon=True)
-        thread.start()
-        made.append((path, thread))
-
-    yield make
-    for path, thread in made:
-        if thread.is_alive():  # nobody read it: open the read end so the writer ends
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            thread.join(timeout=5)
-            os.close(fd)
 
 
 def test_config_json_that_is_a_fifo_is_not_opened(model_copy, tmp_path, capsys, fifo_writer):

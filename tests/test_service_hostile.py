@@ -725,32 +725,20 @@ def _model_in_root(tiny_llama, name, edit=None):
     return dst
 
 
-def test_a_config_with_millions_of_layers_is_refused_before_anything_is_built(env, tiny_llama, monkeypatch):
+def test_a_config_with_millions_of_layers_is_refused_before_anything_is_built(env, tiny_llama, few_layers_built):
     """budget.target_params built the model on the meta device in the request thread: 10 million
     layers grew the server without bound and the request never returned."""
-    from transformers.models.llama import modeling_llama
-
-    init = modeling_llama.LlamaDecoderLayer.__init__
-    built = []
-
-    def counted(self, *args, **kwargs):
-        built.append(1)
-        if len(built) > 64:
-            pytest.fail("decoder layers built for an absurd config")
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "__init__", counted)
     client, _, _, (alice, _) = env
     model = _model_in_root(tiny_llama, "layers_huge", lambda c: c.update(num_hidden_layers=10**7))
     for budget in ({"target_params": 1000}, {"ratio": 0.2}):
         err = _err(client.post("/v1/jobs", headers=alice, json={"model": str(model), "budget": budget}), 400,
                    param="model")
         assert "num_hidden_layers must be a positive integer" in err["message"], err
-    assert not built
+    assert not few_layers_built
 
 
 @pytest.mark.parametrize("case", ["kv heads zero", "null", "5000 digits", "device", "fifo", "eos past vocab"])
-def test_broken_configs_are_400_at_submission(case, env, tiny_llama):
+def test_broken_configs_are_400_at_submission(case, env, tiny_llama, fifo_writer):
     """Accepted before, then failed on the worker as server_error (MemoryError, TypeError, ...)."""
     client, _, _, (alice, _) = env
     model = _model_in_root(tiny_llama, "broken_" + case.replace(" ", "_"))
@@ -769,25 +757,14 @@ def test_broken_configs_are_400_at_submission(case, env, tiny_llama):
     elif case == "device":  # /dev/zero read until MemoryError, which was swallowed: the job was accepted
         cfg.unlink()
         cfg.symlink_to("/dev/null")
-    else:  # a FIFO blocked the request thread for ever; a writer stands by should it be opened
+    else:  # a FIFO blocked the request thread for ever
         cfg.unlink()
-        os.mkfifo(cfg)
-
-        def write():
-            with open(cfg, "w") as fh:
-                fh.write("{bad")
-
-        writer = threading.Thread(target=write, daemon=True)
-        writer.start()
+        fifo_writer(cfg)
     for budget in ({"ratio": 0.2}, {"target_params": 1000}):
         err = _err(client.post("/v1/jobs", headers=alice, json={"model": str(model), "budget": budget}), 400,
                    param="model")
         assert needle in err["message"] and "Exceeds the limit" not in err["message"], err
     assert client.get("/v1/jobs", headers=alice).json()["data"] == []  # no job made
-    if case == "fifo":  # release the writer, which nothing opened the FIFO for
-        fd = os.open(cfg, os.O_RDONLY | os.O_NONBLOCK)
-        writer.join(timeout=5)
-        os.close(fd)
 
 
 def test_a_link_in_an_allowed_model_folder_to_a_file_outside_the_roots_is_refused(env, tiny_llama):
