@@ -424,7 +424,8 @@ def test_export_says_a_full_disk_as_prune_does(tiny_llama, tmp_path, capsys, mon
     real = os.statvfs
     for free, expected in ((1 << 20, 1), (1 << 40, 2)):
         monkeypatch.setattr(os, "statvfs", lambda p, free=free: SimpleNamespace(
-            **{k: getattr(real(p), k) for k in ("f_frsize", "f_blocks")}, f_bavail=free // real(p).f_frsize))
+            **{k: getattr(real(p), k) for k in ("f_frsize", "f_blocks", "f_files", "f_favail")},
+            f_bavail=free // real(p).f_frsize))
         out = tmp_path / "m.gguf"
         code, _, err = run_main(capsys, "export", str(tiny_llama), "-o", str(out))
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]

@@ -410,7 +410,8 @@ def test_a_failed_write_on_a_full_disk_is_said_to_be_the_disk(tiny_llama, tmp_pa
     real = os.statvfs
     for free, expected in ((1 << 20, OSError), (1 << 40, RuntimeError)):
         monkeypatch.setattr(os, "statvfs", lambda p, free=free: SimpleNamespace(
-            **{k: getattr(real(p), k) for k in ("f_frsize", "f_blocks")}, f_bavail=free // real(p).f_frsize))
+            **{k: getattr(real(p), k) for k in ("f_frsize", "f_blocks", "f_files", "f_favail")},
+            f_bavail=free // real(p).f_frsize))
         model, tok = load(tiny_llama)
         with pytest.raises(expected) as caught:
             recover(model, tok, RECORDS, cfg(max_steps=2), tmp_path / str(free))
