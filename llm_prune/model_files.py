@@ -280,11 +280,8 @@ def check_per_layer_config(per_layer, layers: int | None, where: str) -> None:
             raise UserError(f"{where}: per_layer_config[{index}] must be an object, got {_shown(widths)}",
                             param="model")
         at = f"{where}: per_layer_config[{index}]"
-        shape = {k: _positive_int(widths[k], k, at, MAX_DIMS[k]) for k in PER_LAYER_KEYS if k in widths}
-        heads, kv = shape.get("num_attention_heads"), shape.get("num_key_value_heads")
-        if heads and kv and heads % kv:
-            raise UserError(f"{at}: num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv})",
-                            param="model")
+        check_head_counts({k: _positive_int(widths[k], k, at, MAX_DIMS[k]) for k in PER_LAYER_KEYS if k in widths},
+                          at)
 
 
 # What transformers raises, building a model or config from files it cannot make one of.
